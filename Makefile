@@ -1,0 +1,33 @@
+# Everything runs as root on Debian 12: `make demo`, `make test`, `make bench`.
+PYTHON ?= /usr/bin/python3
+VENV   := .venv
+STAMP  := $(VENV)/.installed
+
+.PHONY: deps demo test unit bench deb clean
+
+$(STAMP): pyproject.toml packaging/apt-deps.txt
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+	    $$(grep -v '^#' packaging/apt-deps.txt) \
+	  || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+	    $$(grep -v '^#' packaging/apt-deps.txt); }
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+deps: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/synlb-lab demo
+
+test: $(STAMP)
+	$(VENV)/bin/pytest -q -p no:cacheprovider
+
+unit: $(STAMP)
+	$(VENV)/bin/pytest -q -p no:cacheprovider -m 'not lab'
+
+bench: $(STAMP)
+	$(VENV)/bin/synlb-lab bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info plugin/*.egg-info

@@ -1,0 +1,137 @@
+"""``synlb`` command line. User errors end in one message and exit 1, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from . import config as config_mod
+
+EXIT_USER = 1
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as is."""
+
+
+def _load(args) -> config_mod.Config:
+    return config_mod.load(args.config)
+
+
+def cmd_check(args) -> int:
+    cfg = _load(args)
+    if args.live:
+        from . import live
+        live.verify(cfg)
+    n = len(cfg.services)
+    print(f"{config_mod.config_path(args.config)}: OK ({n} service{'s' * (n != 1)}, "
+          f"{len(cfg.targets)} targets, {len(cfg.files)} file{'s' * (len(cfg.files) != 1)})")
+    return 0
+
+
+def cmd_up(args) -> int:
+    from . import dataplane
+    cfg = _load(args)
+    if args.dry_run:
+        print(dataplane.plan(cfg))
+        return 0
+    path = config_mod.config_path(args.config)
+    changes = dataplane.up(path, cfg, reason="up")
+    print("\n".join(changes) if changes else "up: nothing to change")
+    return 0
+
+
+def cmd_down(args) -> int:
+    from . import dataplane
+    g = config_mod.load_globals(args.config)
+    changes = dataplane.down(g.state_dir, g.route_protocol, reason="down")
+    print("\n".join(changes) if changes else "down: nothing to remove")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from . import status
+    cfg = _load(args)
+    st = status.collect(cfg)
+    print(json.dumps(st, indent=2) if args.json else status.render_text(st))
+    return 0
+
+
+def cmd_worker(args) -> int:
+    from . import worker
+    return worker.main(args.config_file, args.service, args.queue)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="synlb", description=__doc__.split("\n")[0])
+    p.add_argument("--config", "-c", help=f"INI file (default ${config_mod.ENV_CONFIG} or "
+                                           f"{config_mod.DEFAULT_CONFIG}), plus synlb.d/*.ini beside it")
+    p.add_argument("--verbose", "-v", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("check", help="validate the configuration (no root, no kernel)")
+    s.add_argument("--live", action="store_true", help="also check interfaces and local addresses")
+    s.set_defaults(func=cmd_check)
+
+    s = sub.add_parser("up", help="install the data plane and start the workers")
+    s.add_argument("--dry-run", "-n", action="store_true", help="print what would be applied")
+    s.set_defaults(func=cmd_up)
+
+    s = sub.add_parser("down", help="remove everything synlb installed")
+    s.set_defaults(func=cmd_down)
+
+    s = sub.add_parser("status", help="counters, targets, queues, workers")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("worker", help=argparse.SUPPRESS)
+    s.add_argument("--config", dest="config_file", required=True)
+    s.add_argument("--service", required=True)
+    s.add_argument("--queue", type=int, required=True)
+    s.set_defaults(func=cmd_worker)
+
+    _register_extra(sub)
+    return p
+
+
+def _register_extra(sub) -> None:
+    """Commands of other modules (VRRP event sources, the host)."""
+    for name in ("vrrp",):
+        try:
+            mod = __import__(f"synlb.{name}", fromlist=["register_cli"])
+        except ImportError:
+            continue
+        if hasattr(mod, "register_cli"):
+            mod.register_cli(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="synlb: %(message)s")
+    from .live import LiveError
+    from .netfilter import NetfilterError
+    from .workers import WorkerError
+    try:
+        return args.func(args)
+    except config_mod.ConfigError as e:
+        for line in e.lines():
+            print(line, file=sys.stderr)
+        return EXIT_USER
+    except LiveError as e:
+        for line in e.problems:
+            print(line, file=sys.stderr)
+        return EXIT_USER
+    except (NetfilterError, WorkerError, UserError) as e:
+        print(f"synlb {args.command}: {e}", file=sys.stderr)
+        return EXIT_USER
+    except PermissionError as e:
+        print(f"synlb {args.command}: permission denied: {e.filename or e} (run as root)", file=sys.stderr)
+        return EXIT_USER
+    except KeyboardInterrupt:
+        return 130
+
+

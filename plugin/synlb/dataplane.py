@@ -1,0 +1,131 @@
+"""The one entry point that changes the kernel: reconcile the whole desired
+state, or tear everything down.  Serialized by a lock in the state dir, so
+concurrent callers (keepalived runs notify scripts in parallel) never
+interleave; every step is idempotent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import time
+
+from . import live, netfilter, routing, rules, sysctl, workers
+from .config import Config
+
+log = logging.getLogger(__name__)
+
+APPLIED = "applied.json"
+
+
+@contextlib.contextmanager
+def locked(state_dir: str):
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    with open(os.path.join(state_dir, "lock"), "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def applied(state_dir: str) -> dict | None:
+    try:
+        with open(os.path.join(state_dir, APPLIED)) as fh:
+            return json.load(fh)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _write_applied(state_dir: str, data: dict | None) -> None:
+    path = os.path.join(state_dir, APPLIED)
+    if data is None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(data, fh)
+    os.replace(tmp, path)
+
+
+def plan(cfg: Config) -> str:
+    """What ``up`` would install, as text (dry run)."""
+    out = [rules.describe(rules.render(cfg))]
+    rl, rt = routing.desired(cfg)
+    for r in sorted(rl):
+        out.append(f"ip -{r.family} rule add priority {r.priority} fwmark {r.fwmark:#x} "
+                   f"lookup {r.table} proto {cfg.globals.route_protocol}")
+    for r in sorted(rt):
+        dev = f" dev {r.oif}" if r.oif else ""
+        out.append(f"ip -{r.family} route replace default via {r.gateway}{dev} "
+                   f"table {r.table} proto {cfg.globals.route_protocol}")
+    if cfg.globals.pickup:
+        out += [f"sysctl -w {n.replace('/', '.')}={v}" for n, v in sysctl.PICKUP.items()]
+    for svc in cfg.services:
+        for q in svc.queues:
+            out.append(f"worker: service {svc.name} queue {q} over "
+                       f"{', '.join(svc.target_names)} (Maglev M={svc.table_size})")
+    return "\n".join(out)
+
+
+def _apply(config_path: str, cfg: Config, reason: str) -> list[str]:
+    g = cfg.globals
+    changes = []
+    # workers first: a queue with a listener before its rules means no
+    # packet is ever queued to nobody
+    changes += workers.ensure(config_path, cfg)
+    changes += netfilter.reconcile(rules.render(cfg), g.state_dir)
+    with routing.Routing(g.route_protocol) as rt:
+        changes += rt.reconcile(*routing.desired(cfg))
+    if g.pickup:
+        changes += sysctl.activate(g.state_dir)
+    else:
+        changes += sysctl.restore(g.state_dir)
+    _write_applied(g.state_dir, {"digest": cfg.digest(), "route_protocol": g.route_protocol,
+                                 "config": os.path.abspath(config_path), "reason": reason,
+                                 "time": time.time()})
+    return changes
+
+
+def _teardown(state_dir: str, route_protocol: int) -> list[str]:
+    changes = []
+    changes += netfilter.remove_all(state_dir)
+    with routing.Routing(route_protocol) as rt:
+        changes += rt.reconcile(set(), set())
+    changes += workers.stop_all(state_dir)
+    changes += sysctl.restore(state_dir)
+    _write_applied(state_dir, None)
+    return changes
+
+
+def up(config_path: str, cfg: Config, reason: str = "up") -> list[str]:
+    """Install (or re-converge) everything. On failure from a clean state,
+    everything installed so far is removed again: never half-applied."""
+    live.verify(cfg)
+    g = cfg.globals
+    with locked(g.state_dir):
+        was_active = applied(g.state_dir) is not None
+        try:
+            changes = _apply(config_path, cfg, reason)
+        except Exception:
+            if not was_active:
+                _teardown(g.state_dir, g.route_protocol)
+            raise
+    for c in changes:
+        log.info("%s: %s", reason, c)
+    return changes
+
+
+def down(state_dir: str, route_protocol: int, reason: str = "down") -> list[str]:
+    with locked(state_dir):
+        prev = applied(state_dir)
+        if prev:
+            route_protocol = prev.get("route_protocol", route_protocol)
+        changes = _teardown(state_dir, route_protocol)
+    for c in changes:
+        log.info("%s: %s", reason, c)
+    return changes

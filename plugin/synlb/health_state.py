@@ -1,0 +1,30 @@
+"""Which targets are out of the Maglev active set, as a file in the state dir.
+
+The health checker writes it; workers read it on start and on SIGHUP.  A
+missing file means every target is in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+def _path(state_dir: str) -> str:
+    return os.path.join(state_dir, "targets-down.json")
+
+
+def down_targets(state_dir: str, service: str) -> set[str]:
+    try:
+        with open(_path(state_dir)) as fh:
+            return set(json.load(fh).get(service, []))
+    except (FileNotFoundError, ValueError):
+        return set()
+
+
+def write_down(state_dir: str, down: dict[str, list[str]]) -> None:
+    path = _path(state_dir)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump({k: sorted(v) for k, v in down.items()}, fh)
+    os.replace(tmp, path)

@@ -1,0 +1,335 @@
+"""Client driver, run in the client namespace by ``synlb-lab client ...``.
+Prints one JSON document on stdout.
+
+``conns``: N short connections (``NAME``), per-target counts and failures.
+
+``sessions``: N long sessions of one pattern, concurrently, for a fixed
+duration. Per session: targets seen (in order), whether it survived, the
+largest gap between successful exchanges, bytes moved. An "exchange" is:
+echo - a reply to our line; push - a pushed line; down - a chunk; up - an
+ack that shows progress. Gaps count from the moment the connection is
+established and include the final stretch up to the end of the run.
+A session survived if it never failed (error, EOF, bad reply) and its final
+gap is at most ``stall`` seconds. Ends by itself after ``duration`` or on
+SIGTERM/SIGINT (``"stopped": "signal"``); results are printed either way.
+A progress line ``{"event": "ready", ...}`` goes to stderr once every
+session has had its first exchange (or failed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+PATTERNS = ("echo", "push", "down", "up")
+READ_LIMIT = 4 << 20
+
+
+# ---------------------------------------------------------------- conns
+
+async def _one_conn(host: str, port: int, timeout: float) -> tuple[str | None, str | None]:
+    writer = None
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port), timeout)
+        writer.write(b"NAME\n")
+        line = await asyncio.wait_for(reader.readline(), timeout)
+        name = line.decode("ascii", "replace").strip()
+        if not name:
+            return None, "empty reply"
+        return name, None
+    except asyncio.TimeoutError:
+        return None, "timeout"
+    except OSError as e:
+        return None, type(e).__name__
+    finally:
+        if writer is not None:
+            writer.close()
+            try:
+                await asyncio.wait_for(writer.wait_closed(), 1.0)
+            except (OSError, asyncio.TimeoutError):
+                pass
+
+
+async def run_conns(host: str, port: int, count: int, concurrency: int,
+                    timeout: float, max_time: float) -> dict:
+    sem = asyncio.Semaphore(max(1, concurrency))
+    per_target: Counter = Counter()
+    errors: Counter = Counter()
+    order: list[str] = []
+    t0 = time.monotonic()
+
+    async def one() -> None:
+        async with sem:
+            name, err = await _one_conn(host, port, timeout)
+        if name:
+            per_target[name] += 1
+            order.append(name)
+        else:
+            errors[err or "unknown"] += 1
+
+    tasks = [asyncio.create_task(one()) for _ in range(count)]
+    done, pending = await asyncio.wait(tasks, timeout=max_time)
+    for t in pending:
+        t.cancel()
+    if pending:
+        await asyncio.wait(pending, timeout=2.0)
+        errors["max_time"] += len(pending)
+    ok = sum(per_target.values())
+    return {
+        "vip": host, "port": port, "count": count, "concurrency": concurrency,
+        "ok": ok, "failed": count - ok,
+        "per_target": dict(sorted(per_target.items())),
+        "errors": dict(errors),
+        "order": order,
+        "elapsed": round(time.monotonic() - t0, 4),
+    }
+
+
+# ---------------------------------------------------------------- sessions
+
+@dataclass
+class Session:
+    index: int
+    targets: list[str] = field(default_factory=list)
+    connected: bool = False
+    alive: bool = False
+    error: str | None = None
+    exchanges: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    max_gap: float = 0.0
+    last_gap: float = 0.0
+    survived: bool = False
+    moved: bool = False
+    connect_time: float | None = None
+    # internal
+    _last_ok: float = 0.0
+
+    def ok(self, name: str) -> None:
+        now = time.monotonic()
+        self.max_gap = max(self.max_gap, now - self._last_ok)
+        self._last_ok = now
+        self.exchanges += 1
+        if not self.targets or self.targets[-1] != name:
+            self.targets.append(name)
+
+    def fail(self, why: str) -> None:
+        if self.error is None:
+            self.error = why
+        self.alive = False
+
+    def finish(self, end: float, stall: float) -> dict:
+        if self.connected:
+            self.last_gap = end - self._last_ok
+            self.max_gap = max(self.max_gap, self.last_gap)
+        self.survived = bool(self.connected and self.alive and self.error is None
+                             and self.exchanges > 0 and self.last_gap <= stall)
+        self.moved = len(set(self.targets)) > 1
+        d = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
+        for k in ("max_gap", "last_gap", "connect_time"):
+            if d[k] is not None:
+                d[k] = round(d[k], 4)
+        return d
+
+
+def _name_of(line: bytes) -> str:
+    return line.split(b" ", 1)[0].decode("ascii", "replace").strip()
+
+
+async def _session(s: Session, host: str, port: int, pattern: str,
+                   interval: float, chunk: int, connect_timeout: float,
+                   first: asyncio.Event) -> None:
+    writer = None
+    t0 = time.monotonic()
+    try:
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(host, port, limit=READ_LIMIT), connect_timeout)
+        except asyncio.TimeoutError:
+            s.fail("connect timeout")
+            return
+        except OSError as e:
+            s.fail(f"connect: {type(e).__name__}")
+            return
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.connected, s.alive = True, True
+        s.connect_time = time.monotonic() - t0
+        s._last_ok = time.monotonic()
+
+        def got(name: str) -> None:
+            s.ok(name)
+            first.set()
+
+        if pattern == "echo":
+            writer.write(b"ECHO\n")
+            seq = 0
+            while True:
+                seq += 1
+                msg = f"{seq} {time.time():.6f}\n".encode()
+                writer.write(msg)
+                s.bytes_sent += len(msg)
+                await writer.drain()
+                line = await reader.readline()
+                if not line:
+                    s.fail("eof")
+                    return
+                s.bytes_received += len(line)
+                parts = line.split()
+                if len(parts) < 2 or parts[1] != str(seq).encode():
+                    s.fail(f"bad reply {line[:60]!r}")
+                    return
+                got(_name_of(line))
+                await asyncio.sleep(interval)
+        elif pattern == "push":
+            req = f"PUSH {interval}\n".encode()
+            writer.write(req)
+            s.bytes_sent += len(req)
+            await writer.drain()
+            while True:
+                line = await reader.readline()
+                if not line:
+                    s.fail("eof")
+                    return
+                s.bytes_received += len(line)
+                got(_name_of(line))
+        elif pattern == "down":
+            req = f"DOWN {interval} {chunk}\n".encode()
+            writer.write(req)
+            s.bytes_sent += len(req)
+            await writer.drain()
+            while True:
+                line = await reader.readline()
+                if not line:
+                    s.fail("eof")
+                    return
+                s.bytes_received += len(line)
+                if line.endswith(b"\n"):
+                    got(_name_of(line))
+        elif pattern == "up":
+            writer.write(b"UP\n")
+            s.bytes_sent += 3
+            await writer.drain()
+
+            async def ack_reader() -> None:
+                while True:
+                    line = await reader.readline()
+                    if not line:
+                        s.fail("eof")
+                        return
+                    s.bytes_received += len(line)
+                    parts = line.split()
+                    if len(parts) >= 3 and parts[1] == b"ACK":
+                        got(_name_of(line))
+
+            acks = asyncio.create_task(ack_reader())
+            block = b"u" * chunk
+            try:
+                while not acks.done():
+                    writer.write(block)
+                    s.bytes_sent += len(block)
+                    await writer.drain()
+                    await asyncio.sleep(interval)
+                await acks
+            finally:
+                acks.cancel()
+        else:
+            s.fail(f"unknown pattern {pattern}")
+    except asyncio.CancelledError:
+        raise
+    except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as e:
+        s.fail(f"{type(e).__name__}: {e}")
+    finally:
+        if writer is not None:
+            writer.close()
+        if not s.connected or s.error:
+            first.set()
+
+
+async def run_sessions(host: str, port: int, pattern: str, count: int,
+                       duration: float, interval: float, chunk: int,
+                       stall: float, connect_timeout: float) -> dict:
+    if pattern not in PATTERNS:
+        raise ValueError(f"pattern must be one of {PATTERNS}")
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    stopped = {"by": "duration"}
+
+    def on_signal() -> None:
+        stopped["by"] = "signal"
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+
+    sessions = [Session(i) for i in range(count)]
+    firsts = [asyncio.Event() for _ in sessions]
+    t_start = time.monotonic()
+    tasks = [asyncio.create_task(_session(s, host, port, pattern, interval, chunk,
+                                          connect_timeout, ev))
+             for s, ev in zip(sessions, firsts)]
+
+    async def ready_reporter() -> None:
+        await asyncio.gather(*(ev.wait() for ev in firsts))
+        info = {"event": "ready", "t": round(time.monotonic() - t_start, 4),
+                "connected": sum(s.connected for s in sessions),
+                "failed": sum(s.error is not None for s in sessions),
+                "targets": dict(Counter(s.targets[0] for s in sessions if s.targets))}
+        print(json.dumps(info), file=sys.stderr, flush=True)
+
+    reporter = asyncio.create_task(ready_reporter())
+    try:
+        await asyncio.wait_for(stop.wait(), timeout=duration)
+    except asyncio.TimeoutError:
+        pass
+    t_end = time.monotonic()
+    for t in tasks + [reporter]:
+        t.cancel()
+    await asyncio.wait(tasks + [reporter], timeout=2.0)
+
+    results = [s.finish(t_end, stall) for s in sessions]
+    per_target: Counter = Counter()
+    for r in results:
+        if r["targets"]:
+            per_target[r["targets"][0]] += 1
+    errors = Counter(r["error"] for r in results if r["error"])
+    return {
+        "vip": host, "port": port, "pattern": pattern, "count": count,
+        "duration": duration, "interval": interval, "stall": stall,
+        "elapsed": round(t_end - t_start, 4), "stopped": stopped["by"],
+        "summary": {
+            "connected": sum(r["connected"] for r in results),
+            "survived": sum(r["survived"] for r in results),
+            "died": sum(not r["survived"] for r in results),
+            "moved": sum(r["moved"] for r in results),
+            "max_gap": max((r["max_gap"] for r in results), default=0.0),
+            "bytes_sent": sum(r["bytes_sent"] for r in results),
+            "bytes_received": sum(r["bytes_received"] for r in results),
+            "per_target": dict(sorted(per_target.items())),
+            "errors": dict(errors),
+        },
+        "sessions": results,
+    }
+
+
+def main_conns(args) -> int:
+    res = asyncio.run(run_conns(args.vip, args.port, args.count, args.concurrency,
+                                args.timeout, args.max_time))
+    print(json.dumps(res), flush=True)
+    return 0
+
+
+def main_sessions(args) -> int:
+    res = asyncio.run(run_sessions(args.vip, args.port, args.pattern, args.count,
+                                   args.duration, args.interval, args.chunk,
+                                   args.stall, args.connect_timeout))
+    print(json.dumps(res), flush=True)
+    return 0

@@ -1,0 +1,54 @@
+"""Checks only the live system can answer, run before anything is changed."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import shutil
+
+from pyroute2 import IPRoute
+
+from .config import Config
+
+
+class LiveError(RuntimeError):
+    """Problems with the live system, one per line: ``FILE:SECTION:KEY: why``."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+def problems(cfg: Config) -> list[str]:
+    out = []
+    main = cfg.files[0]
+    for tool in ("iptables-restore", "ip6tables-restore", "iptables-save", "ip6tables-save"):
+        if shutil.which(tool) is None:
+            out.append(f"{main}:-:-: {tool} not found (apt-get install iptables)")
+    if os.geteuid() != 0:
+        out.append(f"{main}:-:-: must run as root to change the data plane")
+    with IPRoute() as ipr:
+        links = {link.get("ifname") for link in ipr.get_links()}
+        local = [ipaddress.ip_address(a.get("address")) for a in ipr.get_addr() if a.get("address")]
+    for svc in cfg.services:
+        sec = f"service:{svc.name}"
+        src = cfg.sections.get(sec, {})
+        where = lambda key: src.get(key, (None, main))[1]  # noqa: E731
+        if svc.ingress not in links:
+            out.append(f"{where('ingress')}:{sec}:ingress: no interface {svc.ingress!r} in this network namespace")
+        if svc.egress and svc.egress not in links:
+            out.append(f"{where('egress')}:{sec}:egress: no interface {svc.egress!r} in this network namespace")
+        if svc.mode == "route":
+            for vip in svc.vips:
+                hits = [a for a in local if a.version == vip.version and a in vip]
+                if hits:
+                    out.append(f"{where('vips')}:{sec}:vips: {hits[0]} is a local address of this router; "
+                               "in route mode marked packets would be delivered locally (use mode = nat, "
+                               "or remove the address)")
+    return out
+
+
+def verify(cfg: Config) -> None:
+    found = problems(cfg)
+    if found:
+        raise LiveError(found)

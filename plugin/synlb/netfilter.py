@@ -1,0 +1,126 @@
+"""Apply the owned netfilter rules: read live, diff, one iptables-restore.
+
+iptables-restore --noflush applies each table's block as one transaction, so
+the data plane is never half-installed, and rules synlb does not own are
+never touched (see rules.py for what it owns).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+
+from . import rules
+from .rules import Table
+
+SAVE = {4: "iptables-save", 6: "ip6tables-save"}
+RESTORE = {4: "iptables-restore", 6: "ip6tables-restore"}
+STATE_FILE = "netfilter.json"
+
+
+class NetfilterError(RuntimeError):
+    pass
+
+
+def _run(argv: list[str], stdin: str | None = None) -> str:
+    try:
+        p = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        raise NetfilterError(f"{argv[0]}: not installed (apt-get install iptables)") from None
+    if p.returncode != 0:
+        raise NetfilterError(f"{' '.join(argv)}: {p.stderr.strip() or 'exit ' + str(p.returncode)}")
+    return p.stdout
+
+
+def save(family: int, counters: bool = False) -> str:
+    return _run([SAVE[family]] + (["-c"] if counters else []))
+
+
+def live_owned(family: int) -> dict[str, Table]:
+    return rules.owned_from_save(save(family))
+
+
+def _fingerprint(tables: dict[str, Table]) -> str:
+    data = {n: (t.chains, t.rules) for n, t in sorted(tables.items()) if not t.is_empty()}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _load_state(state_dir: str) -> dict:
+    try:
+        with open(os.path.join(state_dir, STATE_FILE)) as fh:
+            return json.load(fh)
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def _store_state(state_dir: str, state: dict) -> None:
+    path = os.path.join(state_dir, STATE_FILE)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(state, fh)
+    os.replace(tmp, path)
+
+
+def reconcile(desired: dict[int, dict[str, Table]], state_dir: str) -> list[str]:
+    """Make the owned rules of both families equal ``desired``. Returns changes.
+
+    iptables-save prints rules in its own canonical spelling, so "unchanged"
+    means: the desired rules are the ones last applied, and the live owned
+    rules are exactly what the kernel showed right after that apply.
+    """
+    state = _load_state(state_dir)
+    changes = []
+    for fam, tables in desired.items():
+        live = live_owned(fam)
+        want = _fingerprint(tables)
+        seen = _fingerprint(live)
+        if state.get(str(fam)) == [want, seen]:
+            continue
+        if not any(not t.is_empty() for t in live.values()) and all(t.is_empty() for t in tables.values()):
+            state[str(fam)] = [want, seen]
+            continue
+        script = rules.restore_script(live, tables)
+        if script:
+            _run([RESTORE[fam], "--noflush"], stdin=script)
+            changes.append(f"{'ip6tables' if fam == 6 else 'iptables'}: applied "
+                           f"{sum(len(t.rules) for t in tables.values())} rules")
+        state[str(fam)] = [want, _fingerprint(live_owned(fam))]
+    _store_state(state_dir, state)
+    return changes
+
+
+def remove_all(state_dir: str | None = None) -> list[str]:
+    """Remove every owned chain and rule in both families."""
+    empty = {"mangle": Table("mangle"), "nat": Table("nat")}
+    changes = []
+    for fam in (4, 6):
+        live = live_owned(fam)
+        script = rules.restore_script(live, empty)
+        if script:
+            _run([RESTORE[fam], "--noflush"], stdin=script)
+            changes.append(f"{'ip6tables' if fam == 6 else 'iptables'}: removed synlb rules")
+    if state_dir:
+        try:
+            os.unlink(os.path.join(state_dir, STATE_FILE))
+        except FileNotFoundError:
+            pass
+    return changes
+
+
+def counters(family: int) -> dict[str, list[tuple[int, int, str]]]:
+    """Owned rules with their packet/byte counters: {chain: [(pkts, bytes, rule)]}."""
+    out: dict[str, list[tuple[int, int, str]]] = {}
+    for raw in save(family, counters=True).splitlines():
+        line = raw.strip()
+        if not line.startswith("["):
+            continue
+        cnt, rule = line[1:].split("]", 1)
+        rule = rule.strip()
+        if not rules.is_owned_rule(rule):
+            continue
+        pkts, byts = (int(x) for x in cnt.split(":"))
+        chain = rule.split()[1]
+        out.setdefault(chain, []).append((pkts, byts, rule))
+    return out

@@ -1,0 +1,64 @@
+"""Typed option schemas: each section type (and each plugin) declares its
+options next to its code; parsing reports ``FILE:SECTION:KEY: why``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+class OptionError(ValueError):
+    """A value that does not fit its option; the message says why."""
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED: Any = _Required()
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    parse: Callable[[str], Any]
+    default: Any
+    help: str = ""
+
+
+class Schema:
+    def __init__(self, kind: str, options: list[Option]):
+        self.kind = kind
+        self.options = {o.name: o for o in options}
+
+    def __iter__(self):
+        return iter(self.options.values())
+
+
+def parse_section(sch: Schema, section: str, values: dict[str, tuple[str, str]],
+                  default_file: str, problems: list) -> dict[str, Any]:
+    """Parse ``values`` ({key: (raw, file)}) against ``sch``.
+
+    Appends (file, section, key, why) to ``problems``; returns the values
+    that parsed (a key whose value is bad is absent), so that callers can
+    still cross-check the rest and report every problem at once.
+    """
+    out: dict[str, Any] = {}
+    section_file = next(iter(values.values()))[1] if values else default_file
+    for key, (raw, path) in values.items():
+        if key not in sch.options:
+            known = ", ".join(sorted(sch.options))
+            problems.append((path, section, key, f"unknown key (known: {known})"))
+    for opt in sch:
+        if opt.name in values:
+            raw, path = values[opt.name]
+            try:
+                out[opt.name] = opt.parse(raw)
+            except OptionError as e:
+                problems.append((path, section, opt.name, str(e)))
+        elif opt.default is REQUIRED:
+            problems.append((section_file, section, opt.name, "required key is missing"))
+        else:
+            out[opt.name] = opt.default
+    return out

@@ -1,0 +1,125 @@
+"""What is running, from the kernel's own counters (no guessing)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+
+import psutil
+
+from . import dataplane, health_state, netfilter, rules, sysctl, workers
+from .config import Config
+
+MARK_RE = re.compile(r"\bmark=(\d+)")
+
+
+def conntrack_marks() -> dict[int, int]:
+    """Connections per connmark, both families."""
+    counts: dict[int, int] = {}
+    for fam in ("ipv4", "ipv6"):
+        try:
+            p = subprocess.run(["conntrack", "-L", "-f", fam], capture_output=True, text=True, timeout=10)
+        except (FileNotFoundError, subprocess.TimeoutExpired):
+            continue
+        for m in MARK_RE.finditer(p.stdout):
+            v = int(m.group(1))
+            counts[v] = counts.get(v, 0) + 1
+    return counts
+
+
+def _chain_counters(cfg: Config) -> list[dict]:
+    out = []
+    for fam in (4, 6):
+        try:
+            c = netfilter.counters(fam)
+        except netfilter.NetfilterError:
+            continue
+        for svc in cfg.services:
+            if fam not in svc.families():
+                continue
+            chain = c.get(rules.vip_chain(svc), [])
+            kept = sum(p for p, _, r in chain if f"-j {rules.ESTABLISHED}" in r)
+            queued = sum(p for p, _, r in chain if "-j NFQUEUE" in r)
+            out.append({"family": fam, "service": svc.name, "chain": rules.vip_chain(svc),
+                        "kept_in_kernel_pkts": kept,
+                        "kept_in_kernel_bytes": sum(b for _, b, r in chain if f"-j {rules.ESTABLISHED}" in r),
+                        "queued_pkts": queued,
+                        "queued_bytes": sum(b for _, b, r in chain if "-j NFQUEUE" in r),
+                        "saved_marks": sum(p for p, _, _ in c.get(rules.VIPOUT, []))})
+    return out
+
+
+def _worker_stats(state_dir: str, queue: int) -> dict:
+    try:
+        with open(os.path.join(state_dir, f"worker-{queue}.stats.json")) as fh:
+            return json.load(fh)
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def collect(cfg: Config) -> dict:
+    g = cfg.globals
+    applied = dataplane.applied(g.state_dir)
+    bound = workers.bound_queues()
+    marks = conntrack_marks()
+    running = {w.queue: w for w in workers.running(g.state_dir)}
+    services = []
+    for svc in cfg.services:
+        down = health_state.down_targets(g.state_dir, svc.name)
+        queues = []
+        for q in svc.queues:
+            k = bound.get(q, {})
+            w = running.get(q)
+            entry = {"queue": q, "bypass": svc.queue_bypass, "listening": bool(k.get("portid")),
+                     "waiting": k.get("waiting", 0), "queue_dropped": k.get("queue_dropped", 0),
+                     "user_dropped": k.get("user_dropped", 0), "worker": None}
+            if w:
+                try:
+                    p = psutil.Process(w.pid)
+                    cpu = p.cpu_times()
+                    entry["worker"] = {"pid": w.pid, "cpu_s": round(cpu.user + cpu.system, 3),
+                                       "rss_mb": round(p.memory_info().rss / 2**20, 1),
+                                       "packets": _worker_stats(g.state_dir, q).get("packets", 0)}
+                except psutil.NoSuchProcess:
+                    pass
+            queues.append(entry)
+        targets = [{"name": t.name, "addresses": [str(a) for a in t.addresses], "mark": t.mark,
+                    "table": t.table if svc.mode == "route" else None,
+                    "healthy": t.name not in down, "connections": marks.get(t.mark, 0)}
+                   for t in cfg.targets_of(svc)]
+        services.append({"name": svc.name, "mode": svc.mode, "vips": [str(v) for v in svc.vips],
+                         "queues": queues, "targets": targets})
+    return {"time": time.time(), "active": applied is not None, "applied": applied,
+            "sysctl": sysctl.current(), "chains": _chain_counters(cfg) if applied else [],
+            "services": services}
+
+
+def render_text(st: dict) -> str:
+    out = [f"synlb: {'active' if st['active'] else 'inactive'}"
+           + (f" ({st['applied']['reason']})" if st.get("applied") else "")]
+    out.append("sysctl: " + " ".join(f"{k}={v}" for k, v in st["sysctl"].items()))
+    if st["chains"]:
+        out.append("")
+        out.append(f"{'chain':<24}{'fam':>4}{'kept in kernel':>16}{'queued':>10}{'marks saved':>13}")
+        for c in st["chains"]:
+            out.append(f"{c['chain']:<24}{'v' + str(c['family']):>4}{c['kept_in_kernel_pkts']:>16}"
+                       f"{c['queued_pkts']:>10}{c['saved_marks']:>13}")
+    for s in st["services"]:
+        out.append("")
+        out.append(f"service {s['name']} ({s['mode']}) vips {', '.join(s['vips'])}")
+        out.append(f"  {'target':<16}{'mark':>12}{'table':>12}{'health':>9}{'conns':>8}  address")
+        for t in s["targets"]:
+            out.append(f"  {t['name']:<16}{t['mark']:>#12x}{str(t['table'] or '-'):>12}"
+                       f"{'up' if t['healthy'] else 'DOWN':>9}{t['connections']:>8}  {', '.join(t['addresses'])}")
+        out.append(f"  {'queue':<8}{'listening':>10}{'bypass':>8}{'waiting':>9}{'q-drop':>8}{'u-drop':>8}"
+                   f"{'pid':>9}{'cpu s':>9}{'rss MB':>8}{'pkts':>9}")
+        for q in s["queues"]:
+            w = q["worker"] or {}
+            out.append(f"  {q['queue']:<8}{'yes' if q['listening'] else 'NO':>10}{'yes' if q['bypass'] else 'no':>8}"
+                       f"{q['waiting']:>9}{q['queue_dropped']:>8}{q['user_dropped']:>8}"
+                       f"{w.get('pid', '-'):>9}{w.get('cpu_s', '-'):>9}{w.get('rss_mb', '-'):>8}"
+                       f"{w.get('packets', '-'):>9}")
+    return "\n".join(out)

@@ -1,0 +1,163 @@
+"""The netns lab itself, with no load balancer: routing, the test servers
+and client driver, keepalived failover, teardown."""
+
+import os
+import shutil
+import time
+
+import pytest
+
+from synlb.lab import Lab, LabError
+from synlb.lab.cli import main as lab_main
+from synlb.lab.keepalived import render_keepalived_conf
+from synlb.lab.netns import list_netns
+from synlb.lab.nginx import render_nginx_conf
+
+
+def labtest(f):
+    """Real namespaces and processes: root only, marked ``lab``."""
+    f = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
+                           reason="needs root and iproute2")(f)
+    return pytest.mark.lab(f)
+
+
+# ---------------------------------------------------------------- pure
+
+def test_keepalived_conf_render():
+    conf = render_keepalived_conf(1, notify="/usr/bin/synlb notify", enable_dbus=True,
+                                  notify_fifo="/run/x.fifo",
+                                  notify_fifo_script="/usr/bin/synlb fifo")
+    for want in ("vrrp_sync_group G1 {", "vrrp_instance FRONT {", "vrrp_instance BACK6 {",
+                 "priority 150", "advert_int 0.2", "version 3", "enable_dbus",
+                 "enable_script_security", "script_user root",
+                 'notify "/usr/bin/synlb notify"', "notify_fifo /run/x.fifo",
+                 'notify_fifo_script "/usr/bin/synlb fifo"',
+                 "10.64.1.254/24 dev front", "10.64.2.254/24 dev back",
+                 "fd64:1::254/64 dev front", "fd64:2::254/64 dev back",
+                 "virtual_router_id 51", "virtual_router_id 52"):
+        assert want in conf, want
+    assert conf.count("{") == conf.count("}")
+    conf2 = render_keepalived_conf(2, ipv6=False)
+    assert "priority 100" in conf2 and "FRONT6" not in conf2 and "enable_dbus" not in conf2
+    with pytest.raises(ValueError):
+        render_keepalived_conf(1, notify_fifo_script="/x")
+
+
+def test_nginx_conf_render(tmp_path):
+    conf = render_nginx_conf("t2", str(tmp_path), 8081)
+    assert "X-Target t2" in conf and "listen [::]:8081" in conf and "daemon off;" in conf
+    assert str(tmp_path) in conf
+
+
+def test_demo_stub(capsys):
+    assert lab_main(["demo"]) == 1
+    assert "demo: not yet built" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- lab
+
+
+def assert_torn_down(lab, pids):
+    assert not [ns for ns in list_netns() if ns.startswith(lab.prefix + "-")]
+    assert lab.leftovers() == {"namespaces": [], "processes": []}
+    alive = [p for p in pids if os.path.exists(f"/proc/{p}")]
+    assert alive == [], f"processes left: {alive}"
+    assert not os.path.exists(lab.dir)
+
+
+@labtest
+def test_single_router_routing_patterns_and_teardown():
+    with Lab(routers=1, targets=3) as lab:
+        assert set(lab.roles) == {"sw", "client", "lb1", "t1", "t2", "t3"}
+        assert lab.ns("lb1") == f"{lab.prefix}-lb1"
+        assert lab.sysctl_get("lb1", "net.ipv4.ip_forward") == "1"
+        assert lab.sysctl_get("lb1", "net.ipv6.conf.all.forwarding") == "1"
+        assert lab.owns("t2", "10.64.100.1") and lab.owns("t2", "fd64:100::1")
+        # plain routing client -> router -> each target's back address
+        for fam in (4, 6):
+            for t in lab.targets:
+                res = lab.open_connections(lab.addr(t, fam), count=6, concurrency=3)
+                assert res["per_target"] == {t: 6}, res
+                assert res["failed"] == 0
+        # every session pattern, v4 and v6, all at once
+        handles = {(p, fam): lab.start_sessions(lab.addr("t1", fam), p, count=2,
+                                                duration=1.5, interval=0.05)
+                   for p in ("echo", "push", "down", "up") for fam in (4, 6)}
+        for key, h in handles.items():
+            res = h.result()
+            s = res["summary"]
+            assert s["survived"] == 2 and s["moved"] == 0, (key, s)
+            assert s["per_target"] == {"t1": 2}
+            assert s["max_gap"] < 1.0, (key, s)
+            assert all(r["exchanges"] > 3 for r in res["sessions"]), (key, res)
+        # stoppable by SIGTERM, results printed
+        h = lab.start_sessions(lab.addr("t3", 4), "push", count=3, duration=60)
+        assert h.wait_ready(5)["connected"] == 3
+        t0 = time.monotonic()
+        res = h.stop()
+        assert time.monotonic() - t0 < 5
+        assert res["stopped"] == "signal" and res["summary"]["survived"] == 3
+        # nginx for benchmarks
+        if shutil.which("curl"):
+            lab.start_nginx(port=8081)
+            out = lab.run("client", ["curl", "-si", "--max-time", "3",
+                                     "http://[fd64:2::12]:8081/"]).stdout
+            assert "X-Target: t2" in out
+        pids = [t.proc.pid for t in lab.procs.items]
+        assert pids
+    assert_torn_down(lab, pids)
+
+
+@labtest
+def test_teardown_on_exception():
+    with pytest.raises(RuntimeError, match="boom"):
+        with Lab(routers=1, targets=1) as lab:
+            pids = [t.proc.pid for t in lab.procs.items]
+            raise RuntimeError("boom")
+    assert_torn_down(lab, pids)
+
+
+@labtest
+def test_two_routers_keepalived_failover_keeps_routed_session():
+    with Lab(routers=2, targets=3) as lab:
+        lab.start_keepalived(enable_dbus=True)  # waits for lb1 MASTER, lb2 BACKUP
+        assert lab.vrrp_state("lb1") == "MASTER" and lab.vrrp_state("lb2") == "BACKUP"
+        assert lab.master() == "lb1"
+        assert lab.owns("lb1", "10.64.1.254") and lab.owns("lb1", "fd64:2::254")
+        res = lab.open_connections("10.64.2.13", count=4)
+        assert res["per_target"] == {"t3": 4}
+        if shutil.which("busctl"):  # keepalived on the lab's private system bus
+            out = lab.run("lb2", ["busctl", "--system", "get-property", "org.keepalived.Vrrp1",
+                                  "/org/keepalived/Vrrp1/Instance/back/52/IPv6",
+                                  "org.keepalived.Vrrp1.Instance", "State"],
+                          env={"DBUS_SYSTEM_BUS_ADDRESS": lab.dbus_address("lb2")}).stdout
+            assert out.split()[:2] == ["(us)", "1"], out
+
+        s4 = lab.start_sessions("10.64.2.11", "echo", count=5, duration=4.0)
+        s6 = lab.start_sessions("fd64:2::12", "echo", count=5, duration=4.0)
+        assert s4.wait_ready(5)["connected"] == 5
+        assert s6.wait_ready(5)["connected"] == 5
+        time.sleep(0.5)
+        lab.fail_links("lb1")
+        took = lab.wait_state("lb2", "MASTER", timeout=3.0)
+        assert took < 2.0, took
+        assert lab.vrrp_state("lb1") == "FAULT"
+        assert lab.owns("lb2", "10.64.2.254") and lab.owns("lb2", "fd64:1::254")
+        for h, t in ((s4, "t1"), (s6, "t2")):
+            s = h.result()["summary"]
+            assert s["survived"] == 5 and s["moved"] == 0, s
+            assert s["per_target"] == {t: 5}
+            assert s["max_gap"] < 2.0, s
+
+        lab.restore_links("lb1")  # lb1 preempts back
+        lab.wait_state("lb1", "MASTER", timeout=3.0)
+        lab.wait_state("lb2", "BACKUP", timeout=3.0)
+        res = lab.open_connections("fd64:2::11", count=4)
+        assert res["per_target"] == {"t1": 4}
+
+        lab.stop_keepalived("lb1")
+        assert lab.wait_state("lb2", "MASTER", timeout=3.0) < 1.0
+        with pytest.raises(LabError):
+            lab.wait_state("lb1", "MASTER", timeout=0.2)
+        pids = [t.proc.pid for t in lab.procs.items]
+    assert_torn_down(lab, pids)
