@@ -27,6 +27,7 @@ unit: $(STAMP)
 	$(VENV)/bin/pytest -q -p no:cacheprovider -m 'not lab'
 
 bench: $(STAMP)
+	$(VENV)/bin/pip install -q -e '.[bench]'
 	$(VENV)/bin/synlb-lab bench
 
 clean:

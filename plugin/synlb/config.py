@@ -79,6 +79,7 @@ class Service:
     target_names: tuple
     table_size: int
     no_target_verdict: str  # "drop" or "accept"
+    shortcut: bool = True
 
     @property
     def queues(self) -> range:
@@ -300,6 +301,9 @@ SERVICE_OPTIONS = schema.Schema("service", [
     Option("table_size", _table_size, 65537, "Maglev lookup table size (prime, >= 100 x targets)"),
     Option("no_target_verdict", _choice("drop", "accept"), "drop",
            "what a new connection gets when no target is available"),
+    Option("shortcut", _bool, True,
+           "keep marked established connections in the kernel; no = queue every packet "
+           "(nfqlb-style, for comparison only)"),
 ])
 
 TARGET_OPTIONS = schema.Schema("target", [
@@ -391,7 +395,10 @@ def load(path: str | None = None) -> Config:
             targets_raw[name] = schema.parse_section(TARGET_OPTIONS, sec, vals, main, problems)
         elif kind in EXTRA_SECTIONS or sec in EXTRA_SECTIONS:
             sch = EXTRA_SECTIONS.get(kind) or EXTRA_SECTIONS[sec]
-            schema.parse_section(sch, sec, vals, main, problems)
+            parsed = schema.parse_section(sch, sec, vals, main, problems)
+            # an optional cross-key check: sch.check(parsed) -> [(key, why)]
+            for key, why in getattr(sch, "check", lambda _: [])(parsed):
+                problems.append((vals.get(key, (None, where(sec)))[1], sec, key, why))
         else:
             known = ", ".join(["[synlb]", "[service:NAME]", "[target:NAME]"]
                               + [f"[{p}]" for p in sorted(EXTRA_SECTIONS)])
@@ -462,7 +469,8 @@ def load(path: str | None = None) -> Config:
             name=name, vips=s["vips"], ingress=s["ingress"], protocols=s["protocols"], ports=s["ports"],
             mode=s["mode"], egress=s["egress"], queue_first=q1, queue_last=q2,
             queue_bypass=s["queue_bypass"], target_names=tuple(s["targets"]),
-            table_size=s["table_size"], no_target_verdict=s["no_target_verdict"]))
+            table_size=s["table_size"], no_target_verdict=s["no_target_verdict"],
+            shortcut=s["shortcut"]))
 
     # The same VIP:port in two services would make the first one win silently.
     for i, a in enumerate(services):

@@ -56,13 +56,7 @@ def plan(cfg: Config) -> str:
     """What ``up`` would install, as text (dry run)."""
     out = [rules.describe(rules.render(cfg))]
     rl, rt = routing.desired(cfg)
-    for r in sorted(rl):
-        out.append(f"ip -{r.family} rule add priority {r.priority} fwmark {r.fwmark:#x} "
-                   f"lookup {r.table} proto {cfg.globals.route_protocol}")
-    for r in sorted(rt):
-        dev = f" dev {r.oif}" if r.oif else ""
-        out.append(f"ip -{r.family} route replace default via {r.gateway}{dev} "
-                   f"table {r.table} proto {cfg.globals.route_protocol}")
+    out += [f"{r} proto {cfg.globals.route_protocol}" for r in sorted(rl) + sorted(rt)]
     if cfg.globals.pickup:
         out += [f"sysctl -w {n.replace('/', '.')}={v}" for n, v in sysctl.PICKUP.items()]
     for svc in cfg.services:
@@ -106,15 +100,8 @@ def up(config_path: str, cfg: Config, reason: str = "up") -> list[str]:
     """Install (or re-converge) everything. On failure from a clean state,
     everything installed so far is removed again: never half-applied."""
     live.verify(cfg)
-    g = cfg.globals
-    with locked(g.state_dir):
-        was_active = applied(g.state_dir) is not None
-        try:
-            changes = _apply(config_path, cfg, reason)
-        except Exception:
-            if not was_active:
-                _teardown(g.state_dir, g.route_protocol)
-            raise
+    with locked(cfg.globals.state_dir):
+        changes = up_locked(config_path, cfg, reason, verify=False)
     for c in changes:
         log.info("%s: %s", reason, c)
     return changes
@@ -122,10 +109,33 @@ def up(config_path: str, cfg: Config, reason: str = "up") -> list[str]:
 
 def down(state_dir: str, route_protocol: int, reason: str = "down") -> list[str]:
     with locked(state_dir):
-        prev = applied(state_dir)
-        if prev:
-            route_protocol = prev.get("route_protocol", route_protocol)
-        changes = _teardown(state_dir, route_protocol)
+        changes = down_locked(state_dir, route_protocol)
     for c in changes:
         log.info("%s: %s", reason, c)
     return changes
+
+
+# The *_locked variants are for callers that hold ``locked(state_dir)``
+# themselves, to do more under the same lock (the VRRP event sources record
+# the latest event and reconcile to it in one critical section).
+
+def up_locked(config_path: str, cfg: Config, reason: str, verify: bool = True) -> list[str]:
+    """``up`` for a caller that holds ``locked(cfg.globals.state_dir)``."""
+    if verify:
+        live.verify(cfg)
+    g = cfg.globals
+    was_active = applied(g.state_dir) is not None
+    try:
+        return _apply(config_path, cfg, reason)
+    except Exception:
+        if not was_active:
+            _teardown(g.state_dir, g.route_protocol)
+        raise
+
+
+def down_locked(state_dir: str, route_protocol: int) -> list[str]:
+    """``down`` for a caller that holds ``locked(state_dir)``."""
+    prev = applied(state_dir)
+    if prev:
+        route_protocol = prev.get("route_protocol", route_protocol)
+    return _teardown(state_dir, route_protocol)

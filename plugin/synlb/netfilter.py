@@ -73,7 +73,11 @@ def reconcile(desired: dict[int, dict[str, Table]], state_dir: str) -> list[str]
     state = _load_state(state_dir)
     changes = []
     for fam, tables in desired.items():
-        live = live_owned(fam)
+        text = save(fam)
+        # remember which tables existed before synlb's first change, so that
+        # teardown can leave iptables-save's output exactly as it found it
+        state.setdefault(f"tables_before_{fam}", sorted(_table_names(text)))
+        live = rules.owned_from_save(text)
         want = _fingerprint(tables)
         seen = _fingerprint(live)
         if state.get(str(fam)) == [want, seen]:
@@ -91,9 +95,47 @@ def reconcile(desired: dict[int, dict[str, Table]], state_dir: str) -> list[str]
     return changes
 
 
+def _table_names(save_text: str) -> set[str]:
+    return {ln[1:].strip() for ln in save_text.splitlines() if ln.startswith("*")}
+
+
+def _is_pristine(save_text: str, table: str) -> bool:
+    """Only built-in chains, policy ACCEPT, no rule: as if the table did not exist."""
+    inside = False
+    for raw in save_text.splitlines():
+        line = raw.strip()
+        if line.startswith("*"):
+            inside = line[1:] == table
+        elif inside and line.startswith(":"):
+            parts = line[1:].split()
+            if len(parts) < 2 or parts[1] != "ACCEPT":
+                return False
+        elif inside and line.startswith("-"):
+            return False
+    return True
+
+
+def _drop_created_tables(fam: int, before: list[str]) -> list[str]:
+    """Delete tables synlb's rules made iptables-nft create, once they are empty again.
+
+    Only with the nf_tables backend (with iptables-legacy the tables always
+    exist) and only when the table holds nothing at all.
+    """
+    if "nf_tables" not in _run([RESTORE[fam].replace("-restore", ""), "--version"]):
+        return []
+    text = save(fam)
+    changes = []
+    for table in sorted(_table_names(text) - set(before)):
+        if table in ("mangle", "nat") and _is_pristine(text, table):
+            _run(["nft", "delete", "table", "ip" if fam == 4 else "ip6", table])
+            changes.append(f"{'ip6tables' if fam == 6 else 'iptables'}: deleted empty table {table}")
+    return changes
+
+
 def remove_all(state_dir: str | None = None) -> list[str]:
     """Remove every owned chain and rule in both families."""
     empty = {"mangle": Table("mangle"), "nat": Table("nat")}
+    state = _load_state(state_dir) if state_dir else {}
     changes = []
     for fam in (4, 6):
         live = live_owned(fam)
@@ -101,6 +143,9 @@ def remove_all(state_dir: str | None = None) -> list[str]:
         if script:
             _run([RESTORE[fam], "--noflush"], stdin=script)
             changes.append(f"{'ip6tables' if fam == 6 else 'iptables'}: removed synlb rules")
+        before = state.get(f"tables_before_{fam}")
+        if before is not None:
+            changes += _drop_created_tables(fam, before)
     if state_dir:
         try:
             os.unlink(os.path.join(state_dir, STATE_FILE))

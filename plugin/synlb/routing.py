@@ -33,6 +33,9 @@ class Rule:
     fwmark: int
     table: int
 
+    def __str__(self) -> str:
+        return f"ip -{self.family} rule priority {self.priority} fwmark {self.fwmark:#x} lookup {self.table}"
+
 
 @dataclass(frozen=True, order=True)
 class Route:
@@ -40,6 +43,10 @@ class Route:
     table: int
     gateway: str
     oif: str | None  # interface name, or None to let the kernel resolve the next hop
+
+    def __str__(self) -> str:
+        dev = f" dev {self.oif}" if self.oif else ""
+        return f"ip -{self.family} route default via {self.gateway}{dev} table {self.table}"
 
 
 def desired(cfg: Config) -> tuple[set[Rule], set[Route]]:
@@ -110,21 +117,21 @@ class Routing:
         missing = [d for d in routes if not any(_same_route(d, r) for r in live_routes)]
         for r in sorted(stale):
             self._route("del", r)
-            changes.append(f"del route {r}")
+            changes.append(f"del {r}")
         for r in sorted(live_rules - rules):
             self._rule("del", r)
-            changes.append(f"del rule {r}")
+            changes.append(f"del {r}")
         for r in sorted(rules - live_rules):
             self._rule("add", r)
-            changes.append(f"add rule {r}")
+            changes.append(f"add {r}")
         for r in sorted(missing):
             try:
                 self._route("replace", r)
-                changes.append(f"add route {r}")
+                changes.append(f"add {r}")
             except NetlinkError as e:
                 if e.code not in (errno.ENETUNREACH, errno.ENODEV, errno.EHOSTUNREACH):
                     raise
-                changes.append(f"route {r} pending: {e.args[1] if len(e.args) > 1 else e}")
+                changes.append(f"pending {r}: {e.args[1] if len(e.args) > 1 else e}")
                 log.warning("route %s not installable now (%s); retried on next reconcile", r, e)
         return changes
 

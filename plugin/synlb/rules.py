@@ -100,13 +100,18 @@ def render_family(cfg: Config, family: int, active_targets: dict[str, list[str]]
                 if svc.mode == "route":
                     m = ["-d", str(vip), "-p", proto]
                 else:  # after DNAT the destination is the target: match the original one
-                    m = ["-p", proto, "-m", "conntrack", "--ctorigdst", str(vip)]
+                    # a host VIP is written bare: iptables-save prints it so, and a
+                    # rule added as "a.b.c.d/32" cannot be deleted by that spelling
+                    orig = str(vip.network_address) if vip.num_addresses == 1 else str(vip)
+                    m = ["-p", proto, "-m", "conntrack", "--ctorigdst", orig]
                 m += _ports_match(svc) + _comment(svc)
                 mangle.rules.append(" ".join(["-A", "POSTROUTING"] + m + ["-j", VIPOUT]))
         # Only connections that already carry a mark are short-cut: after a
         # failover a connection first seen in the reply direction has
         # connmark 0 and must still reach the worker (DESIGN pitfall 4).
-        mangle.rules.append(f"-A {chain} -m conntrack --ctstate ESTABLISHED -m connmark ! --mark 0 -j {ESTABLISHED}")
+        if svc.shortcut:
+            mangle.rules.append(f"-A {chain} -m conntrack --ctstate ESTABLISHED -m connmark ! --mark 0 "
+                                f"-j {ESTABLISHED}")
         mangle.rules.append(" ".join(["-A", chain] + _queue_target(svc)))
 
         if svc.mode == "nat":

@@ -54,7 +54,7 @@ def _chain_counters(cfg: Config) -> list[dict]:
 
 def _worker_stats(state_dir: str, queue: int) -> dict:
     try:
-        with open(os.path.join(state_dir, f"worker-{queue}.stats.json")) as fh:
+        with open(workers.stats_file(state_dir, queue)) as fh:
             return json.load(fh)
     except (FileNotFoundError, ValueError):
         return {}

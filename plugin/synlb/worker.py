@@ -89,7 +89,7 @@ class Worker:
         return os.path.join(self.cfg.globals.state_dir, f"worker-{self.queue}.stats.json")
 
     def write_stats(self) -> None:
-        data = {"queue": self.queue, "service": self.service_name, "packets": self.packets,
+        data = {"pid": os.getpid(), "queue": self.queue, "service": self.service_name, "packets": self.packets,
                 "no_target": self.no_target, "targets": self.table.names,
                 "picks": {f"{m:#x}": n for m, n in self.picks.items()},
                 "config_digest": self.table.digest, "started": self.started}
@@ -113,6 +113,7 @@ class Worker:
         g = self.cfg.globals
         nfq = NetfilterQueue()
         nfq.bind(self.queue, self.on_packet, max_len=g.queue_maxlen, mode=COPY_PACKET, range=g.copy_range)
+        self.write_stats()  # tells the starter that this process holds the queue
         log.info("queue %d bound (service %s, targets %s)", self.queue, self.service_name,
                  ",".join(self.table.names))
         poller = select.poll()

@@ -7,6 +7,7 @@ a crash or a reused pid is recognised and removed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -121,6 +122,8 @@ def bound_queues() -> dict[int, dict]:
 def start(config_path: str, cfg: Config, svc: Service, queue: int) -> WorkerInfo:
     state_dir = cfg.globals.state_dir
     log_path = os.path.join(state_dir, f"worker-{queue}.log")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(stats_file(state_dir, queue))
     argv = synlb_command() + ["worker", f"--config={os.path.abspath(config_path)}",
                               f"--service={svc.name}", f"--queue={queue}"]
     with open(log_path, "ab") as log:
@@ -135,6 +138,21 @@ def start(config_path: str, cfg: Config, svc: Service, queue: int) -> WorkerInfo
     return info
 
 
+def stats_file(state_dir: str, queue: int) -> str:
+    return os.path.join(state_dir, f"worker-{queue}.stats.json")
+
+
+def _holds_queue(info: WorkerInfo, bound: dict) -> bool:
+    """The kernel has a listener on the queue, and that listener is this worker."""
+    if not bound.get(info.queue, {}).get("portid"):
+        return False
+    try:
+        with open(stats_file(os.path.dirname(info.pidfile), info.queue)) as fh:
+            return json.load(fh).get("pid") == info.pid
+    except (FileNotFoundError, ValueError):
+        return False
+
+
 def wait_bound(infos: list[WorkerInfo], timeout: float = BIND_TIMEOUT) -> None:
     """Return once every worker holds its queue; raise with the log tail if one died."""
     deadline = time.monotonic() + timeout
@@ -143,7 +161,7 @@ def wait_bound(infos: list[WorkerInfo], timeout: float = BIND_TIMEOUT) -> None:
         bound = bound_queues()
         still = []
         for info in pending:
-            if bound.get(info.queue, {}).get("portid"):
+            if _holds_queue(info, bound):
                 continue
             if not psutil.pid_exists(info.pid) or psutil.Process(info.pid).status() == psutil.STATUS_ZOMBIE:
                 raise WorkerError(f"worker for queue {info.queue} exited: {_log_tail(info)}")

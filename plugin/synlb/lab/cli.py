@@ -5,7 +5,7 @@
     synlb-lab client sessions --vip ADDR --pattern echo|push|down|up
                               [--count N] [--duration S] [--interval S]
     synlb-lab cleanup [--force]      remove labs whose owner process died
-    synlb-lab demo                   (not yet built)
+    synlb-lab demo                   balance + failover demo
 """
 
 from __future__ import annotations
@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     cl = sub.add_parser("cleanup", help="remove labs whose owner process is gone")
     cl.add_argument("--force", action="store_true", help="also labs whose owner is alive")
 
-    sub.add_parser("demo", help="failover demo (not yet built)")
+    d = sub.add_parser("demo", help="balance real connections in a lab, then fail a router over")
+    d.add_argument("--no-failover", action="store_true", help="only the single-router part")
     sub.add_parser("bench", help="benchmark (not yet built)")
     return p
 
@@ -86,11 +87,11 @@ def main(argv: list[str] | None = None) -> int:
         from .netns import cleanup_stale
         print(json.dumps({"removed": cleanup_stale(force=args.force)}))
         return 0
+    if args.cmd == "demo":
+        from .demo import main as demo_main
+        return demo_main(failover=not args.no_failover)
     if args.cmd in ("demo", "bench"):
         print(f"{args.cmd}: not yet built")
         return 1
     return 2
 
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

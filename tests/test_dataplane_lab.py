@@ -1,0 +1,181 @@
+"""Issue 2 in the netns lab: real kernel, real worker, real TCP connections."""
+
+from __future__ import annotations
+
+import pytest
+
+from synlb.lab import addresses as A
+from synlb.lab.scenario import kernel_snapshot, status, synlb, write_config
+from synlb.lab.topology import Lab
+
+pytestmark = pytest.mark.lab
+
+CONNS = 300
+
+
+@pytest.fixture(scope="module")
+def lab():
+    with Lab(routers=1) as lab:
+        yield lab
+
+
+@pytest.fixture
+def clean(lab):
+    """Every test starts and ends with synlb down and the router as the lab built it."""
+    before = kernel_snapshot(lab, "lb1")
+    yield before
+    for name in ("synlb.ini", "nat.ini"):
+        import os
+        path = f"{lab.role_dir('lb1')}/{name}"
+        if os.path.exists(path):
+            synlb(lab, "lb1", path, "down", check=False)
+    assert kernel_snapshot(lab, "lb1") == before
+
+
+def _vip_chain(st: dict, family: int) -> dict:
+    return next(c for c in st["chains"] if c["family"] == family)
+
+
+@pytest.mark.parametrize("mode", ["route", "nat"])
+def test_connections_spread_and_only_syns_reach_user_space(lab, clean, mode):
+    conf = write_config(lab, "lb1", mode=mode, name="synlb.ini" if mode == "route" else "nat.ini")
+    synlb(lab, "lb1", conf, "up")
+    for family in (4, 6):
+        res = lab.open_connections(A.VIP[family], count=CONNS, concurrency=20)
+        assert res["ok"] == CONNS, res["errors"]
+        assert sorted(res["per_target"]) == ["t1", "t2", "t3"]
+        for t, n in res["per_target"].items():
+            assert 70 <= n <= 130, (family, mode, res["per_target"])
+        st = status(lab, "lb1", conf)
+        chain = _vip_chain(st, family)
+        # one queued packet per connection (a retransmitted SYN may add one)
+        assert CONNS <= chain["queued_pkts"] <= CONNS + 10, chain
+        # a connection is SYN, ACK, request, FIN... : everything after the SYN stays in the kernel
+        assert chain["kept_in_kernel_pkts"] >= 3 * CONNS, chain
+        assert chain["saved_marks"] >= CONNS
+        conns = {t["name"]: t["connections"] for t in st["services"][0]["targets"]}
+        assert sum(conns.values()) >= CONNS  # conntrack entries carry the target marks
+    synlb(lab, "lb1", conf, "down")
+
+
+def test_up_twice_changes_nothing(lab, clean):
+    conf = write_config(lab, "lb1")
+    synlb(lab, "lb1", conf, "up")
+    lab.open_connections(A.VIP[4], count=20)
+    first = kernel_snapshot(lab, "lb1")
+    counters = lab.run("lb1", ["iptables-save", "-c", "-t", "mangle"]).stdout
+    out = synlb(lab, "lb1", conf, "up").stdout
+    assert out.strip() == "up: nothing to change"
+    assert kernel_snapshot(lab, "lb1") == first
+    # the chains were not rewritten: their counters survive a second up
+    after = lab.run("lb1", ["iptables-save", "-c", "-t", "mangle"]).stdout
+    strip = lambda s: [ln for ln in s.splitlines() if ln.startswith("[")]  # noqa: E731
+    assert strip(after) == strip(counters)
+    synlb(lab, "lb1", conf, "down")
+
+
+def test_foreign_rules_survive_up_and_down(lab, clean):
+    foreign = [
+        ["iptables", "-t", "mangle", "-N", "ROUTER-OWN"],
+        ["iptables", "-t", "mangle", "-A", "ROUTER-OWN", "-j", "RETURN"],
+        ["iptables", "-t", "mangle", "-A", "PREROUTING", "-i", "front", "-j", "ROUTER-OWN"],
+        ["ip6tables", "-t", "mangle", "-A", "POSTROUTING", "-p", "udp", "-j", "ACCEPT"],
+        ["ip", "rule", "add", "fwmark", "0x77", "lookup", "77", "priority", "3000"],
+        ["ip", "route", "add", "unreachable", "default", "table", "77"],
+    ]
+    for argv in foreign:
+        lab.run("lb1", argv)
+    try:
+        with_foreign = kernel_snapshot(lab, "lb1")
+        conf = write_config(lab, "lb1")
+        synlb(lab, "lb1", conf, "up")
+        up = kernel_snapshot(lab, "lb1")
+        assert "-A PREROUTING -i front -j ROUTER-OWN" in up["iptables"]
+        assert "fwmark 0x77 lookup 77" in up["rules4"]
+        assert lab.open_connections(A.VIP[4], count=30)["ok"] == 30
+        synlb(lab, "lb1", conf, "down")
+        assert kernel_snapshot(lab, "lb1") == with_foreign
+    finally:
+        for argv in [
+            ["iptables", "-t", "mangle", "-D", "PREROUTING", "-i", "front", "-j", "ROUTER-OWN"],
+            ["iptables", "-t", "mangle", "-F", "ROUTER-OWN"],
+            ["iptables", "-t", "mangle", "-X", "ROUTER-OWN"],
+            ["ip6tables", "-t", "mangle", "-D", "POSTROUTING", "-p", "udp", "-j", "ACCEPT"],
+            ["ip", "rule", "del", "fwmark", "0x77", "lookup", "77", "priority", "3000"],
+            ["ip", "route", "del", "unreachable", "default", "table", "77"],
+            # the lab had no mangle tables before this test created them
+            ["nft", "delete", "table", "ip", "mangle"],
+            ["nft", "delete", "table", "ip6", "mangle"],
+        ]:
+            lab.run("lb1", argv, check=False)
+
+
+def test_routes_restored_after_link_flap(lab, clean):
+    """Pitfall 3: the kernel drops the per-target routes with the link; up restores them."""
+    conf = write_config(lab, "lb1")
+    synlb(lab, "lb1", conf, "up")
+    routes = kernel_snapshot(lab, "lb1")["routes4"]
+    lab.link_set("lb1", "back", False)
+    lab.link_set("lb1", "back", True)
+    lab.ip("lb1", "-6", "addr", "replace", f"{lab.addr('lb1', 6, 'back')}/64", "dev", "back", "nodad")
+    assert "proto 229" not in kernel_snapshot(lab, "lb1")["routes4"]
+    synlb(lab, "lb1", conf, "up")
+    assert kernel_snapshot(lab, "lb1")["routes4"] == routes
+    assert lab.open_connections(A.VIP[4], count=30)["ok"] == 30
+    synlb(lab, "lb1", conf, "down")
+
+
+def test_live_problems_reported_before_any_change(lab, clean):
+    conf = write_config(lab, "lb1", text=None)
+    text = open(conf).read().replace("ingress = front", "ingress = nosuch0")
+    bad = write_config(lab, "lb1", text=text, name="bad.ini")
+    r = synlb(lab, "lb1", bad, "up", check=False)
+    assert r.returncode == 1
+    assert f"{bad}:service:web:ingress: no interface 'nosuch0'" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = synlb(lab, "lb1", bad, "check", "--live", check=False)
+    assert r.returncode == 1 and "nosuch0" in r.stderr
+    # a VIP that is a local address of the router breaks route mode (pitfall 2)
+    lab.ip("lb1", "addr", "add", f"{A.VIP[4]}/32", "dev", "lo")
+    try:
+        r = synlb(lab, "lb1", conf, "up", check=False)
+        assert r.returncode == 1
+        assert f"{conf}:service:web:vips: {A.VIP[4]} is a local address" in r.stderr
+    finally:
+        lab.ip("lb1", "addr", "del", f"{A.VIP[4]}/32", "dev", "lo")
+
+
+def test_failed_worker_leaves_nothing_behind(lab, clean):
+    """A worker that cannot start (its queue is taken) rolls the whole up back."""
+    conf = write_config(lab, "lb1")
+    squatter = lab.popen("lb1", [lab_python(), "-c",
+                                 "from netfilterqueue import NetfilterQueue;import time\n"
+                                 "q=NetfilterQueue();q.bind(0,lambda p:p.accept());print('bound',flush=True)\n"
+                                 "time.sleep(60)"], name="squatter", stdout=__import__("subprocess").PIPE)
+    try:
+        assert squatter.stdout.readline().startswith(b"bound")
+        r = synlb(lab, "lb1", conf, "up", check=False)
+        assert r.returncode == 1, r.stdout
+        assert "worker for queue 0" in r.stderr and "Traceback" not in r.stderr
+    finally:
+        lab.stop_process(squatter)
+    # clean() asserts the router is exactly as before
+
+
+def test_picked_up_connection_reaches_the_same_target(lab, clean):
+    """Pitfall 1: after conntrack forgets a connection, its next packet is NEW
+    but not a SYN; it must still be queued and sent to the same target."""
+    conf = write_config(lab, "lb1")
+    synlb(lab, "lb1", conf, "up")
+    sessions = lab.start_sessions(A.VIP[4], pattern="echo", count=10, duration=4.0)
+    sessions.wait_ready(10)
+    lab.run("lb1", ["conntrack", "-F"], check=False)
+    res = sessions.result(20)
+    assert res["summary"]["survived"] == 10, res["summary"]
+    assert res["summary"]["moved"] == 0
+    synlb(lab, "lb1", conf, "down")
+
+
+def lab_python() -> str:
+    import sys
+    return sys.executable
