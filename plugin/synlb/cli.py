@@ -56,6 +56,8 @@ def cmd_status(args) -> int:
     from . import status
     cfg = _load(args)
     st = status.collect(cfg)
+    from . import control
+    st["host"] = control.request(cfg.globals.state_dir, {"cmd": "status"}, timeout=5)
     print(json.dumps(st, indent=2) if args.json else status.render_text(st))
     return 0
 
@@ -63,6 +65,14 @@ def cmd_status(args) -> int:
 def cmd_worker(args) -> int:
     from . import worker
     return worker.main(args.config_file, args.service, args.queue)
+
+
+def cmd_run(args) -> int:
+    from . import host
+    cfg = _load(args)
+    from . import live
+    live.verify(cfg)
+    return host.main(config_mod.config_path(args.config))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="counters, targets, queues, workers")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("run", help="the long-running plugin host (foreground)")
+    s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("worker", help=argparse.SUPPRESS)
     s.add_argument("--config", dest="config_file", required=True)
@@ -111,7 +124,8 @@ def _register_extra(sub) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="synlb: %(message)s")
+                        format="%(asctime)s synlb[%(process)d] %(levelname)s: %(message)s"
+                        if args.command == "run" else "synlb: %(message)s")
     from .live import LiveError
     from .netfilter import NetfilterError
     from .workers import WorkerError

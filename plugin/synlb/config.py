@@ -98,6 +98,7 @@ class Globals:
     pickup: bool
     copy_range: int
     queue_maxlen: int
+    plugins: tuple = ("lb",)
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,9 @@ class Config:
     services: tuple  # of Service, in name order
     targets: dict  # name -> Target
     sections: dict = field(default_factory=dict, compare=False, hash=False)
-    # every section as read, for plugins: name -> {key: (value, file)}
+    # every section as read: name -> {key: (value, file)}
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+    # parsed values of the sections that plugins and other modules declare: name -> {key: value}
 
     def service(self, name: str) -> Service:
         for s in self.services:
@@ -286,6 +289,8 @@ GLOBAL_OPTIONS = schema.Schema("synlb", [
            "turn on conntrack loose pickup while active (nf_conntrack_tcp_loose, be_liberal)"),
     Option("copy_range", _int(64, 65535), 256, "bytes of each queued packet copied to the worker"),
     Option("queue_maxlen", _int(16, 1 << 20), 4096, "NFQUEUE kernel queue length per queue"),
+    Option("plugins", _list, ["lb"],
+           "plugins `synlb run` hosts: lb, health, scripts, metrics, or a dotted module path"),
 ])
 
 SERVICE_OPTIONS = schema.Schema("service", [
@@ -377,6 +382,14 @@ def load(path: str | None = None) -> Config:
         return next(iter(vals.values()))[1] if vals else main
 
     glob_vals = schema.parse_section(GLOBAL_OPTIONS, "synlb", sections.get("synlb", {}), main, problems)
+    # plugins add their own sections and keys: resolve them before validating the rest
+    mods = _plugin_modules(glob_vals.get("plugins", ()), sections, main, problems)
+    service_schema = SERVICE_OPTIONS.extended(o for m in mods for o in getattr(m, "SERVICE_OPTIONS", ()))
+    target_schema = TARGET_OPTIONS.extended(o for m in mods for o in getattr(m, "TARGET_OPTIONS", ()))
+    extra_sections = dict(EXTRA_SECTIONS)
+    for m in mods:
+        extra_sections.update(getattr(m, "SECTIONS", {}))
+    extra_values: dict[str, dict] = {}
     services_raw: dict[str, dict] = {}
     targets_raw: dict[str, dict] = {}
     for sec, vals in sections.items():
@@ -387,21 +400,22 @@ def load(path: str | None = None) -> Config:
             if not SERVICE_NAME_RE.match(name):
                 problems.append((where(sec), sec, "-", "service name must be 1-12 of A-Z a-z 0-9 _"))
                 continue
-            services_raw[name] = schema.parse_section(SERVICE_OPTIONS, sec, vals, main, problems)
+            services_raw[name] = schema.parse_section(service_schema, sec, vals, main, problems)
         elif kind == "target" and name:
             if not TARGET_NAME_RE.match(name):
                 problems.append((where(sec), sec, "-", "target name must be 1-64 of A-Z a-z 0-9 _ . -"))
                 continue
-            targets_raw[name] = schema.parse_section(TARGET_OPTIONS, sec, vals, main, problems)
-        elif kind in EXTRA_SECTIONS or sec in EXTRA_SECTIONS:
-            sch = EXTRA_SECTIONS.get(kind) or EXTRA_SECTIONS[sec]
+            targets_raw[name] = schema.parse_section(target_schema, sec, vals, main, problems)
+        elif kind in extra_sections or sec in extra_sections:
+            sch = extra_sections.get(kind) or extra_sections[sec]
             parsed = schema.parse_section(sch, sec, vals, main, problems)
+            extra_values[sec] = parsed
             # an optional cross-key check: sch.check(parsed) -> [(key, why)]
             for key, why in getattr(sch, "check", lambda _: [])(parsed):
                 problems.append((vals.get(key, (None, where(sec)))[1], sec, key, why))
         else:
             known = ", ".join(["[synlb]", "[service:NAME]", "[target:NAME]"]
-                              + [f"[{p}]" for p in sorted(EXTRA_SECTIONS)])
+                              + [f"[{p}]" for p in sorted(extra_sections)])
             problems.append((where(sec), sec, "-", f"unknown section (known: {known})"))
 
     if not services_raw and not any(p[1].startswith("service:") for p in problems):
@@ -481,9 +495,21 @@ def load(path: str | None = None) -> Config:
 
     if problems:
         raise ConfigError(problems)
-    g = Globals(**glob_vals)
+    g = Globals(**{**glob_vals, "plugins": tuple(glob_vals["plugins"])})
     return Config(files=tuple(files), globals=g, services=tuple(services), targets=targets,
-                  sections=sections)
+                  sections=sections, extra=extra_values)
+
+
+def _plugin_modules(names, sections: dict, main: str, problems: list) -> list:
+    from . import plugins
+    mods = []
+    where = sections.get("synlb", {}).get("plugins", (None, main))[1]
+    for name in names:
+        try:
+            mods.append(plugins.load_module(name))
+        except plugins.PluginError as e:
+            problems.append((where, "synlb", "plugins", str(e)))
+    return mods
 
 
 def _services_overlap(a: Service, b: Service) -> bool:
@@ -513,4 +539,4 @@ def load_globals(path: str | None = None) -> Globals:
     vals = schema.parse_section(GLOBAL_OPTIONS, "synlb", sections.get("synlb", {}), main, problems)
     if problems:
         raise ConfigError(problems)
-    return Globals(**vals)
+    return Globals(**{**vals, "plugins": tuple(vals["plugins"])})

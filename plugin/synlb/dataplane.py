@@ -13,7 +13,7 @@ import logging
 import os
 import time
 
-from . import live, netfilter, routing, rules, sysctl, workers
+from . import health_state, live, netfilter, routing, rules, sysctl, workers
 from .config import Config
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,7 @@ def _teardown(state_dir: str, route_protocol: int) -> list[str]:
     with routing.Routing(route_protocol) as rt:
         changes += rt.reconcile(set(), set())
     changes += workers.stop_all(state_dir)
+    health_state.clear(state_dir)
     changes += sysctl.restore(state_dir)
     _write_applied(state_dir, None)
     return changes

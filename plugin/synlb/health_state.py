@@ -6,6 +6,7 @@ missing file means every target is in.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -28,3 +29,20 @@ def write_down(state_dir: str, down: dict[str, list[str]]) -> None:
     with open(tmp, "w") as fh:
         json.dump({k: sorted(v) for k, v in down.items()}, fh)
     os.replace(tmp, path)
+
+
+def digest(state_dir: str) -> str:
+    """Changes whenever the down set changes: workers rebuild their table then."""
+    try:
+        with open(_path(state_dir), "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        return "all-up"
+    return hashlib.sha256(data).hexdigest()[:12]
+
+
+def clear(state_dir: str) -> None:
+    try:
+        os.unlink(_path(state_dir))
+    except FileNotFoundError:
+        pass

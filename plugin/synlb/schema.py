@@ -35,6 +35,10 @@ class Schema:
     def __iter__(self):
         return iter(self.options.values())
 
+    def extended(self, options) -> "Schema":
+        """A copy with more options (plugins add keys to core sections)."""
+        return Schema(self.kind, [*self.options.values(), *options])
+
 
 def parse_section(sch: Schema, section: str, values: dict[str, tuple[str, str]],
                   default_file: str, problems: list) -> dict[str, Any]:

@@ -100,6 +100,16 @@ def collect(cfg: Config) -> dict:
 def render_text(st: dict) -> str:
     out = [f"synlb: {'active' if st['active'] else 'inactive'}"
            + (f" ({st['applied']['reason']})" if st.get("applied") else "")]
+    host = st.get("host")
+    if host and host.get("ok"):
+        restarts = host.get("plugins", {}).get("lb", {}).get("worker_restarts", {})
+        out.append(f"host: running, node {host['node']}, {host['transitions']} transitions, "
+                   f"worker restarts {sum(restarts.values())}")
+        for name, pst in sorted(host.get("plugins", {}).items()):
+            if name != "lb" and pst.get("summary"):
+                out.append(f"  {name}: {pst['summary']}")
+    else:
+        out.append("host: not running (synlb run)")
     out.append("sysctl: " + " ".join(f"{k}={v}" for k, v in st["sysctl"].items()))
     if st["chains"]:
         out.append("")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import psutil
 
+from . import health_state
 from .config import Config, Service
 
 QUEUE_PROC = "/proc/net/netfilter/nfnetlink_queue"
@@ -132,7 +133,7 @@ def start(config_path: str, cfg: Config, svc: Service, queue: int) -> WorkerInfo
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 start_new_session=True, close_fds=True)
     info = WorkerInfo(pid=proc.pid, service=svc.name, queue=queue,
-                      config=os.path.abspath(config_path), digest=cfg.digest(),
+                      config=os.path.abspath(config_path), digest=table_digest(cfg),
                       pidfile=pidfile(state_dir, queue))
     _write(info)
     return info
@@ -209,13 +210,18 @@ def reload(info: WorkerInfo, digest: str) -> None:
     _write(info)
 
 
+def table_digest(cfg: Config) -> str:
+    """What a worker's table is built from: the config and the targets' health."""
+    return f"{cfg.digest()}-{health_state.digest(cfg.globals.state_dir)}"
+
+
 def ensure(config_path: str, cfg: Config) -> list[str]:
     """One worker per configured queue, on the current config; return changes."""
     state_dir = cfg.globals.state_dir
     want = {q: svc for svc in cfg.services for q in svc.queues}
     have = {w.queue: w for w in running(state_dir)}
     changes = []
-    digest = cfg.digest()
+    digest = table_digest(cfg)
     for q, w in sorted(have.items()):
         svc = want.get(q)
         if svc is None or svc.name != w.service or w.config != os.path.abspath(config_path):

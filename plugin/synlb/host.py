@@ -1,0 +1,166 @@
+"""``synlb run``: the long-running plugin host.
+
+One thread applies changes: every event source (control socket, signals,
+plugins' own threads) only submits events, and the host thread turns the
+latest state into one serialized reconcile of every plugin.  Events that
+arrive while a reconcile runs are coalesced into the next one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+
+from . import config as config_mod
+from . import control, plugins
+from .plugins import NodeState
+
+log = logging.getLogger("synlb.host")
+
+
+@dataclass
+class Event:
+    kind: str  # reconcile, reload, stop, vrrp
+    data: dict = field(default_factory=dict)
+    done: threading.Event | None = None
+    result: dict = field(default_factory=dict)
+
+
+class Host:
+    def __init__(self, config_path: str, cfg: config_mod.Config):
+        self.config_path = config_path
+        self.cfg = cfg
+        self.events: queue.Queue[Event] = queue.Queue()
+        self.plugins = [plugins.load_module(n).create(self) for n in cfg.globals.plugins]
+        self.node = self.initial_node_state(cfg)
+        self.transitions = 0
+        self.started = time.time()
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------ events
+    def submit(self, kind: str, wait: bool = False, timeout: float = 30.0, **data) -> bool | None:
+        ev = Event(kind, data, threading.Event() if wait else None)
+        self.events.put(ev)
+        if wait:
+            return ev.done.wait(timeout)
+        return None
+
+    def initial_node_state(self, cfg) -> NodeState:
+        from . import vrrp_state
+        return vrrp_state.initial(cfg)
+
+    # ------------------------------------------------------------ main loop
+    def run(self) -> int:
+        signal.signal(signal.SIGHUP, lambda *_: self.submit("reload"))
+        signal.signal(signal.SIGTERM, lambda *_: self.submit("stop"))
+        signal.signal(signal.SIGINT, lambda *_: self.submit("stop"))
+        os.makedirs(self.cfg.globals.state_dir, mode=0o700, exist_ok=True)
+        ctl = control.ControlServer(control.socket_path(self.cfg.globals.state_dir), self.handle_request)
+        ctl.start()
+        for p in self.plugins:
+            p.start()
+        log.info("host started: plugins %s, node %s", ",".join(p.name for p in self.plugins), self.node.vrrp)
+        self.reconcile("start")
+        try:
+            while True:
+                batch = [self.events.get()]
+                while True:  # coalesce what piled up during the last reconcile
+                    try:
+                        batch.append(self.events.get_nowait())
+                    except queue.Empty:
+                        break
+                if self.handle(batch):
+                    break
+        finally:
+            for p in reversed(self.plugins):
+                try:
+                    for c in p.teardown():
+                        log.info("stop: %s", c)
+                except Exception:  # noqa: BLE001 - tear down the others regardless
+                    log.exception("teardown of plugin %s failed", p.name)
+            for p in self.plugins:
+                p.stop()
+            ctl.stop()
+        log.info("host stopped")
+        return 0
+
+    def handle(self, batch: list[Event]) -> bool:
+        """Apply a batch of events; True when the host must stop."""
+        stop = any(e.kind == "stop" for e in batch)
+        reasons = []
+        if not stop:
+            for e in batch:
+                if e.kind == "reload":
+                    if self.reload():
+                        reasons.append("reload")
+                elif e.kind == "vrrp":
+                    from . import vrrp_state
+                    node = vrrp_state.apply(self.cfg, self.node, e.data)
+                    if node is not None:
+                        self.node = node
+                        reasons.append(node.reason)
+                elif e.kind == "reconcile":
+                    reasons.append(e.data.get("reason", "reconcile"))
+            if reasons:
+                self.reconcile("; ".join(dict.fromkeys(reasons)))
+        for e in batch:
+            if e.done:
+                e.result["node"] = self.node.vrrp
+                e.done.set()
+        return stop
+
+    def reload(self) -> bool:
+        try:
+            cfg = config_mod.load(self.config_path)
+        except config_mod.ConfigError as e:
+            for line in e.lines():
+                log.error("reload refused, keeping the running config: %s", line)
+            return False
+        if cfg.globals.plugins != self.cfg.globals.plugins or cfg.globals.state_dir != self.cfg.globals.state_dir:
+            log.error("reload refused: plugins and state_dir only change with a restart")
+            return False
+        self.cfg = cfg
+        log.info("configuration reloaded from %s", self.config_path)
+        return True
+
+    def reconcile(self, reason: str) -> None:
+        node = NodeState(self.node.vrrp, self.node.active, reason)
+        changes = []
+        for p in self.plugins:
+            try:
+                changes += [f"{p.name}: {c}" for c in p.reconcile(self.cfg, node)]
+            except Exception as e:  # noqa: BLE001 - one plugin's failure is reported, the host goes on
+                log.error("%s: plugin %s failed: %s", reason, p.name, e)
+                changes.append(f"{p.name}: FAILED {e}")
+        self.transitions += 1
+        self.history = (self.history + [{"time": time.time(), "reason": reason, "node": node.vrrp,
+                                         "active": node.active, "changes": len(changes)}])[-50:]
+        log.info("%s: node %s (%s): %s", reason, node.vrrp, "active" if node.active else "inactive",
+                 "; ".join(changes) if changes else "no change")
+
+    # ------------------------------------------------------------ control socket
+    def handle_request(self, req: dict) -> dict:
+        cmd = req.get("cmd")
+        if cmd == "status":
+            return {"ok": True, "node": self.node.vrrp, "active": self.node.active,
+                    "plugins": {p.name: p.status() for p in self.plugins},
+                    "transitions": self.transitions, "history": self.history[-10:],
+                    "started": self.started}
+        if cmd == "vrrp":
+            done = self.submit("vrrp", wait=True, **req.get("event", {}))
+            return {"ok": bool(done), "node": self.node.vrrp}
+        if cmd == "reload":
+            done = self.submit("reload", wait=True)
+            return {"ok": bool(done)}
+        return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+
+def main(config_path: str) -> int:
+    logging.getLogger().setLevel(logging.INFO)
+    cfg = config_mod.load(config_path)
+    return Host(config_path, cfg).run()

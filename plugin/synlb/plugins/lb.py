@@ -1,0 +1,141 @@
+"""lb: the data plane (chains, routes, pickup sysctls, NFQUEUE workers), kept
+converged while the host runs.
+
+Besides reconciling on every transition it supervises the workers (a worker
+that dies is restarted within a second, with backoff when it keeps dying) and
+watches links: the kernel drops per-target routes when a link goes down and
+never puts them back (DESIGN pitfall 3), so a link coming up triggers a
+reconcile.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import threading
+import time
+
+from .. import dataplane, workers
+from . import Plugin
+
+log = logging.getLogger("synlb.lb")
+
+SECTIONS: dict = {}
+BACKOFF = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)  # seconds before the n-th quick restart
+STABLE_AFTER = 30.0  # a worker that lived this long resets its backoff
+IFF_UP_RUNNING = 0x1 | 0x40  # administratively up, and carrier (operationally up)
+
+
+class LbPlugin(Plugin):
+    name = "lb"
+
+    def __init__(self, host):
+        super().__init__(host)
+        self.restarts: dict[int, int] = {}
+        self._recent: dict[int, list[float]] = {}
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.active = False
+
+    # ------------------------------------------------------------ host API
+    def start(self) -> None:
+        for target in (self._supervise, self._watch_links):
+            t = threading.Thread(target=target, name=f"lb-{target.__name__.strip('_')}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def reconcile(self, cfg, node) -> list[str]:
+        g = cfg.globals
+        if node.active:
+            changes = dataplane.up(self.host.config_path, cfg, reason=node.reason)
+        else:
+            changes = dataplane.down(g.state_dir, g.route_protocol, reason=node.reason)
+        self.active = node.active
+        return changes
+
+    def teardown(self) -> list[str]:
+        g = self.host.cfg.globals
+        self.active = False
+        return dataplane.down(g.state_dir, g.route_protocol, reason="host stop")
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def status(self) -> dict:
+        return {"worker_restarts": dict(self.restarts)}
+
+    # ------------------------------------------------------------ supervision
+    def _supervise(self) -> None:
+        """Wait on pidfds of the running workers; when one exits, ask for a reconcile."""
+        while not self._stop.is_set():
+            if not self.active:
+                self._stop.wait(0.2)
+                continue
+            state_dir = self.host.cfg.globals.state_dir
+            running = workers.running(state_dir)
+            wanted = {q for s in self.host.cfg.services for q in s.queues}
+            missing = wanted - {w.queue for w in running}
+            if missing:
+                self._restart(sorted(missing))
+                continue
+            fds = {}
+            for w in running:
+                try:
+                    fds[os.pidfd_open(w.pid)] = w
+                except (ProcessLookupError, OSError):
+                    continue
+            try:
+                ready, _, _ = select.select(list(fds), [], [], 0.5)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            for fd in ready:
+                w = fds[fd]
+                _reap(w.pid)
+                log.warning("worker queue %d (pid %d) exited", w.queue, w.pid)
+
+    def _restart(self, queues: list[int]) -> None:
+        now = time.monotonic()
+        delay = 0.0
+        for q in queues:
+            recent = [t for t in self._recent.get(q, []) if now - t < STABLE_AFTER]
+            delay = max(delay, BACKOFF[min(len(recent), len(BACKOFF) - 1)])
+            self._recent[q] = recent + [now]
+            self.restarts[q] = self.restarts.get(q, 0) + 1
+        if delay and self._stop.wait(delay):
+            return
+        done = self.host.submit("reconcile", reason=f"restart worker queue {','.join(map(str, queues))}",
+                                wait=True)
+        if not done:
+            self._stop.wait(0.5)
+
+    # ------------------------------------------------------------ links
+    def _watch_links(self) -> None:
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.rtnl import RTMGRP_LINK
+        with IPRoute() as ipr:
+            ipr.bind(groups=RTMGRP_LINK)
+            was_up: dict[str, bool] = {}
+            while not self._stop.is_set():
+                r, _, _ = select.select([ipr], [], [], 0.5)
+                if not r:
+                    continue
+                for msg in ipr.get():
+                    name = msg.get("IFLA_IFNAME") or msg.get("ifname")
+                    up = msg["flags"] & IFF_UP_RUNNING == IFF_UP_RUNNING
+                    if name and up and was_up.get(name) is False and self.active:
+                        self.host.submit("reconcile", reason=f"link {name} up")
+                    if name:
+                        was_up[name] = up
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def create(host) -> LbPlugin:
+    return LbPlugin(host)
