@@ -8,7 +8,6 @@ import time
 import pytest
 
 from synlb.lab import Lab, LabError
-from synlb.lab.cli import main as lab_main
 from synlb.lab.keepalived import render_keepalived_conf
 from synlb.lab.netns import list_netns
 from synlb.lab.nginx import render_nginx_conf
@@ -47,11 +46,6 @@ def test_nginx_conf_render(tmp_path):
     conf = render_nginx_conf("t2", str(tmp_path), 8081)
     assert "X-Target t2" in conf and "listen [::]:8081" in conf and "daemon off;" in conf
     assert str(tmp_path) in conf
-
-
-def test_demo_stub(capsys):
-    assert lab_main(["demo"]) == 1
-    assert "demo: not yet built" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- lab

@@ -104,7 +104,7 @@ def up(config_path: str, cfg: Config, reason: str = "up") -> list[str]:
     with locked(cfg.globals.state_dir):
         changes = up_locked(config_path, cfg, reason, verify=False)
     for c in changes:
-        log.info("%s: %s", reason, c)
+        log.debug("%s: %s", reason, c)
     return changes
 
 
@@ -112,7 +112,7 @@ def down(state_dir: str, route_protocol: int, reason: str = "down") -> list[str]
     with locked(state_dir):
         changes = down_locked(state_dir, route_protocol)
     for c in changes:
-        log.info("%s: %s", reason, c)
+        log.debug("%s: %s", reason, c)
     return changes
 
 
