@@ -28,8 +28,9 @@ def problems(cfg: Config) -> list[str]:
     if os.geteuid() != 0:
         out.append(f"{main}:-:-: must run as root to change the data plane")
     with IPRoute() as ipr:
-        links = {link.get("ifname") for link in ipr.get_links()}
-        local = [ipaddress.ip_address(a.get("address")) for a in ipr.get_addr() if a.get("address")]
+        links = {link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        local = [ipaddress.ip_address(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr()
+                 if a.get_attr("IFA_ADDRESS")]
     for svc in cfg.services:
         sec = f"service:{svc.name}"
         src = cfg.sections.get(sec, {})

@@ -63,23 +63,28 @@ def desired(cfg: Config) -> tuple[set[Rule], set[Route]]:
     return rules, routes
 
 
+# Netlink attributes are read by their NLA names: that spelling works with
+# every pyroute2 from Debian 12's 0.7 to the current one.
+
 def _live_rules(ipr: IPRoute, proto: int) -> set[Rule]:
     out = set()
     for fam, af in FAMILIES.items():
         for r in ipr.get_rules(family=af):
-            if r.get("protocol") == proto:
-                out.add(Rule(fam, r.get("priority") or 0, r.get("fwmark") or 0, r.get("table")))
+            if r.get_attr("FRA_PROTOCOL") == proto:
+                out.add(Rule(fam, r.get_attr("FRA_PRIORITY") or 0, r.get_attr("FRA_FWMARK") or 0,
+                             r.get_attr("FRA_TABLE") or r["table"]))
     return out
 
 
 def _live_routes(ipr: IPRoute, proto: int) -> set[Route]:
-    names = {link["index"]: link.get("ifname") for link in ipr.get_links()}
+    names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
     out = set()
     for fam, af in FAMILIES.items():
         for r in ipr.get_routes(family=af):
-            if r.get("proto") != proto:
+            if r["proto"] != proto:
                 continue
-            out.add(Route(fam, r.get("table"), r.get("gateway"), names.get(r.get("oif"))))
+            out.add(Route(fam, r.get_attr("RTA_TABLE") or r["table"], r.get_attr("RTA_GATEWAY"),
+                          names.get(r.get_attr("RTA_OIF"))))
     return out
 
 

@@ -40,7 +40,11 @@ class WorkerInfo:
 
 
 def synlb_command() -> list[str]:
-    """The installed ``synlb`` console script next to this interpreter."""
+    """The ``synlb`` program that is running now (so a worker runs the same
+    code), else the console script next to this interpreter."""
+    me = os.path.realpath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if os.path.basename(me) == "synlb" and os.access(me, os.X_OK):
+        return [me]
     exe = os.path.join(os.path.dirname(sys.executable), "synlb")
     if not os.path.exists(exe):
         raise WorkerError(f"{exe}: synlb is not installed next to {sys.executable}")

@@ -122,7 +122,7 @@ class LbPlugin(Plugin):
                 if not r:
                     continue
                 for msg in ipr.get():
-                    name = msg.get("IFLA_IFNAME") or msg.get("ifname")
+                    name = msg.get_attr("IFLA_IFNAME")
                     up = msg["flags"] & IFF_UP_RUNNING == IFF_UP_RUNNING
                     if name and up and was_up.get(name) is False and self.active:
                         self.host.submit("reconcile", reason=f"link {name} up")
