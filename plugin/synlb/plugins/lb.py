@@ -16,8 +16,11 @@ import select
 import threading
 import time
 
-from .. import dataplane, workers
 from . import Plugin
+
+# dataplane and workers (pyroute2, psutil) are imported where used: the config
+# loader imports every named plugin, and the NFQUEUE workers load the config
+# too, so a plugin module must stay cheap to import.
 
 log = logging.getLogger("synlb.lb")
 
@@ -46,6 +49,7 @@ class LbPlugin(Plugin):
             self._threads.append(t)
 
     def reconcile(self, cfg, node) -> list[str]:
+        from .. import dataplane
         g = cfg.globals
         if node.active:
             changes = dataplane.up(self.host.config_path, cfg, reason=node.reason)
@@ -55,6 +59,7 @@ class LbPlugin(Plugin):
         return changes
 
     def teardown(self) -> list[str]:
+        from .. import dataplane
         g = self.host.cfg.globals
         self.active = False
         return dataplane.down(g.state_dir, g.route_protocol, reason="host stop")
@@ -68,6 +73,7 @@ class LbPlugin(Plugin):
     # ------------------------------------------------------------ supervision
     def _supervise(self) -> None:
         """Wait on pidfds of the running workers; when one exits, ask for a reconcile."""
+        from .. import workers
         while not self._stop.is_set():
             if not self.active:
                 self._stop.wait(0.2)
