@@ -406,6 +406,10 @@ def load(path: str | None = None) -> Config:
                 problems.append((where(sec), sec, "-", "target name must be 1-64 of A-Z a-z 0-9 _ . -"))
                 continue
             targets_raw[name] = schema.parse_section(target_schema, sec, vals, main, problems)
+            # plugins' cross-key checks of their target keys: m.check_target(parsed) -> [(key, why)]
+            for m in mods:
+                for key, why in getattr(m, "check_target", lambda _: [])(targets_raw[name]):
+                    problems.append((vals.get(key, (None, where(sec)))[1], sec, key, why))
         elif kind in extra_sections or sec in extra_sections:
             sch = extra_sections.get(kind) or extra_sections[sec]
             parsed = schema.parse_section(sch, sec, vals, main, problems)

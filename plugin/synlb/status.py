@@ -116,6 +116,7 @@ def render_text(st: dict) -> str:
         for c in st["chains"]:
             out.append(f"{c['chain']:<24}{'v' + str(c['family']):>4}{c['kept_in_kernel_pkts']:>16}"
                        f"{c['queued_pkts']:>10}{c['saved_marks']:>13}")
+    checks = host.get("plugins", {}).get("health", {}).get("targets", {}) if host and host.get("ok") else {}
     for s in st["services"]:
         out.append("")
         out.append(f"service {s['name']} ({s['mode']}) vips {', '.join(s['vips'])}")
@@ -123,6 +124,8 @@ def render_text(st: dict) -> str:
         for t in s["targets"]:
             out.append(f"  {t['name']:<16}{t['mark']:>#12x}{str(t['table'] or '-'):>12}"
                        f"{'up' if t['healthy'] else 'DOWN':>9}{t['connections']:>8}  {', '.join(t['addresses'])}")
+            if t["name"] in checks:
+                out.append("    " + _health_line(checks[t["name"]]))
         out.append(f"  {'queue':<8}{'listening':>10}{'bypass':>8}{'waiting':>9}{'q-drop':>8}{'u-drop':>8}"
                    f"{'pid':>9}{'cpu s':>9}{'rss MB':>8}{'pkts':>9}")
         for q in s["queues"]:
@@ -132,3 +135,19 @@ def render_text(st: dict) -> str:
                        f"{w.get('pid', '-'):>9}{w.get('cpu_s', '-'):>9}{w.get('rss_mb', '-'):>8}"
                        f"{w.get('packets', '-'):>9}")
     return "\n".join(out)
+
+
+def _health_line(h: dict) -> str:
+    """One target's check and transition history, from the health plugin's status."""
+    def hms(t: float) -> str:
+        return time.strftime("%H:%M:%S", time.localtime(t))
+    last = h.get("last") or {}
+    line = f"check {h['check']}: {h['state']} since {hms(h['since'])}"
+    if h["check"] != "none":
+        line += (f", recent [{h['recent']}], {h['successes']} ok/{h['failures']} failed in a row "
+                 f"(rise {h['rise']}, fall {h['fall']})")
+        if last:
+            line += f", last: {last['detail']}"
+    hist = ", ".join(f"{hms(e['time'])} {e['state']}" + (f" ({e['detail']})" if e["state"] == "down" else "")
+                     for e in h.get("history", [])[-5:])
+    return f"{line}; history: {hist}"

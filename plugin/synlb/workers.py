@@ -103,7 +103,8 @@ def running(state_dir: str) -> list[WorkerInfo]:
         if alive:
             out.append(info)
         else:
-            os.unlink(path)
+            with contextlib.suppress(FileNotFoundError):  # status and the supervisor race here
+                os.unlink(path)
     return out
 
 

@@ -1,0 +1,377 @@
+"""Issue 4 in the netns lab: `synlb run` with the lb, health, scripts and
+metrics plugins, on one router and four targets (t4 joins by SIGHUP).
+
+Each test starts its own host (own config and state dir) and stops it with
+SIGTERM; the router must then look as the lab built it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from synlb.lab import addresses as A
+from synlb.lab.scenario import kernel_snapshot, status, synlb, synlb_exe
+from synlb.lab.topology import Lab
+
+pytestmark = [pytest.mark.lab,
+              pytest.mark.skipif(os.geteuid() != 0, reason="needs root and network namespaces")]
+
+INTERVAL, TIMEOUT, RISE, FALL = 0.3, 0.2, 2, 2
+# what the kernel, the host thread and a loaded 2-core machine add to a
+# check's own bound (interval x fall): a failed connect, a reconcile, a SIGHUP
+SLACK = 0.3
+VIP = A.VIP[4]
+METRICS = "127.0.0.1:9712"
+
+
+def config_text(lab, name: str, targets=("t1", "t2", "t3"), extra_target: str = "") -> str:
+    d = lab.role_dir("lb1")
+    text = f"""[synlb]
+state_dir = {d}/state-{name}
+plugins = lb, health, scripts, metrics
+
+[scripts]
+dir = {d}/scripts.d
+timeout = 2
+
+[metrics]
+listen = {METRICS}
+
+[service:web]
+vips = {A.VIP[4]}/32, {A.VIP[6]}/128
+ingress = {A.ROUTER_FRONT_IF}
+egress = {A.ROUTER_BACK_IF}
+protocols = tcp
+ports = 80, 8080
+targets = {', '.join(targets)}
+"""
+    for t in lab.targets:
+        text += f"""
+[target:{t}]
+address = {lab.addr(t, 4)}, {lab.addr(t, 6)}
+check = tcp
+check_port = 80
+check_interval = {INTERVAL}
+check_timeout = {TIMEOUT}
+rise = {RISE}
+fall = {FALL}
+{extra_target}"""
+    return text
+
+
+def write(path: str, text: str) -> str:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def lab():
+    with Lab(routers=1, targets=4) as lab:
+        # the scripts plugin's directory: root-owned, 0755 all the way up
+        sd = os.path.join(lab.role_dir("lb1"), "scripts.d", "standalone")
+        os.makedirs(sd, mode=0o755, exist_ok=True)
+        record = os.path.join(lab.role_dir("lb1"), "scripts-ran.jsonl")
+        script = os.path.join(sd, "10-record")
+        write(script, f"#!{sys.executable}\nimport json, os\n"
+                      f"with open({record!r}, 'a') as fh:\n"
+                      f"    fh.write(json.dumps({{k: v for k, v in os.environ.items()}}) + '\\n')\n")
+        os.chmod(script, 0o755)
+        yield lab
+
+
+class Host:
+    def __init__(self, lab, name: str, **kw):
+        self.lab = lab
+        self.conf = write(os.path.join(lab.role_dir("lb1"), f"{name}.ini"), config_text(lab, name, **kw))
+        self.state_dir = os.path.join(lab.role_dir("lb1"), f"state-{name}")
+        self.proc = lab.popen("lb1", [synlb_exe(), "-c", self.conf, "run"], name=f"host-{name}")
+        self.wait(lambda: self.status()["host"] and self.queue()["listening"], "host up", 15)
+
+    def status(self) -> dict:
+        return status(self.lab, "lb1", self.conf)
+
+    def queue(self) -> dict:
+        return self.status()["services"][0]["queues"][0]
+
+    def log(self) -> str:
+        with open(self.lab.log_path(self.proc), errors="replace") as fh:
+            return fh.read()
+
+    def worker_log(self) -> str:
+        try:
+            with open(os.path.join(self.state_dir, "worker-0.log"), errors="replace") as fh:
+                return fh.read()
+        except FileNotFoundError:
+            return ""
+
+    def worker_pid(self) -> int:
+        with open(os.path.join(self.state_dir, "worker-0.pid")) as fh:
+            return json.load(fh)["pid"]
+
+    def rebuilt_at(self, targets: str, after: float, timeout: float = 5.0) -> float:
+        """When a worker logged a table rebuilt for exactly ``targets`` (e.g. "t2,t3")."""
+        found: list[float] = []
+
+        def look():
+            for m in re.finditer(r"^(\S+ \S+),(\d{3}) \S+: queue \d+: table rebuilt for targets (\S+)$",
+                                 self.worker_log(), re.MULTILINE):
+                t = time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")) + int(m.group(2)) / 1000
+                if m.group(3) == targets and t >= after - 0.001:
+                    found.append(t)
+                    return True
+            return False
+        self.wait(look, f"worker table for {targets}", timeout)
+        return found[0]
+
+    def metrics(self) -> dict[str, float]:
+        out = self.lab.run("lb1", ["curl", "-sS", "--max-time", "10", f"http://{METRICS}/metrics"]).stdout
+        return {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1])
+                for ln in out.splitlines() if ln and not ln.startswith("#")}
+
+    @staticmethod
+    def wait(pred, what: str, timeout: float, step: float = 0.05):
+        deadline = time.monotonic() + timeout
+        while True:
+            v = pred()
+            if v:
+                return v
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            time.sleep(step)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        rc = self.proc.wait(15)
+        assert rc == 0, self.log()[-3000:]
+
+
+@pytest.fixture
+def host(lab, request):
+    before = kernel_snapshot(lab, "lb1")
+    hosts: list[Host] = []
+
+    def start(**kw) -> Host:
+        h = Host(lab, request.node.name.split("[")[0].removeprefix("test_"), **kw)
+        hosts.append(h)
+        return h
+    yield start
+    for h in hosts:
+        h.stop()
+        # a stopped host leaves nothing behind
+        assert "Traceback" not in h.log(), h.log()[-3000:]
+    for t in lab.targets:  # a test that stopped a server must not leak into the next
+        lab.start_servers(targets=[t])
+    assert kernel_snapshot(lab, "lb1") == before
+
+
+def session_result(sessions) -> tuple[dict, list]:
+    res = sessions.stop()
+    return res["summary"], res["sessions"]
+
+
+# A probe run in the client namespace: one new connection every STEP seconds
+# for DURATION seconds, each in its own thread; prints their start/end times.
+PROBE = r"""
+import json, socket, sys, threading, time
+vip, port, duration, step = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+out = []
+def one():
+    t0 = time.time()
+    try:
+        with socket.create_connection((vip, port), timeout=4) as s:
+            s.settimeout(4)
+            s.sendall(b"NAME\n")
+            name = s.makefile().readline().strip()
+        out.append({"start": t0, "end": time.time(), "ok": bool(name), "target": name})
+    except OSError as e:
+        out.append({"start": t0, "end": time.time(), "ok": False, "error": type(e).__name__})
+threads = []
+t_start = time.monotonic()
+for i in range(int(duration / step)):
+    time.sleep(max(0.0, t_start + i * step - time.monotonic()))
+    th = threading.Thread(target=one, daemon=True)
+    th.start()
+    threads.append(th)
+for th in threads:
+    th.join(6)
+print(json.dumps(sorted(out, key=lambda r: r["start"])))
+"""
+
+
+def test_worker_killed_during_traffic(lab, host):
+    h = host()
+    sessions = lab.start_sessions(VIP, "echo", count=20, duration=15, interval=0.05)
+    assert sessions.wait_ready()["connected"] == 20
+    probe = lab.popen("client", [sys.executable, "-c", PROBE, VIP, "80", "3.0", "0.05"], name="probe",
+                      stdout=subprocess.PIPE)
+    time.sleep(0.7)
+    pid = h.worker_pid()
+    t_kill = time.time()
+    os.kill(pid, signal.SIGKILL)
+    attempts = json.loads(probe.communicate(timeout=20)[0])
+    time.sleep(0.5)
+    summary, _ = session_result(sessions)
+
+    # established sessions never needed the worker: all kept their target
+    assert summary["survived"] == 20 and summary["moved"] == 0, summary
+    # every new connection succeeded (a SYN dropped while no worker listened is retransmitted)
+    assert all(a["ok"] for a in attempts), [a for a in attempts if not a["ok"]]
+    # from some point within 1 s of the kill on, every new connection got through at once
+    after = [a for a in attempts if a["start"] >= t_kill]
+    slow = [a for a in after if a["end"] - a["start"] > 0.5]
+    recovered = max((a["start"] for a in slow), default=t_kill) - t_kill
+    first_ok = min(a["end"] for a in after if a["end"] - a["start"] <= 0.5) - t_kill
+    print(f"\nworker kill: last slow connect started {recovered:.3f} s after the kill, "
+          f"first fast connect done {first_ok:.3f} s after it; {len(slow)} of {len(after)} waited for a retransmit")
+    assert recovered < 1.0 and first_ok < 1.0
+    assert len(after) - len(slow) >= 30
+
+    st = h.status()
+    assert st["host"]["plugins"]["lb"]["worker_restarts"] == {"0": 1}
+    assert h.worker_pid() != pid and st["services"][0]["queues"][0]["listening"]
+    assert "worker restarts 1" in synlb(lab, "lb1", h.conf, "status").stdout
+    assert h.metrics()['synlb_worker_restarts_total{queue="0"}'] == 1.0
+    assert re.search(r"restart worker queue 0: node STANDALONE \(active\): lb: started worker queue 0", h.log())
+
+
+def test_failed_target_leaves_and_returns(lab, host):
+    h = host()
+    sessions = lab.start_sessions(VIP, "echo", count=30, duration=30, interval=0.05)
+    ready = sessions.wait_ready()
+    assert ready["connected"] == 30 and set(ready["targets"]) == {"t1", "t2", "t3"}, ready
+
+    t_stop = time.time()
+    lab.stop_process(lab.servers["t1"])
+    t_out = h.rebuilt_at("t2,t3", t_stop)
+    eject = t_out - t_stop
+    res = lab.open_connections(VIP, count=60, concurrency=10)
+    assert res["ok"] == 60 and set(res["per_target"]) == {"t2", "t3"}, res
+    st = h.status()
+    t1 = st["host"]["plugins"]["health"]["targets"]["t1"]
+    assert t1["state"] == "down" and [e["state"] for e in t1["history"]] == ["up", "down"], t1
+    assert [t["healthy"] for t in st["services"][0]["targets"]] == [False, True, True]
+    assert h.metrics()['synlb_target_healthy{service="web",target="t1"}'] == 0.0
+
+    lab.start_servers(targets=["t1"])
+    t_start = time.time()
+    t_back = h.rebuilt_at("t1,t2,t3", t_start)
+    back = t_back - t_start
+    res = lab.open_connections(VIP, count=60, concurrency=10)
+    assert res["ok"] == 60 and set(res["per_target"]) == {"t1", "t2", "t3"}, res
+    summary, per_session = session_result(sessions)
+
+    others = [s for s in per_session if s["targets"][0] != "t1"]
+    assert others and all(s["survived"] and not s["moved"] for s in others), summary
+    assert not any(s["moved"] for s in per_session), summary
+    print(f"\nt1 out {eject:.3f} s after its server stopped (interval x fall = {INTERVAL * FALL:.1f} s), "
+          f"back {back:.3f} s after it listened again (interval x rise = {INTERVAL * RISE:.1f} s); "
+          f"{len(others)} sessions on t2/t3 all kept")
+    assert eject <= INTERVAL * FALL + SLACK
+    assert back <= INTERVAL * RISE + SLACK
+
+    text = synlb(lab, "lb1", h.conf, "status").stdout
+    line = next(ln for ln in text.splitlines() if ln.strip().startswith("check tcp 10.64.2.11:80"))
+    assert " down (Connection refused)" in line and line.rstrip().endswith("up"), line
+    log = h.log()
+    assert re.search(r"health: target t1 DOWN after 2 failed checks \(tcp 10.64.2.11:80: Connection refused\)", log)
+    assert re.search(r"health: t1 down: node STANDALONE \(active\): lb: reloaded worker queue 0", log)
+    assert re.search(r"health: target t1 UP after 2 good checks", log)
+
+
+def test_sighup_broken_config_then_new_target(lab, host):
+    h = host()
+    sessions = lab.start_sessions(VIP, "echo", count=20, duration=30, interval=0.05)
+    assert sessions.wait_ready()["connected"] == 20
+    with open(h.conf) as fh:
+        good = fh.read()
+    before = (kernel_snapshot(lab, "lb1"), h.worker_pid(), h.status()["host"]["transitions"])
+
+    # broken: nothing changes, the host says why
+    write(h.conf, good.replace("targets = t1, t2, t3", "targets = t1, t2, t3, t4")
+          .replace("check_port = 80", "check_port = 80000", 1))
+    h.proc.send_signal(signal.SIGHUP)
+    h.wait(lambda: "reload refused" in h.log(), "reload refused", 10)
+    assert re.search(r"reload refused, keeping the running config: \S+:target:t1:check_port: "
+                     r"80000 is out of range", h.log())
+    time.sleep(0.5)
+    write(h.conf, good)  # `synlb status` reads the config too; the host only on SIGHUP
+    assert (kernel_snapshot(lab, "lb1"), h.worker_pid(), h.status()["host"]["transitions"]) == before
+    res = lab.open_connections(VIP, count=60, concurrency=10)
+    assert res["ok"] == 60 and set(res["per_target"]) == {"t1", "t2", "t3"}, res
+
+    # a new target: it gets new connections, no running session moves
+    write(h.conf, good.replace("targets = t1, t2, t3", "targets = t1, t2, t3, t4"))
+    t_hup = time.time()
+    h.proc.send_signal(signal.SIGHUP)
+    added = h.rebuilt_at("t1,t2,t3,t4", t_hup) - t_hup
+    res = lab.open_connections(VIP, count=120, concurrency=10)
+    assert res["ok"] == 120 and set(res["per_target"]) == {"t1", "t2", "t3", "t4"}, res
+    assert res["per_target"]["t4"] >= 10, res
+    summary, _ = session_result(sessions)
+    assert summary["survived"] == 20 and summary["moved"] == 0, summary
+    assert h.worker_pid() == before[1]  # reloaded in place, not restarted
+    st = h.status()
+    assert "t4" in st["host"]["plugins"]["health"]["targets"]
+    print(f"\nSIGHUP with t4: worker table had t4 {added:.3f} s after the signal; new connections "
+          f"{res['per_target']}")
+
+
+def test_metrics_follow_traffic_and_scripts_ran(lab, host):
+    record = os.path.join(lab.role_dir("lb1"), "scripts-ran.jsonl")
+    if os.path.exists(record):
+        os.unlink(record)
+    h = host()
+    m0 = h.metrics()
+    assert m0['synlb_vrrp_state{state="STANDALONE"}'] == 1.0 and m0['synlb_vrrp_state{state="MASTER"}'] == 0.0
+    assert m0["synlb_active"] == 1.0
+    for t in ("t1", "t2", "t3"):
+        assert m0[f'synlb_target_healthy{{service="web",target="{t}"}}'] == 1.0
+    assert m0['synlb_worker_rss_bytes{queue="0"}'] > 1e6
+    for fam in (4, 6):
+        res = lab.open_connections(A.VIP[fam], count=50, concurrency=10)
+        assert res["ok"] == 50
+    # the worker writes its own packet count once a second
+    m1 = h.wait(lambda: (m := h.metrics())['synlb_worker_packets_total{queue="0"}'] >= 100 and m,
+                "worker packet count", 5, step=0.3)
+
+    def delta(name):
+        return m1[name] - m0.get(name, 0.0)
+
+    for fam in ("4", "6"):
+        q = f'synlb_packets_queued_total{{family="{fam}",service="web"}}'
+        k = f'synlb_packets_kernel_total{{family="{fam}",service="web"}}'
+        assert 50 <= delta(q) <= 60, (q, delta(q))
+        assert delta(k) >= 3 * 50, (k, delta(k))
+    # a gauge: entries of earlier tests expire meanwhile, ours stay (TIME_WAIT) for 2 minutes
+    conns = {t: m1[f'synlb_target_connections{{service="web",target="{t}"}}'] for t in ("t1", "t2", "t3")}
+    assert sum(conns.values()) >= 100 and min(conns.values()) > 0, conns
+    assert 100 <= delta('synlb_worker_packets_total{queue="0"}') <= 120
+    assert delta('synlb_worker_cpu_seconds_total{queue="0"}') > 0
+    assert m1['synlb_queue_dropped_total{queue="0"}'] == 0 and m1['synlb_user_dropped_total{queue="0"}'] == 0
+    # loopback only: not reachable from the client side
+    r = lab.run("client", ["curl", "-sS", "--max-time", "2", f"http://{lab.addr('lb1')}:9712/metrics"], check=False)
+    assert r.returncode != 0
+
+    # the scripts plugin ran standalone/10-record once, at start, with the documented environment
+    h.wait(lambda: os.path.exists(record), "transition script", 5)
+    with open(record) as fh:
+        runs = [json.loads(ln) for ln in fh]
+    assert len(runs) == 1
+    env = runs[0]
+    assert env["SYNLB_STATE"] == "STANDALONE" and env["SYNLB_PREVIOUS_STATE"] == "" and env["SYNLB_REASON"] == "start"
+    assert env["SYNLB_CONFIG"] == h.conf
+    data = json.loads(env["SYNLB_JSON"])
+    assert data["state"] == "STANDALONE" and data["services"][0]["targets"] == ["t1", "t2", "t3"]
+    sc = h.status()["host"]["plugins"]["scripts"]
+    assert sc["runs"][-1]["rc"] == 0 and sc["runs"][-1]["script"].endswith("standalone/10-record"), sc
