@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml packaging/apt-deps.txt
 	    $$(grep -v '^#' packaging/apt-deps.txt) \
 	  || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
 	    $$(grep -v '^#' packaging/apt-deps.txt); }
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[test]'
 	touch $(STAMP)

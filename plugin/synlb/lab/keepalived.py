@@ -189,6 +189,7 @@ def keepalived_paths(lab: "Lab", router: str) -> dict[str, str]:
 def start_keepalived(lab: "Lab", routers: Iterable[str] | None = None, *,
                      wait: bool = True, timeout: float = 10.0,
                      env: dict[str, str] | None = None,
+                     conf_text=None,
                      **render_kw) -> dict[str, subprocess.Popen]:
     """Render, write and start keepalived in each router namespace.
 
@@ -196,7 +197,10 @@ def start_keepalived(lab: "Lab", routers: Iterable[str] | None = None, *,
     callable ``f(router_role) -> value`` for per-router settings). With
     ``enable_dbus=True`` a private dbus-daemon is started first and
     ``DBUS_SYSTEM_BUS_ADDRESS`` is set for keepalived. With ``wait``, waits
-    until lb1 is MASTER and the others BACKUP (when all routers started)."""
+    until lb1 is MASTER and the others BACKUP (when all routers started).
+    ``conf_text`` (a string, or ``f(router_role) -> str``) is written instead
+    of the rendered configuration (``enable_dbus`` still says whether to
+    start the private bus)."""
     routers = list(routers) if routers is not None else list(lab.routers)
     procs = {}
     for r in routers:
@@ -207,7 +211,10 @@ def start_keepalived(lab: "Lab", routers: Iterable[str] | None = None, *,
         if st.get("keepalived") is not None and st["keepalived"].poll() is None:
             raise LabError(f"keepalived already running in {r}")
         with open(p["conf"], "w") as f:
-            f.write(render_keepalived_conf(idx, **kw))
+            if conf_text is not None:
+                f.write(conf_text(r) if callable(conf_text) else conf_text)
+            else:
+                f.write(render_keepalived_conf(idx, **kw))
         penv = dict(env or {})
         if kw.get("enable_dbus"):
             start_dbus(lab, r)

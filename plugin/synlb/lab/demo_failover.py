@@ -1,0 +1,480 @@
+"""Two routers with real keepalived and synlb on both: a failover keeps the
+running sessions.
+
+Each router gets its own synlb.ini (``[vrrp] sync_group = G1``) and state
+dir under ``lab.role_dir(router)``, and keepalived runs the configuration
+shipped as ``conf/keepalived.conf.example``, with only the documentation
+addresses, interface names, paths, router_id and priority replaced
+(:func:`lab_substitutions`): advert_int 0.05, preempt_delay 5 (see the
+comments there for why). synlb follows keepalived through the notify hook
+(``hooks/keepalived-notify``, installed root-owned 0755 in the lab dir as a
+package would), the notify FIFO or D-Bus.
+
+The routers start the way a real one is configured: conntrack loose pickup
+OFF (``nf_conntrack_tcp_loose=0``, ``be_liberal=0``) and a stateful firewall
+that drops INVALID forwarded packets, so only synlb's pickup lets a new
+master adopt running connections (and the pickup-off run shows it).
+
+``run_failover_demo`` is what ``synlb-lab demo`` shows; the tests use
+:class:`Pair`, :func:`run_failover` and :func:`snapshot` directly.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from . import addresses as A
+from .netns import LabError, netns_pids
+from .scenario import service_config, synlb_exe
+from .topology import Lab
+
+REPO = Path(__file__).resolve().parents[3]
+EXAMPLE = REPO / "conf" / "keepalived.conf.example"
+HOOK = REPO / "hooks" / "keepalived-notify"
+
+ADVERT_INT = 0.05  # as in the example
+PREEMPT_DELAY = 5.0  # as in the example
+GAP_LIMIT = 3 * ADVERT_INT + 0.5  # the issue's bound on the longest gap
+
+PATTERNS = ("echo", "push", "down", "up")
+FAMILIES = (4, 6)
+#: per pattern: client speaks first (echo), server speaks first after an
+#: idle stretch (push, one line per 0.3 s), continuous download, upload
+PATTERN_ARGS = {
+    "echo": {"interval": 0.1},
+    "push": {"interval": 0.3},
+    "down": {"interval": 0.05, "chunk": 8192},
+    "up": {"interval": 0.05, "chunk": 8192},
+}
+
+PICKUP_SYSCTLS = ("net.netfilter.nf_conntrack_tcp_loose", "net.netfilter.nf_conntrack_tcp_be_liberal")
+FIREWALL = ["-A", "FORWARD", "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"]
+
+
+# ---------------------------------------------------------------- keepalived.conf
+
+def lab_substitutions(router: int, *, config: str, hook: str, fifo: str, synlb: str) -> list[tuple[str, str]]:
+    """(example text, lab text) pairs; each must occur in the example."""
+    return [
+        ("router_id lb1", f"router_id lb{router}"),
+        ("priority 150", f"priority {150 if router == 1 else 100}"),
+        ("/usr/lib/synlb/keepalived-notify", hook),
+        ("/usr/bin/synlb", synlb),
+        ("/etc/synlb/synlb.ini", config),
+        ("/run/keepalived/synlb.fifo", fifo),
+        ("203.0.113.254/24", f"{A.FRONT_VRRP[4]}/24"),
+        ("2001:db8:f::254/64", f"{A.FRONT_VRRP[6]}/64"),
+        ("198.51.100.254/24", f"{A.BACK_VRRP[4]}/24"),
+        ("2001:db8:1::254/64", f"{A.BACK_VRRP[6]}/64"),
+        ("eth0", A.ROUTER_FRONT_IF),
+        ("eth1", A.ROUTER_BACK_IF),
+    ]
+
+
+def keepalived_conf(router: int, *, config: str, hook: str, fifo: str, synlb: str,
+                    notify: bool = True, dbus: bool = False, use_fifo: bool = False,
+                    example: str | None = None) -> str:
+    """The shipped example, for lab router ``router`` (1 or 2).
+
+    ``notify``: keep the sync group's notify hook; ``dbus``/``use_fifo``:
+    uncomment ``enable_dbus`` / the ``notify_fifo`` lines."""
+    text = example if example is not None else EXAMPLE.read_text()
+    for old, new in lab_substitutions(router, config=config, hook=hook, fifo=fifo, synlb=synlb):
+        if old not in text:
+            raise LabError(f"{EXAMPLE}: {old!r} not found; the lab and the example disagree")
+        text = text.replace(old, new)
+    lines = []
+    for line in text.splitlines():
+        s = line.strip()
+        if dbus and s == "#enable_dbus":
+            line = line.replace("#enable_dbus", "enable_dbus")
+        if use_fifo and s.startswith("#notify_fifo"):
+            line = line.replace("#notify_fifo", "notify_fifo", 1)
+        if not notify and s.startswith("notify ") and hook in s:
+            continue
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def install_hook(lab: Lab) -> str:
+    """Copy hooks/keepalived-notify into the lab dir, root-owned 0755 in
+    root-owned 0755 directories, as ``enable_script_security`` requires."""
+    d = os.path.join(lab.dir, "hooks")
+    os.makedirs(d, mode=0o755, exist_ok=True)
+    os.chmod(d, 0o755)
+    dst = os.path.join(d, "keepalived-notify")
+    shutil.copyfile(HOOK, dst)
+    os.chmod(dst, 0o755)
+    return dst
+
+
+# ---------------------------------------------------------------- the pair
+
+class Pair:
+    """lb1 + lb2 with keepalived and synlb; ``source`` is how synlb follows
+    keepalived: ``notify`` (hook), ``fifo`` (notify_fifo) or ``dbus``."""
+
+    def __init__(self, lab: Lab, *, source: str = "notify", standby: str = "hot",
+                 pickup: bool = True, firewall: bool = True):
+        if lab.nrouters != 2:
+            raise LabError("a Pair needs a 2-router lab")
+        if source not in ("notify", "fifo", "dbus"):
+            raise ValueError(f"source must be notify, fifo or dbus, not {source!r}")
+        self.lab = lab
+        self.source = source
+        self.standby = standby
+        self.pickup = pickup
+        self.firewall = firewall
+        self.hook = ""
+        self.listeners: dict[str, object] = {}
+        self.baseline: dict[str, dict] = {}  # router -> snapshot before synlb ever ran
+
+    # --- files
+
+    def config(self, r: str) -> str:
+        return os.path.join(self.lab.role_dir(r), "synlb.ini")
+
+    def state_dir(self, r: str) -> str:
+        return os.path.join(self.lab.role_dir(r), "synlb-state")
+
+    def fifo(self, r: str) -> str:
+        return os.path.join(self.lab.role_dir(r), "keepalived.fifo")
+
+    def env(self) -> dict[str, str]:
+        return {"SYNLB_BIN": synlb_exe()}
+
+    # --- setup
+
+    def prepare(self) -> None:
+        """Router baseline (pickup off, firewall), synlb configs, the hook."""
+        lab = self.lab
+        for r in lab.routers:
+            lab.run(r, ["conntrack", "-C"], check=False)  # conntrack sysctls exist from here on
+            lab.sysctl(r, {k: 0 for k in PICKUP_SYSCTLS})
+            if self.firewall:
+                for tool in ("iptables", "ip6tables"):
+                    lab.run(r, [tool, *FIREWALL])
+            text = service_config(lab, r, ports="80", extra_synlb=f"pickup = {'yes' if self.pickup else 'no'}")
+            text += f"\n[vrrp]\nsync_group = G1\nstandby = {self.standby}\n"
+            with open(self.config(r), "w") as fh:
+                fh.write(text)
+            self.baseline[r] = snapshot(lab, r, self.state_dir(r))
+        self.hook = install_hook(lab)
+
+    def keepalived_text(self, r: str) -> str:
+        n = self.lab.routers.index(r) + 1
+        return keepalived_conf(n, config=self.config(r), hook=self.hook, fifo=self.fifo(r),
+                               synlb=synlb_exe(), notify=self.source == "notify",
+                               dbus=self.source == "dbus", use_fifo=self.source == "fifo")
+
+    def start(self, timeout: float = 20.0) -> None:
+        """keepalived on both (lb1 MASTER, lb2 BACKUP), synlb settled on both."""
+        self.start_keepalived(self.lab.routers, wait=True)
+        for r in self.lab.routers:
+            self.wait_settled(r, self.expected_active(r), timeout)
+
+    def start_keepalived(self, routers: Iterable[str], wait: bool = False) -> None:
+        routers = list(routers)
+        self.lab.start_keepalived(routers, wait=wait, timeout=10.0, env=self.env(),
+                                  conf_text=self.keepalived_text, enable_dbus=self.source == "dbus")
+        if self.source == "dbus":
+            for r in routers:
+                self.start_listener(r)
+
+    def start_listener(self, r: str):
+        old = self.listeners.get(r)
+        if old is not None and old.poll() is None:
+            return old
+        p = self.lab.popen(r, [synlb_exe(), "--config", self.config(r), "dbus", "--wait"],
+                           env={"DBUS_SYSTEM_BUS_ADDRESS": self.lab.dbus_address(r)}, name="synlb-dbus")
+        self.listeners[r] = p
+        return p
+
+    def stop_keepalived(self, r: str) -> None:
+        self.lab.stop_keepalived(r)
+
+    def close(self) -> None:
+        """synlb down on both routers (the lab's teardown kills the rest)."""
+        for r, p in self.listeners.items():
+            self.lab.stop_process(p)
+        for r in self.lab.routers:
+            if keepalived_running(self.lab, r):
+                self.lab.stop_keepalived(r)
+            self.lab.run(r, [synlb_exe(), "--config", self.config(r), "down"], check=False)
+
+    # --- state
+
+    def vrrp_state(self, r: str) -> str:
+        return self.lab.vrrp_state(r)
+
+    def expected_active(self, r: str) -> bool:
+        st = self.vrrp_state(r)
+        return st == "MASTER" or (st == "BACKUP" and self.standby == "hot")
+
+    def vrrp_log(self, r: str) -> list[dict]:
+        from synlb import vrrp_apply
+        return vrrp_apply.read_log(self.state_dir(r))
+
+    def busy(self, r: str) -> bool:
+        """An apply holds synlb's lock in this router right now."""
+        path = os.path.join(self.state_dir(r), "lock")
+        if not os.path.exists(path):
+            return False
+        with open(path) as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(fh, fcntl.LOCK_UN)
+        return False
+
+    def wait_settled(self, r: str, active: bool, timeout: float = 20.0) -> dict:
+        """Until the data plane is fully installed (``active``) or fully
+        removed, no apply is running and no notify call is pending; returns
+        the snapshot."""
+        deadline = time.monotonic() + timeout
+        stable = 0
+        snap: dict = {}
+        while True:
+            quiet = not self.busy(r) and not _notify_running(self.lab, r)
+            snap = snapshot(self.lab, r, self.state_dir(r))
+            ok = quiet and shape_ok(snap, active, len(self.lab.targets))
+            stable = stable + 1 if ok else 0
+            if stable >= 2:
+                return snap
+            if time.monotonic() > deadline:
+                raise LabError(f"{r}: data plane not settled {'active' if active else 'inactive'} "
+                               f"within {timeout}s: {json.dumps(_shape(snap))}")
+            time.sleep(0.15)
+
+
+def keepalived_running(lab: Lab, r: str) -> bool:
+    from .keepalived import keepalived_running as kr
+    return kr(lab, r)
+
+
+def _ns_cmdlines(lab: Lab, r: str) -> dict[int, list[str]]:
+    out = {}
+    for pid in netns_pids(lab.ns(r)):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                argv = [a.decode("utf-8", "replace") for a in fh.read().split(b"\0") if a]
+        except OSError:
+            continue
+        out[pid] = argv
+    return out
+
+
+def _notify_running(lab: Lab, r: str) -> bool:
+    return any("notify" in argv and any("synlb" in a or "keepalived-notify" in a for a in argv)
+               for argv in _ns_cmdlines(lab, r).values())
+
+
+# ---------------------------------------------------------------- snapshots
+
+def snapshot(lab: Lab, r: str, state_dir: str) -> dict:
+    """What synlb may have changed in router ``r``, free of pids and counters:
+    the whole ruleset, ip rules, synlb's routes (proto 229), the pickup
+    sysctls, workers (from pid files and from the processes actually
+    running), bound NFQUEUEs, and whether synlb recorded itself as applied."""
+    import re
+
+    def out(argv):
+        return lab.run(r, argv).stdout
+
+    def ruleset(text):
+        return "\n".join(re.sub(r"\[\d+:\d+\]$", "[0:0]", ln) for ln in text.splitlines()
+                         if not ln.startswith("#"))
+
+    procs = _ns_cmdlines(lab, r)
+    worker_procs = sorted(next((a for a in argv if a.startswith("--queue=")), "?")
+                          for argv in procs.values() if "worker" in argv and any("synlb" in a for a in argv))
+    pidfile_workers = []
+    if os.path.isdir(state_dir):
+        for name in sorted(os.listdir(state_dir)):
+            if name.startswith("worker-") and name.endswith(".pid"):
+                try:
+                    with open(os.path.join(state_dir, name)) as fh:
+                        w = json.load(fh)
+                except (OSError, ValueError):
+                    continue
+                alive = w.get("pid") in procs and "worker" in procs[w["pid"]]
+                pidfile_workers.append(f"{w.get('service')}/{w.get('queue')}{'' if alive else ' (dead)'}")
+    queues = []
+    for line in out(["cat", "/proc/net/netfilter/nfnetlink_queue"]).splitlines():
+        f = line.split()
+        if len(f) >= 2 and f[1] != "0":
+            queues.append(int(f[0]))
+    return {
+        "iptables": ruleset(out(["iptables-save"])),
+        "ip6tables": ruleset(out(["ip6tables-save"])),
+        "rules4": out(["ip", "-4", "rule", "show"]),
+        "rules6": out(["ip", "-6", "rule", "show"]),
+        "routes4": out(["ip", "-4", "route", "show", "table", "all", "proto", "229"]),
+        "routes6": out(["ip", "-6", "route", "show", "table", "all", "proto", "229"]),
+        "sysctl": {k: out(["sysctl", "-n", k]).strip() for k in PICKUP_SYSCTLS},
+        "workers": pidfile_workers,
+        "worker_procs": worker_procs,
+        "queues": sorted(queues),
+        "applied": os.path.exists(os.path.join(state_dir, "applied.json")),
+    }
+
+
+def _shape(snap: dict) -> dict:
+    return {"applied": snap.get("applied"), "workers": snap.get("workers"),
+            "worker_procs": snap.get("worker_procs"), "queues": snap.get("queues"),
+            "synlb_chains": "synlb-" in snap.get("iptables", ""),
+            "routes": bool(snap.get("routes4")), "sysctl": snap.get("sysctl")}
+
+
+def shape_ok(snap: dict, active: bool, targets: int = 3) -> bool:
+    """Fully installed or fully removed (not the exact content: see snapshot equality)."""
+    if active:
+        return (snap["applied"] and snap["workers"] == ["web/0"] and snap["worker_procs"] == ["--queue=0"]
+                and snap["queues"] == [0] and "synlb-" in snap["iptables"] and "synlb-" in snap["ip6tables"]
+                and snap["routes4"].count("default via") == targets
+                and snap["routes6"].count("default via") == targets)
+    return (not snap["applied"] and not snap["workers"] and not snap["worker_procs"] and not snap["queues"]
+            and "synlb-" not in snap["iptables"] and "synlb-" not in snap["ip6tables"]
+            and not snap["routes4"].strip() and not snap["routes6"].strip())
+
+
+# ---------------------------------------------------------------- sessions
+
+def start_sessions(lab: Lab, count: int, patterns: Iterable[str] = PATTERNS,
+                   families: Iterable[int] = FAMILIES, duration: float = 60.0) -> dict:
+    """Every pattern x family at once, ``count`` sessions each, to the VIP;
+    waits until all are connected. Returns {(pattern, family): Sessions}."""
+    handles = {}
+    for p in patterns:
+        for fam in families:
+            handles[(p, fam)] = lab.start_sessions(A.VIP[fam], p, count=count, duration=duration,
+                                                   stall=2.0, connect_timeout=5.0, **PATTERN_ARGS[p])
+    for key, h in handles.items():
+        ready = h.wait_ready(15)
+        if ready.get("connected") != count:
+            raise LabError(f"sessions {key}: only {ready.get('connected')} of {count} connected: {ready}")
+    return handles
+
+
+def stop_sessions(handles: dict) -> dict:
+    """SIGTERM every client, collect the results: {(pattern, family): result}."""
+    for h in handles.values():
+        if h.proc.poll() is None:
+            os.kill(h.proc.pid, 15)
+    return {k: h.result(30) for k, h in handles.items()}
+
+
+def summarize(results: dict) -> dict:
+    """Per pattern/family and overall: sessions, kept, moved, longest gap."""
+    per = {}
+    for (p, fam), res in sorted(results.items()):
+        s = res["summary"]
+        per[f"{p}/v{fam}"] = {"sessions": res["count"], "kept": s["survived"], "moved": s["moved"],
+                              "max_gap": s["max_gap"], "errors": s["errors"]}
+    total = {
+        "sessions": sum(v["sessions"] for v in per.values()),
+        "kept": sum(v["kept"] for v in per.values()),
+        "moved": sum(v["moved"] for v in per.values()),
+        "max_gap": max((v["max_gap"] for v in per.values()), default=0.0),
+    }
+    return {"per": per, **total}
+
+
+# ---------------------------------------------------------------- failover steps
+
+def fail_over(pair: Pair, how: str, timeout: float = 10.0) -> dict:
+    """Fail lb1 (MASTER) over to lb2: ``links`` (its links down) or
+    ``keepalived`` (its keepalived stopped). Returns timings."""
+    lab = pair.lab
+    t0 = time.monotonic()
+    if how == "links":
+        lab.fail_links("lb1")
+    elif how == "keepalived":
+        pair.stop_keepalived("lb1")
+    else:
+        raise ValueError(how)
+    took = lab.wait_state("lb2", "MASTER", timeout)
+    pair.wait_settled("lb2", True, timeout)
+    pair.wait_settled("lb1", False, timeout)
+    return {"takeover": round(took, 3), "settled": round(time.monotonic() - t0, 3)}
+
+
+def fail_back(pair: Pair, how: str, timeout: float = 15.0) -> dict:
+    """Undo ``fail_over``: links up again or keepalived started again; lb1
+    takes over after its preempt delay."""
+    lab = pair.lab
+    t0 = time.monotonic()
+    if how == "links":
+        lab.restore_links("lb1")
+    else:
+        pair.start_keepalived(["lb1"])
+    took = lab.wait_state("lb1", "MASTER", timeout + PREEMPT_DELAY)
+    lab.wait_state("lb2", "BACKUP", timeout)
+    pair.wait_settled("lb1", True, timeout)
+    pair.wait_settled("lb2", pair.standby == "hot", timeout)
+    return {"takeover": round(took, 3), "settled": round(time.monotonic() - t0, 3)}
+
+
+def run_failover(pair: Pair, how: str, count: int, patterns=PATTERNS, families=FAMILIES,
+                 hold: float = 1.0, back: bool = True) -> dict:
+    """Sessions of every pattern running across fail_over(how) (and fail_back)."""
+    handles = start_sessions(pair.lab, count, patterns, families)
+    try:
+        time.sleep(hold)
+        steps = {"over": fail_over(pair, how)}
+        time.sleep(hold)
+        if back:
+            steps["back"] = fail_back(pair, how)
+            time.sleep(hold)
+    finally:
+        results = stop_sessions(handles)
+    return {"how": how, "steps": steps, **summarize(results), "results": results}
+
+
+# ---------------------------------------------------------------- the demo
+
+def _report(out: Callable, title: str, res: dict) -> None:
+    out(f"\n{title}")
+    for name, step in res["steps"].items():
+        out(f"  fail {name}: new master in {step['takeover']:.2f} s, synlb settled on both routers "
+            f"after {step['settled']:.2f} s")
+    out(f"  {'pattern':<9} {'sessions':>8} {'kept':>5} {'moved':>6} {'longest gap':>12}")
+    for key, v in res["per"].items():
+        out(f"  {key:<9} {v['sessions']:>8} {v['kept']:>5} {v['moved']:>6} {v['max_gap']:>10.3f} s")
+    out(f"  total: {res['kept']}/{res['sessions']} sessions kept, {res['moved']} changed target, "
+        f"longest gap {res['max_gap']:.3f} s (limit {GAP_LIMIT:.2f} s = 3 x advert_int + 0.5)")
+
+
+def run_failover_demo(out: Callable = print, count: int = 20) -> dict:
+    """Build the 2-router lab (keepalived + synlb on both, notify hook, hot
+    standby), run ``count`` sessions per pattern and family, fail the master
+    over by taking its links down and by stopping its keepalived, fail back
+    each time; print and return what the sessions saw."""
+    result: dict = {"ok": False}
+    with Lab(routers=2, targets=3, server_ports=(80,)) as lab:
+        pair = Pair(lab)
+        pair.prepare()
+        out(f"lab {lab.prefix}: client -> lb1|lb2 (keepalived G1 + synlb, hot standby) -> t1 t2 t3")
+        out(f"keepalived.conf: {EXAMPLE.name} with lab addresses; notify hook {pair.hook}")
+        pair.start()
+        out(f"lb1 {pair.vrrp_state('lb1')}, lb2 {pair.vrrp_state('lb2')}; synlb active on both")
+        out(f"{count} sessions per pattern (echo: client first, push: server first after idle, "
+            f"down, up) and family (IPv4, IPv6): {count * len(PATTERNS) * len(FAMILIES)} sessions")
+        for how, title in (("links", "failover 1: the master's links go down, then come back"),
+                           ("keepalived", "failover 2: the master's keepalived stops, then starts again")):
+            res = run_failover(pair, how, count)
+            _report(out, title, res)
+            res.pop("results")
+            result[how] = res
+        pair.close()
+    result["ok"] = all(result[h]["kept"] == result[h]["sessions"] and result[h]["moved"] == 0
+                       and result[h]["max_gap"] <= GAP_LIMIT for h in ("links", "keepalived"))
+    out(f"\nfailover demo: {'every session kept its target' if result['ok'] else 'FAILED'}")
+    return result

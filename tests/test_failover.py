@@ -1,0 +1,271 @@
+"""Issue 3 in the netns lab: two routers with real keepalived (Debian's 2.2),
+synlb on both, real TCP sessions through failovers.
+
+Every router starts with conntrack loose pickup off and a firewall dropping
+INVALID forwarded packets (a real router's defaults), so that only synlb's
+pickup lets a new master adopt running sessions.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import time
+
+import pytest
+from synlb import vrrp
+from synlb.lab.demo_failover import (
+    FAMILIES,
+    GAP_LIMIT,
+    PATTERNS,
+    Pair,
+    fail_back,
+    fail_over,
+    run_failover,
+    snapshot,
+    start_sessions,
+    stop_sessions,
+    summarize,
+)
+from synlb.lab.netns import list_netns, netns_exec_argv
+from synlb.lab.scenario import synlb_exe
+from synlb.lab.topology import Lab
+
+pytestmark = pytest.mark.lab
+
+COUNT = 20  # sessions per pattern and family
+
+
+def report(title: str, res: dict) -> None:
+    print(f"\n{title}: {res['kept']}/{res['sessions']} kept, {res['moved']} moved, "
+          f"longest gap {res['max_gap']:.3f} s (limit {GAP_LIMIT:.2f}); steps {res.get('steps')}")
+    for k, v in res["per"].items():
+        print(f"  {k:<8} kept {v['kept']}/{v['sessions']} moved {v['moved']} gap {v['max_gap']:.3f} {v['errors']}")
+
+
+def assert_all_kept(res: dict, gap: float | None = GAP_LIMIT) -> None:
+    bad = {k: v for k, v in res["per"].items() if v["kept"] != v["sessions"] or v["moved"]}
+    assert not bad, bad
+    if gap is not None:
+        assert res["max_gap"] <= gap, {k: v["max_gap"] for k, v in res["per"].items()}
+
+
+def sources(pair: Pair, r: str) -> set:
+    return {e["event"]["source"] for e in pair.vrrp_log(r) if not e.get("ignored")}
+
+
+@pytest.fixture
+def lab():
+    with Lab(routers=2, targets=3, server_ports=(80,)) as lab:
+        yield lab
+    assert not [ns for ns in list_netns() if ns.startswith(lab.prefix + "-")]
+    assert lab.leftovers() == {"namespaces": [], "processes": []}
+
+
+# ---------------------------------------------------------------- sessions survive
+
+def test_sessions_survive_failover_and_failback(lab):
+    """20 sessions x {echo, push, down, up} x {IPv4, IPv6} through: the
+    master's links down + fail back, then its keepalived stopped + fail back
+    (notify hook, hot standby)."""
+    pair = Pair(lab)
+    pair.prepare()
+    pair.start()
+    active_ref = {r: snapshot(lab, r, pair.state_dir(r)) for r in lab.routers}
+
+    links = run_failover(pair, "links", COUNT)
+    report("links down", links)
+    stop = run_failover(pair, "keepalived", COUNT)
+    report("keepalived stopped", stop)
+    for res in (links, stop):
+        assert_all_kept(res)
+        assert res["sessions"] == COUNT * len(PATTERNS) * len(FAMILIES)
+
+    # every transition went through the hook; lb1 saw FAULT and STOP, each
+    # removing everything and restoring the sysctls (checked on the way by
+    # fail_over's wait_settled); after fail back both are as at the start
+    assert [e["event"]["state"] for e in pair.vrrp_log("lb1") if e.get("stored")] == \
+        ["BACKUP", "MASTER", "FAULT", "BACKUP", "MASTER", "STOP", "BACKUP", "MASTER"]
+    assert sources(pair, "lb1") == sources(pair, "lb2") == {"notify"}
+    for r in lab.routers:
+        assert snapshot(lab, r, pair.state_dir(r)) == active_ref[r], r
+    pair.close()
+
+
+def test_failover_without_pickup_loses_sessions(lab):
+    """The same failover with pickup = no: the new master drops the running
+    sessions' packets as INVALID, so the test above can fail."""
+    pair = Pair(lab, pickup=False)
+    pair.prepare()
+    pair.start()
+    for r in lab.routers:
+        assert snapshot(lab, r, pair.state_dir(r))["sysctl"] == {
+            "net.netfilter.nf_conntrack_tcp_loose": "0", "net.netfilter.nf_conntrack_tcp_be_liberal": "0"}
+    res = run_failover(pair, "links", 5, back=False)
+    report("links down, pickup off", res)
+    assert res["kept"] == 0, res["per"]
+    pair.close()
+
+
+def test_fault_and_stop_restore_the_router(lab):
+    """After FAULT (links down) and STOP (keepalived stopped) the old master
+    is exactly as before synlb ever ran: ruleset (its own firewall rule
+    included), rules, routes, sysctls, no worker."""
+    pair = Pair(lab)
+    pair.prepare()
+    pair.start()
+    for how in ("links", "keepalived"):
+        fail_over(pair, how)
+        snap = snapshot(lab, "lb1", pair.state_dir("lb1"))
+        assert snap == pair.baseline["lb1"], how
+        assert "-A FORWARD -m conntrack --ctstate INVALID -j DROP" in snap["iptables"]
+        fail_back(pair, how)
+    pair.close()
+
+
+# ---------------------------------------------------------------- D-Bus and FIFO on their own
+
+def _cold_failover(pair: Pair, over: str, back: str) -> None:
+    """Cold standby: the BACKUP has nothing installed, so the takeover
+    depends on the event source delivering MASTER (and FAULT/STOP on the old
+    master); sessions must survive it."""
+    lab = pair.lab
+    assert pair.wait_settled("lb1", True) and pair.wait_settled("lb2", False)
+    handles = start_sessions(lab, 5, patterns=("echo", "push"))
+    try:
+        time.sleep(0.5)
+        fail_over(pair, over)  # waits: lb2 active, lb1 inactive
+        time.sleep(0.5)
+        fail_back(pair, back)  # waits: lb1 active, lb2 inactive again
+        time.sleep(0.5)
+    finally:
+        res = summarize(stop_sessions(handles))
+    report(f"cold standby via {pair.source}: {over}", res)
+    assert_all_kept(res, gap=None)  # cold: the takeover waits for the workers to start
+
+
+def test_dbus_alone_drives_failover(lab):
+    pair = Pair(lab, source="dbus", standby="cold")
+    pair.prepare()
+    # a bus without keepalived on it: one clear line, exit 1 (unless --wait)
+    lab.start_dbus("lb1")
+    r = lab.run("lb1", [synlb_exe(), "--config", pair.config("lb1"), "dbus"], check=False, timeout=30,
+                env={"DBUS_SYSTEM_BUS_ADDRESS": lab.dbus_address("lb1")})
+    assert r.returncode == 1 and r.stderr.startswith("synlb dbus: keepalived is not on the bus"), r.stderr
+    assert len(r.stderr.splitlines()) == 1
+    pair.start()  # listeners started after keepalived: they read State at start
+    with open(lab.keepalived_paths("lb1")["conf"]) as fh:
+        conf = fh.read()
+    assert "\n    enable_dbus" in conf and "keepalived-notify --config" not in conf
+    assert "\n    notify_fifo" not in conf
+    _cold_failover(pair, "links", "links")
+    # VrrpReloaded: the listener re-reads State and re-applies (still inactive)
+    n = len(pair.vrrp_log("lb2"))
+    lab.run("lb2", ["kill", "-HUP", str(lab._kstate("lb2")["keepalived"].pid)])
+    deadline = time.monotonic() + 10
+    while len(pair.vrrp_log("lb2")) == n and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert pair.vrrp_log("lb2")[-1]["latest"] == "BACKUP"
+    pair.wait_settled("lb2", False)
+    # keepalived stopped: STOP over D-Bus
+    fail_over(pair, "keepalived")
+    assert pair.vrrp_log("lb1")[-1]["latest"] == "STOP"
+    for r in lab.routers:
+        assert sources(pair, r) == {"dbus"}
+    pair.close()
+
+
+def test_fifo_alone_drives_failover(lab):
+    pair = Pair(lab, source="fifo", standby="cold")
+    pair.prepare()
+    pair.start()
+    with open(lab.keepalived_paths("lb1")["conf"]) as fh:
+        conf = fh.read()
+    assert "\n    notify_fifo_script" in conf and "keepalived-notify --config" not in conf
+    # keepalived stopped: it SIGTERMs the reader, then writes STOP to the FIFO
+    _cold_failover(pair, "keepalived", "keepalived")
+    assert [e["event"]["state"] for e in pair.vrrp_log("lb1") if e.get("stored")][-3:] == \
+        ["STOP", "BACKUP", "MASTER"]
+    fail_over(pair, "links")
+    for r in lab.routers:
+        assert sources(pair, r) == {"fifo"}
+    pair.close()
+
+
+# ---------------------------------------------------------------- churn and races
+
+def fire_notifies(pair: Pair, r: str, states: list[str]) -> None:
+    """keepalived-style: start the hooks in order, without waiting, all at once."""
+    env = {**os.environ, **pair.env()}
+    procs = [subprocess.Popen(netns_exec_argv(pair.lab.ns(r), [pair.hook, "--config", pair.config(r),
+                                                               "GROUP", "G1", s, "0"]),
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             for s in states]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+
+
+def test_transitions_and_races_end_in_the_clean_state(lab):
+    pair = Pair(lab)
+    pair.prepare()
+    pair.start()
+    inactive = pair.baseline
+    active = {r: snapshot(lab, r, pair.state_dir(r)) for r in lab.routers}
+    assert all(active[r] != inactive[r] for r in lab.routers)
+
+    # 20 transitions in 10 s from keepalived itself: lb1's links flap
+    n0 = len(pair.vrrp_log("lb1"))
+    t0 = time.monotonic()
+    for i in range(20):  # a link change every 0.5 s
+        time.sleep(max(0.0, t0 + 0.5 * i - time.monotonic()))
+        (lab.restore_links if i % 2 else lab.fail_links)("lb1")
+    elapsed = time.monotonic() - t0
+    lab.wait_state("lb1", "MASTER", 30)
+    lab.wait_state("lb2", "BACKUP", 10)
+    for r in lab.routers:
+        assert pair.wait_settled(r, True, 60) == active[r], r
+    events = [e for e in pair.vrrp_log("lb1")[n0:] if not e.get("ignored")]
+    states = [e["event"]["state"] for e in events]
+    print(f"\nlinks flapped 10 times in {elapsed:.1f} s: lb1 got {len(states)} notifications: {states}")
+    assert elapsed < 10 and states.count("FAULT") >= 10 and len(states) >= 21  # + the final MASTER
+
+    # notify calls fired concurrently in shuffled order: the last one wins,
+    # and the result is exactly what one clean transition to it gives
+    rnd = random.Random(3)
+    for last in ("FAULT", "MASTER", "STOP", "BACKUP"):
+        states = [s for s in ("MASTER", "BACKUP", "FAULT", "STOP") for _ in range(3)]
+        rnd.shuffle(states)
+        states.append(last)
+        fire_notifies(pair, "lb2", states)
+        want_active = vrrp.desired_active(last, "hot")
+        snap = pair.wait_settled("lb2", want_active, 60)
+        assert snap == (active if want_active else inactive)["lb2"], (states, last)
+        from synlb import vrrp_apply
+        assert vrrp_apply.read_state(pair.state_dir("lb2"))["event"].state == last
+    pair.close()
+
+
+def test_events_go_through_synlb_run_when_it_runs(lab):
+    """With the plugin host (synlb run) on both routers, the hook records the
+    event and the host, which owns the data plane, follows the record."""
+    pair = Pair(lab)
+    pair.prepare()
+    hosts = [lab.popen(r, [synlb_exe(), "--config", pair.config(r), "run"], name="synlb-run")
+             for r in lab.routers]
+    deadline = time.monotonic() + 20
+    while not all(os.path.exists(os.path.join(pair.state_dir(r), "control.sock")) for r in lab.routers):
+        assert time.monotonic() < deadline and all(h.poll() is None for h in hosts)
+        time.sleep(0.1)
+    pair.start()
+    res = run_failover(pair, "links", 5, patterns=("echo", "down"), back=False)
+    report("links down, through synlb run", res)
+    assert_all_kept(res)
+    for r, node in (("lb1", "FAULT"), ("lb2", "MASTER")):
+        last = pair.vrrp_log(r)[-1]
+        assert last["latest"] == node and last["host"] == {"ok": True, "node": node}, last
+        assert "changes" not in last  # the host applied it, not the hook
+    for h in hosts:
+        lab.stop_process(h)
+    pair.close()
