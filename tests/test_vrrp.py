@@ -419,7 +419,7 @@ def test_events_go_to_a_running_host(tmp_path, monkeypatch):
         res = vrrp_apply.handle(path, VrrpEvent("notify", "GROUP", "G1", "MASTER", 0), (5, 1))
     finally:
         srv.stop()
-    assert requests == [{"cmd": "vrrp", "event": {"source": "notify", "type": "GROUP", "name": "G1",
+    assert requests == [{"cmd": "vrrp", "event": {"source": "notify", "kind": "GROUP", "name": "G1",
                                                   "state": "MASTER", "priority": 0}}]
     assert res.host == {"ok": True, "node": "MASTER"} and "passed to synlb run" in res.summary()
     assert vrrp_apply.read_state(state_dir)["event"].state == "MASTER"

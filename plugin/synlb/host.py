@@ -43,7 +43,12 @@ class Host:
         self.history: list[dict] = []
 
     # ------------------------------------------------------------ events
-    def submit(self, kind: str, wait: bool = False, timeout: float = 30.0, **data) -> bool | None:
+    def submit(self, kind: str, data: dict | None = None, *, reason: str | None = None,
+               wait: bool = False, timeout: float = 30.0) -> bool | None:
+        """Queue an event for the host thread; with ``wait``, return once it was applied."""
+        data = dict(data or {})
+        if reason is not None:
+            data["reason"] = reason
         ev = Event(kind, data, threading.Event() if wait else None)
         self.events.put(ev)
         if wait:
@@ -152,7 +157,7 @@ class Host:
                     "transitions": self.transitions, "history": self.history[-10:],
                     "started": self.started}
         if cmd == "vrrp":
-            done = self.submit("vrrp", wait=True, **req.get("event", {}))
+            done = self.submit("vrrp", req.get("event", {}), wait=True)
             return {"ok": bool(done), "node": self.node.vrrp}
         if cmd == "reload":
             done = self.submit("reload", wait=True)

@@ -59,6 +59,19 @@ def _worker_stats(state_dir: str, queue: int) -> dict:
         return {}
 
 
+def _vrrp(cfg: Config) -> dict | None:
+    """The last VRRP event recorded for this node, if a [vrrp] section drives it."""
+    if "vrrp" not in cfg.extra:
+        return None
+    from . import vrrp_apply
+    rec = vrrp_apply.read_state(cfg.globals.state_dir)
+    if rec is None:
+        return {"state": "UNKNOWN", "source": None, "recorded": None}
+    ev = rec["event"]
+    return {"state": ev.state, "source": ev.source, "group": f"{ev.kind} {ev.name}",
+            "recorded": rec.get("recorded")}
+
+
 def collect(cfg: Config) -> dict:
     g = cfg.globals
     applied = dataplane.applied(g.state_dir)
@@ -91,7 +104,7 @@ def collect(cfg: Config) -> dict:
                    for t in cfg.targets_of(svc)]
         services.append({"name": svc.name, "mode": svc.mode, "vips": [str(v) for v in svc.vips],
                          "queues": queues, "targets": targets})
-    return {"time": time.time(), "active": applied is not None, "applied": applied,
+    return {"time": time.time(), "active": applied is not None, "applied": applied, "vrrp": _vrrp(cfg),
             "sysctl": sysctl.current(), "chains": _chain_counters(cfg) if applied else [],
             "services": services}
 
@@ -99,6 +112,10 @@ def collect(cfg: Config) -> dict:
 def render_text(st: dict) -> str:
     out = [f"synlb: {'active' if st['active'] else 'inactive'}"
            + (f" ({st['applied']['reason']})" if st.get("applied") else "")]
+    v = st.get("vrrp")
+    if v:
+        when = time.strftime("%H:%M:%S", time.localtime(v["recorded"])) if v.get("recorded") else "-"
+        out.append(f"vrrp: {v['state']} (last event from {v['source'] or 'nobody yet'} at {when})")
     host = st.get("host")
     if host and host.get("ok"):
         restarts = host.get("plugins", {}).get("lb", {}).get("worker_restarts", {})

@@ -272,7 +272,7 @@ def handle(config_path: str | None, event: VrrpEvent, stamp: Stamp) -> Result:
             _reconcile(ld, latest, entry, res)
     if host:
         # outside the lock: the host's own reconcile takes it
-        answer = control.request(ld.state_dir, {"cmd": "vrrp", "event": host_event(event)})
+        answer = control.request(ld.state_dir, {"cmd": "vrrp", "event": event.to_dict()})
         if answer is not None:
             res.host = answer
             _log_line(ld.state_dir, {**entry, "host": answer})
@@ -287,12 +287,6 @@ def handle(config_path: str | None, event: VrrpEvent, stamp: Stamp) -> Result:
     for c in res.changes:
         log.info("vrrp %s: %s", latest.state, c)
     return res
-
-
-def host_event(ev: VrrpEvent) -> dict:
-    """The event as the host's "vrrp" request carries it (keepalived's word
-    TYPE for GROUP/INSTANCE: the host takes the keys as keywords)."""
-    return {"source": ev.source, "type": ev.kind, "name": ev.name, "state": ev.state, "priority": ev.priority}
 
 
 def _reconcile(ld: Loaded, latest: VrrpEvent, entry: dict, res: Result) -> None:
