@@ -269,3 +269,19 @@ def test_events_go_through_synlb_run_when_it_runs(lab):
     for h in hosts:
         lab.stop_process(h)
     pair.close()
+
+
+def test_host_follows_dbus_itself(lab):
+    """`synlb run` with the dbus plugin owns the D-Bus event source: no
+    `synlb dbus` process, no notify hook; the host records and applies."""
+    pair = Pair(lab, source="dbus", standby="cold", dbus_in_host=True)
+    pair.prepare()
+    pair.start()
+    for r in lab.routers:
+        st = lab.run(r, [synlb_exe(), "--config", pair.config(r), "status", "--json"]).stdout
+        assert '"dbus"' in st and "following" in st
+    _cold_failover(pair, "links", "links")
+    for r in lab.routers:
+        assert sources(pair, r) == {"dbus"}
+        assert all(e.get("host", {}).get("ok") for e in pair.vrrp_log(r) if not e.get("ignored")), r
+    pair.close()

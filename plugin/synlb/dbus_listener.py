@@ -263,9 +263,11 @@ class Listener:
             return
         self.force = False
         self.applied = state
-        ev = VrrpEvent("dbus", self.ld.vcfg.kind, self.ld.vcfg.name, state)
-        stamp = vrrp_apply.now_stamp()
+        self.apply(VrrpEvent("dbus", self.ld.vcfg.kind, self.ld.vcfg.name, state), vrrp_apply.now_stamp())
 
+    def apply(self, ev: VrrpEvent, stamp) -> None:
+        """Record and reconcile in a detached child: the listener's own state
+        never mixes with the data plane's."""
         def run() -> int:
             res = vrrp_apply.handle(self.config_path, ev, stamp)
             print(f"synlb dbus: {res.summary()}", flush=True)
@@ -287,15 +289,14 @@ class Listener:
                               dbus_interface="org.freedesktop.DBus.Local")
 
 
-def main(config_path: str | None, address: str | None = None, wait: bool = False) -> int:
+def connect(address: str | None = None):
+    """A bus connection dispatched by GLib's default main loop."""
     try:
         import dbus
         import dbus.bus
         import dbus.mainloop.glib
     except ImportError as e:
         raise ListenerError(f"dbus-python is not installed ({e})") from None
-    vrrp_apply.load(config_path)  # a config error is reported before touching the bus
-    loop = GLibLoop()
     dbus.mainloop.glib.DBusGMainLoop(set_as_default=True)
     try:
         bus = dbus.bus.BusConnection(address) if address else dbus.SystemBus()
@@ -303,6 +304,13 @@ def main(config_path: str | None, address: str | None = None, wait: bool = False
         raise ListenerError(f"cannot connect to the {'bus ' + address if address else 'system bus'}: "
                             f"{e.get_dbus_message() or e}") from None
     bus.set_exit_on_disconnect(False)
+    return bus
+
+
+def main(config_path: str | None, address: str | None = None, wait: bool = False) -> int:
+    vrrp_apply.load(config_path)  # a config error is reported before touching the bus
+    loop = GLibLoop()
+    bus = connect(address)
     lst = Listener(config_path, bus, loop, wait)
     lst.subscribe()  # before reading State: no transition falls between the two
     if lst.owner() is None and not wait:

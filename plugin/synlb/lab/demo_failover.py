@@ -121,7 +121,7 @@ class Pair:
     keepalived: ``notify`` (hook), ``fifo`` (notify_fifo) or ``dbus``."""
 
     def __init__(self, lab: Lab, *, source: str = "notify", standby: str = "hot",
-                 pickup: bool = True, firewall: bool = True):
+                 pickup: bool = True, firewall: bool = True, dbus_in_host: bool = False):
         if lab.nrouters != 2:
             raise LabError("a Pair needs a 2-router lab")
         if source not in ("notify", "fifo", "dbus"):
@@ -131,6 +131,7 @@ class Pair:
         self.standby = standby
         self.pickup = pickup
         self.firewall = firewall
+        self.dbus_in_host = dbus_in_host  # `synlb run` with the dbus plugin, not `synlb dbus`
         self.hook = ""
         self.listeners: dict[str, object] = {}
         self.baseline: dict[str, dict] = {}  # router -> snapshot before synlb ever ran
@@ -160,7 +161,10 @@ class Pair:
             if self.firewall:
                 for tool in ("iptables", "ip6tables"):
                     lab.run(r, [tool, *FIREWALL])
-            text = service_config(lab, r, ports="80", extra_synlb=f"pickup = {'yes' if self.pickup else 'no'}")
+            extra = f"pickup = {'yes' if self.pickup else 'no'}"
+            if self.dbus_in_host:
+                extra += "\nplugins = lb, dbus"
+            text = service_config(lab, r, ports="80", extra_synlb=extra)
             text += f"\n[vrrp]\nsync_group = G1\nstandby = {self.standby}\n"
             with open(self.config(r), "w") as fh:
                 fh.write(text)
@@ -191,7 +195,8 @@ class Pair:
         old = self.listeners.get(r)
         if old is not None and old.poll() is None:
             return old
-        p = self.lab.popen(r, [synlb_exe(), "--config", self.config(r), "dbus", "--wait"],
+        cmd = ["run"] if self.dbus_in_host else ["dbus", "--wait"]
+        p = self.lab.popen(r, [synlb_exe(), "--config", self.config(r), *cmd],
                            env={"DBUS_SYSTEM_BUS_ADDRESS": self.lab.dbus_address(r)}, name="synlb-dbus")
         self.listeners[r] = p
         return p
