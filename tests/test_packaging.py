@@ -32,12 +32,12 @@ def unpacked(tmp_path_factory):
 def test_package_layout(unpacked):
     dest, info = unpacked
     assert "python3-pyroute2" in info and "libnetfilter-queue1" in info
-    for path in ("usr/bin/synlb", "usr/lib/synlb/hooks/keepalived-notify", "etc/synlb/synlb.ini",
+    for path in ("usr/bin/synlb", "usr/lib/synlb/keepalived-notify", "etc/synlb/synlb.ini",
                  "etc/synlb/scripts.d/master", "usr/share/doc/synlb/examples/keepalived.conf.example"):
         assert (dest / path).exists(), path
     assert not (dest / "usr/lib/synlb/python/synlb/lab").exists()
     # keepalived's enable_script_security: nothing on the hook's path writable by others
-    hook = dest / "usr/lib/synlb/hooks/keepalived-notify"
+    hook = dest / "usr/lib/synlb/keepalived-notify"
     mode = hook.stat().st_mode
     assert mode & stat.S_IXUSR and not mode & (stat.S_IWGRP | stat.S_IWOTH)
 
