@@ -18,11 +18,16 @@ import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from . import schema
 from .maglev import is_prime
 from .schema import Option, OptionError
+from .schema import boolean as _bool
+from .schema import choice as _choice
+from .schema import integer as _int
+from .schema import nonempty as _nonempty
+from .schema import words as _list
 
 DEFAULT_CONFIG = "/etc/synlb/synlb.ini"
 ENV_CONFIG = "SYNLB_CONFIG"
@@ -129,38 +134,12 @@ class Config:
 
 # ---------------------------------------------------------------- option types
 
-def _bool(text: str) -> bool:
-    t = text.strip().lower()
-    if t in ("1", "yes", "true", "on"):
-        return True
-    if t in ("0", "no", "false", "off"):
-        return False
-    raise OptionError(f"{text!r} is not a boolean (yes/no)")
 
 
-def _int(lo: int, hi: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            v = int(text.strip(), 0)
-        except ValueError:
-            raise OptionError(f"{text!r} is not an integer") from None
-        if not lo <= v <= hi:
-            raise OptionError(f"{v} is out of range {lo}..{hi}")
-        return v
-    return parse
 
 
-def _list(text: str) -> list[str]:
-    return [p for p in re.split(r"[,\s]+", text.strip()) if p]
 
 
-def _choice(*choices: str) -> Callable[[str], str]:
-    def parse(text: str) -> str:
-        t = text.strip().lower()
-        if t not in choices:
-            raise OptionError(f"{text!r} is not one of {', '.join(choices)}")
-        return t
-    return parse
 
 
 def _vips(text: str) -> tuple:
@@ -268,11 +247,6 @@ def _state_dir(text: str) -> str:
     return t
 
 
-def _nonempty(text: str) -> str:
-    t = text.strip()
-    if not t:
-        raise OptionError("must not be empty")
-    return t
 
 
 # ------------------------------------------------------------------- schemas

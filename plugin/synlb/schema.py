@@ -3,6 +3,7 @@ options next to its code; parsing reports ``FILE:SECTION:KEY: why``."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -66,3 +67,48 @@ def parse_section(sch: Schema, section: str, values: dict[str, tuple[str, str]],
         else:
             out[opt.name] = opt.default
     return out
+
+
+# ------------------------------------------------------------ value parsers
+# Shared by every section's schema; each raises OptionError saying why.
+
+def boolean(text: str) -> bool:
+    t = text.strip().lower()
+    if t in ("1", "yes", "true", "on"):
+        return True
+    if t in ("0", "no", "false", "off"):
+        return False
+    raise OptionError(f"{text!r} is not a boolean (yes/no)")
+
+
+def integer(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            v = int(text.strip(), 0)
+        except ValueError:
+            raise OptionError(f"{text!r} is not an integer") from None
+        if not lo <= v <= hi:
+            raise OptionError(f"{v} is out of range {lo}..{hi}")
+        return v
+    return parse
+
+
+def words(text: str) -> list[str]:
+    """A list separated by commas and/or spaces."""
+    return [p for p in re.split(r"[,\s]+", text.strip()) if p]
+
+
+def choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        t = text.strip().lower()
+        if t not in choices:
+            raise OptionError(f"{text!r} is not one of {', '.join(choices)}")
+        return t
+    return parse
+
+
+def nonempty(text: str) -> str:
+    t = text.strip()
+    if not t:
+        raise OptionError("must not be empty")
+    return t

@@ -22,7 +22,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .schema import Option, OptionError, Schema
+from .schema import Option, OptionError, Schema, words
 
 GROUP = "GROUP"
 INSTANCE = "INSTANCE"
@@ -187,9 +187,7 @@ DBUS_INSTANCE = re.compile(r"^([^/\s]{1,15})/(\d{1,3})/(IPv4|IPv6)$")
 
 def _dbus_instances(text: str) -> tuple:
     out = []
-    for item in re.split(r"[,\s]+", text.strip()):
-        if not item:
-            continue
+    for item in words(text):
         m = DBUS_INSTANCE.match(item)
         if not m or not 1 <= int(m.group(2)) <= 255:
             raise OptionError(f"{item!r} is not IFNAME/VRID/IPv4|IPv6 (e.g. eth0/51/IPv4)")

@@ -42,6 +42,8 @@ from dataclasses import dataclass
 
 from .. import health_state
 from ..schema import Option, OptionError
+from ..schema import choice as _choice
+from ..schema import integer as _int
 from . import Plugin
 
 # http.client, concurrent.futures and dataplane (pyroute2) are imported where
@@ -58,25 +60,8 @@ KILL_GRACE = 0.5    # exec check: SIGTERM, then SIGKILL after this
 
 # ------------------------------------------------------------------ options
 
-def _choice(*choices: str):
-    def parse(text: str) -> str:
-        t = text.strip().lower()
-        if t not in choices:
-            raise OptionError(f"{text!r} is not one of {', '.join(choices)}")
-        return t
-    return parse
 
 
-def _int(lo: int, hi: int):
-    def parse(text: str) -> int:
-        try:
-            v = int(text.strip(), 0)
-        except ValueError:
-            raise OptionError(f"{text!r} is not an integer") from None
-        if not lo <= v <= hi:
-            raise OptionError(f"{v} is out of range {lo}..{hi}")
-        return v
-    return parse
 
 
 def _seconds(lo: float, hi: float):
