@@ -1,0 +1,56 @@
+"""Worker pid files: a stale one (dead pid, or a pid reused by another program) is recognised."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from synlb import workers
+
+
+def _pidfile(state_dir, queue, pid, service="web"):
+    path = workers.pidfile(str(state_dir), queue)
+    with open(path, "w") as fh:
+        json.dump({"pid": pid, "service": service, "queue": queue, "config": "/x.ini", "digest": "d"}, fh)
+    return path
+
+
+def test_dead_pid_is_stale(tmp_path):
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    path = _pidfile(tmp_path, 0, p.pid)
+    assert workers.running(str(tmp_path)) == []
+    assert not os.path.exists(path)
+
+
+def test_pid_of_another_program_is_stale(tmp_path):
+    """A pid reused by something that is not this queue's worker is not trusted."""
+    path = _pidfile(tmp_path, 3, os.getpid())
+    assert workers.running(str(tmp_path)) == []
+    assert not os.path.exists(path)
+
+
+def test_live_worker_is_recognised(tmp_path):
+    # a stand-in process whose command line is a worker's
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "worker",
+                          "--service=web", "--queue=5"])
+    try:
+        _pidfile(tmp_path, 5, p.pid)
+        (w,) = workers.running(str(tmp_path))
+        assert (w.pid, w.queue, w.service) == (p.pid, 5, "web")
+        # the same process does not count as the worker of another queue
+        _pidfile(tmp_path, 6, p.pid)
+        assert [x.queue for x in workers.running(str(tmp_path))] == [5]
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_garbage_pid_file_is_removed(tmp_path):
+    path = workers.pidfile(str(tmp_path), 1)
+    with open(path, "w") as fh:
+        fh.write("not json")
+    assert workers.running(str(tmp_path)) == []
+    assert not os.path.exists(path)
