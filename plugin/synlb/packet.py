@@ -74,9 +74,20 @@ _V4_HEAD = tuple(bytes((4, p)) for p in range(256))
 _V6_HEAD = tuple(bytes((6, p)) for p in range(256))
 
 
+# The common case, an unfragmented IPv4 packet without options carrying a port
+# protocol: the key is the head and bytes 12..24 (addresses, then ports).
+_V4_PORT_HEAD = tuple(_V4_HEAD[p] if p in PORT_PROTOCOLS else None for p in range(256))
+
+
 def flow_key(packet: bytes) -> bytes:
     """Canonical client->VIP flow key of an IP packet (see the module doc)."""
     try:
+        # fast path: version 4 with IHL 5, not a fragment, TCP/UDP/SCTP/...;
+        # the same key _v4_key builds, with one slice and no calls
+        if len(packet) >= 24 and packet[0] == 0x45 and not (packet[6] & 0x3F or packet[7]):
+            head = _V4_PORT_HEAD[packet[9]]
+            if head is not None:
+                return head + packet[12:24]
         key = _parse_key(packet)
         if key is not None:
             return key

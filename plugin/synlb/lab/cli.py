@@ -6,6 +6,7 @@
                               [--count N] [--duration S] [--interval S]
     synlb-lab cleanup [--force]      remove labs whose owner process died
     synlb-lab demo                   balance + failover demo
+    synlb-lab bench [--quick] [--out DIR]   benchmark report (bench/results/latest.*)
 """
 
 from __future__ import annotations
@@ -68,7 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="balance real connections in a lab, then fail a router over")
     d.add_argument("--no-failover", action="store_true", help="only the single-router part")
-    sub.add_parser("bench", help="benchmark (not yet built)")
+    b = sub.add_parser("bench", help="benchmark: synlb against plain routing and kernel HMARK")
+    b.add_argument("--quick", action="store_true", help="short runs, few rounds (smoke test)")
+    b.add_argument("--out", help="report directory (default: bench/results of the checkout)")
+    b.add_argument("--only", help="comma-separated sections: maglev,hotpath,single_router,failover")
+    b.add_argument("--no-perf", action="store_true", help="skip the perf profile of the worker")
     return p
 
 
@@ -89,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "demo":
         from .demo import main as demo_main
         return demo_main(failover=not args.no_failover)
+    if args.cmd == "bench":
+        from .bench import main as bench_main
+        return bench_main(args)
     if args.cmd in ("demo", "bench"):
         print(f"{args.cmd}: not yet built")
         return 1

@@ -1,0 +1,444 @@
+"""Bench results -> ``latest.json``, ``latest.md``, ``latest.png`` (pure, apart
+from writing the files; the chart needs the optional ``bench`` extra, i.e.
+matplotlib, and is skipped with a note when it is missing)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+LABELS = {
+    "throughput_ratio": "Established throughput, SYN-only / plain routing",
+    "all_packets_ratio": "Established throughput, all-packets / plain routing",
+    "conn_rate_ratio": "New connections/s, synlb / kernel HMARK",
+    "conn_rate_ratio_multiqueue": "New connections/s, synlb 2 queues / kernel HMARK",
+    "throughput_per_cpu_ratio": "Established throughput per CPU the lab used, SYN-only / plain",
+    "conn_per_cpu_ratio": "New connections per CPU the lab used, synlb / HMARK",
+    "conn_per_cpu_ratio_multiqueue": "New connections per CPU the lab used, 2 queues / HMARK",
+    "cpu_us_per_conn": "Worker CPU per new connection (us)",
+    "cpu_us_per_conn_own": "Worker CPU per new connection without the lab's softirq work (us, perf)",
+    "worker_rss_mb": "Worker RSS (MB)",
+    "maglev_build_ms_100": "Maglev build, 100 targets, M=65537 (ms)",
+    "failover_gap_s": "Failover gap, largest of all sessions (s)",
+    "sessions_kept_ratio": "Sessions kept over the failovers",
+}
+
+
+TARGET_LIMITS = {"cpu_us_per_conn": 10.0}
+
+
+def _fmt(v: Any, nd: int = 3) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.{nd}g}" if abs(v) < 1000 else f"{v:,.0f}"
+    return str(v)
+
+
+def write_reports(res: dict, out_dir: str) -> dict[str, str]:
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"json": os.path.join(out_dir, "latest.json"),
+             "md": os.path.join(out_dir, "latest.md"),
+             "png": os.path.join(out_dir, "latest.png")}
+    chart_note = write_chart(res, paths["png"])
+    res["chart"] = os.path.basename(paths["png"]) if chart_note is None else None
+    if chart_note:
+        res["chart_note"] = chart_note
+    tmp = paths["json"] + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(res, fh, indent=1, sort_keys=False)
+        fh.write("\n")
+    os.replace(tmp, paths["json"])
+    with open(paths["md"], "w") as fh:
+        fh.write(render_markdown(res))
+    return paths
+
+
+# ---------------------------------------------------------------- summary
+
+def summary_lines(res: dict) -> list[str]:
+    out = [f"synlb bench {res.get('date')} on {res['machine'].get('hostname')} "
+           f"({res['machine'].get('cpus')} CPUs){' QUICK' if res.get('quick') else ''}"]
+    for key, t in res.get("targets", {}).items():
+        mark = {True: "met", False: "MISSED", None: "n/a"}[t["met"]]
+        out.append(f"  {key:22s} {_fmt(t['value']):>10s}  target {t['target']:>8s}  {mark}")
+    mq = res.get("conn_rate_ratio_multiqueue")
+    out.append(f"  {'conn_rate_ratio (2 q)':22s} {_fmt(mq):>10s}")
+    out.append(f"  {'all_packets_ratio':22s} {_fmt(res.get('all_packets_ratio')):>10s}")
+    return out
+
+
+# ---------------------------------------------------------------- markdown
+
+def _why(key: str, res: dict) -> str:
+    """Why a target is missed, from the measurements of this run."""
+    sr = res.get("single_router", {})
+    cr = sr.get("conn_rate", {})
+    tp = sr.get("throughput", {})
+    prof = cr.get("profile") or {}
+    if key == "cpu_us_per_conn":
+        user = cr.get("worker_user_us_per_conn", {}).get("synlb")
+        system = cr.get("worker_sys_us_per_conn", {}).get("synlb")
+        txt = (f"user {_fmt(user)} us + system {_fmt(system)} us per connection. The system part is "
+               "mostly not the worker's own work: in the lab the router's wire is a veth pair, so "
+               "the verdict syscall that re-injects the accepted SYN also runs, in softirq, the "
+               "switch, the target's TCP handshake and the client's, and psutil charges that to "
+               "the worker (on a router with NICs it happens on other machines).")
+        if prof.get("softirq_in_worker_pct"):
+            s = prof["softirq_in_worker_pct"]
+            total = cr.get("cpu_us_per_conn", {}).get("synlb")
+            own = total * (1 - s / 100) if total else None
+            txt += (f" perf: {s:.0f}% of the worker's samples are that softirq work; without it the "
+                    f"worker costs about {_fmt(own)} us per connection "
+                    f"({prof.get('user_space_pct', 0):.0f}% of samples in user space).")
+        hp = res.get("hotpath", {})
+        if hp.get("current_us_per_packet"):
+            txt += (f" The Python callback itself takes {hp['current_us_per_packet']:.2f} us per packet "
+                    "with warm caches (hot path below); the rest of the user time is netfilterqueue "
+                    "and libnetfilter_queue (a Packet object, message parsing) and cold caches after "
+                    "each wake-up, the rest of the kernel time the poll, recv and verdict syscalls, "
+                    "the router's own forwarding of the SYN and the wake-ups themselves. What would "
+                    "cut it further is not in Python: batched verdicts (netfilterqueue has none) or "
+                    "a worker in C.")
+        return txt
+    if key == "conn_rate_ratio":
+        pc = res.get("conn_per_cpu_ratio")
+        rm = cr.get("ratio_of_medians", {}).get("synlb")
+        rs = cr.get("ratios", {}).get("synlb") or [0]
+        noisy = cr.get("noisy", {}).get("synlb")
+        return ("the lab's 2 CPUs are shared by wrk, three nginx, the router and the worker; every "
+                "new connection costs the worker a wake-up, a poll, a recv, the Python callback and "
+                "a verdict syscall that HMARK does not need, so the rate falls by about the "
+                "worker's own share of the CPUs. "
+                + f"Per-round ratios {min(rs):.2f}..{max(rs):.2f}; "
+                + (f"ratio of the medians {_fmt(rm)}; " if rm else "")
+                + (f"per CPU the lab used, {_fmt(pc)}. " if pc else "")
+                + ("The figure sits at the target within the spread of the measurement. "
+                   if (res.get("targets", {}).get(key, {}).get("missed_by_pct") or 100) < 5 else "")
+                + ("Most rounds were disturbed by other load on the machine (see the section below): "
+                   "the raw ratio is mostly noise." if noisy else ""))
+    if key == "throughput_ratio":
+        pc = res.get("throughput_per_cpu_ratio")
+        noisy = tp.get("noisy", {}).get("syn_only")
+        ct = tp.get("ratio", {}).get("conntrack_only")
+        rm = tp.get("ratio_of_medians", {}).get("syn_only")
+        rs = tp.get("ratios", {}).get("syn_only") or [0]
+        return ("SYN-only adds conntrack and the mangle chains (CONNMARK restore, conntrack and "
+                "connmark matches) to every established packet; plain routing has no netfilter at "
+                "all in the router"
+                + (f"; conntrack alone (synlb up, traffic not to the VIP) gives {_fmt(ct)}" if ct else "")
+                + f". iperf3 through this VM's veths swings by tens of percent from run to run even "
+                f"on an idle machine (per-round ratios {min(rs):.2f}..{max(rs):.2f}); the ratio of the "
+                f"medians is {_fmt(rm)}. "
+                + (f"Per CPU the lab used: {_fmt(pc)}. " if pc else "")
+                + ("Most rounds were disturbed by other load on the machine: the ratio is mostly "
+                   "noise." if noisy else ""))
+    if key == "worker_rss_mb":
+        return ("the worker is a CPython process with netfilterqueue, the config and Maglev "
+                "modules and two 65537-entry lists (table and marks).")
+    if key == "failover_gap_s":
+        fo = res.get("failover", {})
+        ev = fo.get("events", [])
+        per = {}
+        for e in ev:
+            for k, g in e.get("gaps", {}).items():
+                per.setdefault(k, []).append(g)
+        spread = ", ".join(f"{k} {min(v):.2f}..{max(v):.2f} s" for k, v in sorted(per.items()))
+        return (f"the VRRP takeover alone took {_fmt(fo.get('median_takeover_s'))} s (median; the "
+                "backup declares the master dead after 3 x advert_int + skew), and a segment lost "
+                "when the links went down is only re-sent on TCP's timers, so a session resumes at "
+                "the first re-send after the takeover. Echo sessions (one segment in flight: tail "
+                "loss probe after 200 ms, then RTO 200 ms doubling) re-send 0.2, 0.4, 0.8, 1.6 s "
+                "after the loss: with a takeover at 0.55-0.7 s the 0.8 s re-send is the first to get "
+                "through, a gap of about 0.85-0.9 s. Push sessions (several segments in flight) "
+                "re-send 0.2, 0.6, 1.4 s after: 0.7 s when the takeover beats the 0.6 s re-send, "
+                f"1.5 s when it does not. Largest gaps per pattern: {spread}. The gap sits at "
+                "the target by TCP's schedule, not by anything synlb does after the takeover; "
+                "synlb kept every session on its target.")
+    if key == "sessions_kept_ratio":
+        fo = res.get("failover", {})
+        errs = [e.get("errors") for e in fo.get("events", []) if e.get("errors")]
+        return f"sessions lost or moved; errors: {errs}"
+    if key == "maglev_build_ms_100":
+        return "the population loop is pure Python."
+    return ""
+
+
+def _estimates_line(sec: dict, arms: tuple, base: str) -> str:
+    rm = sec.get("ratio_of_medians", {})
+    parts = [f"{a} {_fmt(rm.get(a))}" for a in arms if rm.get(a) is not None]
+    if not parts:
+        return ""
+    return (f"Ratio of the medians (median of the arm's runs / median of the {base} runs of the same "
+            f"rounds; steadier when the noise is run to run): {', '.join(parts)}.")
+
+
+def _noise_line(sec: dict, arm: str) -> str:
+    runs = sec.get("runs", [])
+    rounds = {(r["block"], r["round"]): r["quiet_round"] for r in runs}
+    disturbed = sum(1 for q in rounds.values() if not q)
+    shares = [r.get("foreign_share", 0) for r in runs]
+    txt = (f"Rounds disturbed by the rest of the machine (other processes above "
+           f"{100 * 0.15:.0f}% of the CPUs during a run): {disturbed} of {len(rounds)}; "
+           f"their load during the runs: {100 * min(shares, default=0):.0f}..{100 * max(shares, default=0):.0f}%. ")
+    if sec.get("noisy", {}).get(arm):
+        txt += ("Too few undisturbed rounds: the ratios above use every round and are noisy "
+                f"(all rounds: {sec.get('ratios_all', {})}).")
+    else:
+        txt += f"Ratios use the undisturbed rounds only (all rounds: {sec.get('ratios_all', {})})."
+    return txt
+
+
+def render_markdown(res: dict) -> str:
+    m = res.get("machine", {})
+    L: list[str] = []
+    add = L.append
+    add(f"# synlb benchmark{' (quick mode: short runs, not for reporting)' if res.get('quick') else ''}")
+    add("")
+    add(f"- date: {res.get('date')}")
+    add(f"- machine: {m.get('hostname')}, {m.get('cpu_model')}, {m.get('cpus')} CPUs, "
+        f"{m.get('memory_gb')} GB, Linux {m.get('kernel')}, Python {m.get('python')}")
+    add(f"- commit: {m.get('commit')}; load average before: {m.get('load_before')}; "
+        f"run took {res.get('elapsed_s')} s")
+    add("- every ratio is the median of per-round ratios, each against a baseline measured "
+        "right next to it (arms alternate, order reversed every other round)")
+    add("")
+    add("## Headline")
+    add("")
+    add("| figure | value | target | |")
+    add("|---|---:|---:|---|")
+    fo = res.get("failover") or {}
+    for key, t in res.get("targets", {}).items():
+        met = {True: "met", False: f"**missed** by {t.get('missed_by_pct')}%", None: "n/a"}[t["met"]]
+        val = _fmt(t["value"])
+        if key == "sessions_kept_ratio" and fo.get("sessions"):
+            val = f"{fo['kept']}/{fo['sessions']}"
+        add(f"| {LABELS.get(key, key)} | {val} | {t['target']} | {met} |")
+    add(f"| {LABELS['cpu_us_per_conn_own']} | {_fmt(res.get('cpu_us_per_conn_own'))} | (see below) | |")
+    for key in ("all_packets_ratio", "conn_rate_ratio_multiqueue", "throughput_per_cpu_ratio",
+                "conn_per_cpu_ratio", "conn_per_cpu_ratio_multiqueue"):
+        add(f"| {LABELS[key]} | {_fmt(res.get(key))} | (comparison) | |")
+    add("")
+    missed = [(k, t) for k, t in res.get("targets", {}).items() if t["met"] is False]
+    if missed:
+        add("### Targets missed, by how much and why")
+        add("")
+        for k, t in missed:
+            add(f"- **{k}** = {_fmt(t['value'])} (target {t['target']}, missed by "
+                f"{t['missed_by_pct']}%): {_why(k, res)}")
+        add("")
+    if res.get("chart"):
+        add(f"![chart]({res['chart']})")
+        add("")
+    elif res.get("chart_note"):
+        add(f"(chart: {res['chart_note']})")
+        add("")
+
+    sr = res.get("single_router", {})
+    tp = sr.get("throughput")
+    if tp:
+        plan = res.get("plan", {})
+        add("## Established throughput (iperf3)")
+        add("")
+        nr = len({r["round"] for r in tp["runs"]})
+        add(f"iperf3 client -> lb1 -> t1, {plan.get('tput_streams')} streams, "
+            f"{plan.get('tput_seconds')} s (first {plan.get('tput_omit')} s omitted), "
+            f"{nr} rounds. plain: synlb down, to t1's address (no netfilter in the router); "
+            "conntrack_only: synlb up, to t1's address (conntrack and the mangle hooks run, none of "
+            "synlb's rules match): what conntrack alone costs; syn_only and all_packets: synlb up, "
+            "to the VIP (service `ipf`, target t1).")
+        add("")
+        pc = tp.get("per_cpu", {})
+        add("| arm | median Gbit/s | ratio to plain (median) | per-round ratios used | Gbit/s per lab CPU | "
+            "ratio per lab CPU | packets queued (median) |")
+        add("|---|---:|---:|---|---:|---:|---:|")
+        for arm in ("plain", "conntrack_only", "syn_only", "all_packets"):
+            q = [r["queued_packets"] for r in tp["runs"] if r["arm"] == arm]
+            if not q:
+                continue
+            base = 1.0 if arm == "plain" else None
+            add(f"| {arm} | {_fmt(tp['median'].get(arm))} | {_fmt(tp['ratio'].get(arm, base))} "
+                f"| {tp['ratios'].get(arm, '')} | {_fmt(pc.get('median', {}).get(arm))} "
+                f"| {_fmt(pc.get('ratio', {}).get(arm, base))} | {int(sorted(q)[len(q) // 2]) if q else 0} |")
+        add("")
+        allp = [r for r in tp["runs"] if r["arm"] == "all_packets"]
+        if allp:
+            secs = plan.get("tput_seconds", 10) + plan.get("tput_omit", 0)
+            mid = sorted(allp, key=lambda r: r.get("queue_entries", 0))[len(allp) // 2]
+            drops = sum(r.get("queue_dropped", 0) + r.get("user_dropped", 0) for r in allp)
+            if mid.get("queue_entries"):
+                add(f"All-packets mode: the rule sent {mid['queued_packets']:,} packets to the queue "
+                    f"in a run, {mid['queue_entries']:,} queue entries once the kernel had segmented "
+                    f"the GSO ones (netfilterqueue cannot take GSO packets whole): the worker "
+                    f"verdicted about {mid['queue_entries'] / secs:,.0f} packets/s; {drops} dropped by a "
+                    "full queue or socket over all rounds. TCP slows down to what one Python worker "
+                    "can verdict.")
+                add("")
+        add(_noise_line(tp, "syn_only"))
+        add("")
+        add(_estimates_line(tp, ("syn_only", "conntrack_only", "all_packets"), "plain"))
+        add("")
+    cr = sr.get("conn_rate")
+    if cr:
+        plan = res.get("plan", {})
+        add("## New connections per second (wrk, `Connection: close`)")
+        add("")
+        nr = {b: len({r["round"] for r in cr["runs"] if r["block"] == b}) for b in ("synlb", "synlb_mq")}
+        add(f"wrk -t{plan.get('wrk_threads')} -c{plan.get('wrk_connections')} "
+            f"-d{plan.get('conn_seconds')}s against nginx on t1..t3 through the VIP, "
+            f"{nr['synlb']} rounds against synlb and {nr['synlb_mq']} against synlb with 2 queues. hmark: the NFQUEUE rule replaced by "
+            "`HMARK --hmark-tuple src,dst,sport,dport --hmark-mod 3` into the same marks "
+            "(same chains, CONNMARK, ip rules); synlb: one queue; synlb_mq: `queue = 0-1` "
+            "(two workers, `--queue-balance 0:1 --queue-cpu-fanout`).")
+        add("")
+        pc = cr.get("per_cpu", {})
+        add("| arm | median conn/s | ratio to hmark (median) | per-round ratios used | conn/s per lab CPU | "
+            "ratio per lab CPU | worker CPU us/conn (user + sys) | worker RSS MB | packets queued per conn |")
+        add("|---|---:|---:|---|---:|---:|---:|---:|---:|")
+        for arm in ("hmark", "synlb", "synlb_mq"):
+            cpu = cr.get("cpu_us_per_conn", {}).get(arm)
+            u = cr.get("worker_user_us_per_conn", {}).get(arm)
+            s = cr.get("worker_sys_us_per_conn", {}).get(arm)
+            cpu_txt = f"{_fmt(cpu)} ({_fmt(u)} + {_fmt(s)})" if cpu is not None else "-"
+            base = 1.0 if arm == "hmark" else None
+            add(f"| {arm} | {_fmt(cr['median'].get(arm))} | {_fmt(cr['ratio'].get(arm, base))} "
+                f"| {cr['ratios'].get(arm, '')} | {_fmt(pc.get('median', {}).get(arm))} "
+                f"| {_fmt(pc.get('ratio', {}).get(arm, base))} | {cpu_txt} "
+                f"| {_fmt(cr.get('worker_rss_mb', {}).get(arm, None))} "
+                f"| {_fmt(cr.get('queued_per_conn', {}).get(arm))} |")
+        add("")
+        add(_noise_line(cr, "synlb"))
+        add("")
+        add(_estimates_line(cr, ("synlb", "synlb_mq"), "hmark"))
+        add("")
+        add("Per lab CPU: each run's rate divided by the CPUs the lab used during it (its "
+            "processes, the wrk/iperf3 clients, ksoftirqd). The lab alone keeps both CPUs busy, so "
+            "this is the rate it would reach with the machine to itself; other load on the machine "
+            "hardly moves it, while it moves the raw rates a lot.")
+        cr_range = cr.get("copy_range", {}).get("synlb") or {}
+        add(f"Kernel copy range of the worker's queue (bytes of each packet copied to user space): "
+            f"{', '.join(str(v) for v in cr_range.values()) or 'n/a'}.")
+        prof = cr.get("profile")
+        if prof:
+            add("")
+            add(f"perf profile of the worker (one extra synlb run): {prof['softirq_in_worker_pct']:.0f}% of "
+                f"its samples are softirq packet processing (`net_rx_action`) run inside its syscalls, "
+                f"{prof['verdict_syscall_pct']:.0f}% are under the verdict syscall, "
+                f"{prof['user_space_pct']:.0f}% are user space (Python, netfilterqueue, libc).")
+        add("")
+    fo = res.get("failover")
+    if fo:
+        add("## Failover (2 routers, keepalived, synlb hot standby on both)")
+        add("")
+        add(f"advert_int {fo['advert_int']} s, nopreempt (the master alternates); per failover "
+            f"{res.get('plan', {}).get('sessions_per_pattern')} IPv4 echo and as many IPv6 "
+            "server-push sessions through the VIP (50 ms interval); the master's front and back "
+            "links are set down. A session is kept if it never failed, resumed within the "
+            "stall limit and stayed on its target.")
+        add("")
+        add("| # | from -> to | VRRP takeover s | largest gap s | echo v4 gap s | push v6 gap s | kept | moved |")
+        add("|---:|---|---:|---:|---:|---:|---:|---:|")
+        for e in fo["events"]:
+            g = e.get("gaps", {})
+            add(f"| {e['index']} | {e['from']} -> {e['to']} | {e['takeover_s']:.2f} | {e['max_gap_s']:.3f} "
+                f"| {_fmt(g.get('echo_v4'))} | {_fmt(g.get('push_v6'))} | {e['kept']}/{e['sessions']} | {e['moved']} |")
+        add("")
+        add(f"Largest gap {_fmt(fo['max_gap_s'])} s (target <= 3 x advert_int + 0.3 = "
+            f"{3 * fo['advert_int'] + 0.3:.1f} s); kept {fo['kept']}/{fo['sessions']}.")
+        add("")
+    mg = res.get("maglev")
+    if mg:
+        add(f"## Maglev table build (M = {mg['table_size']})")
+        add("")
+        add("| targets | median ms | min ms |")
+        add("|---:|---:|---:|")
+        for n, v in mg["build_ms"].items():
+            add(f"| {n} | {v['median_ms']} | {v['min_ms']} |")
+        add("")
+    hp = res.get("hotpath")
+    if hp:
+        add("## Worker hot path (Python only, stub packets)")
+        add("")
+        add(f"`Worker.on_packet` on {hp['packets']} stub packets ({hp['mix']}), best of 10 batches "
+            f"alternating with the seed's callback: **{hp['current_us_per_packet']} us** per packet; "
+            f"the seed's: {hp['seed_us_per_packet']} us. Both give the same mark for every packet checked.")
+        add("")
+    add("How to run and read this report, and what was tried to make synlb fast: "
+        "[bench/README.md](../README.md).")
+    add("")
+    return "\n".join(L)
+
+
+# ---------------------------------------------------------------- chart
+
+def write_chart(res: dict, path: str) -> str | None:
+    """The PNG; returns None, or why there is no chart."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib not installed (pip install -e '.[bench]')"
+    t = res.get("targets", {})
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw={"width_ratios": [1, 1.1]})
+    # left: ratios against baselines (higher is better)
+    sr = res.get("single_router", {})
+    tp_r = sr.get("throughput", {}).get("ratios", {})
+    cr_r = sr.get("conn_rate", {}).get("ratios", {})
+    bars = [("throughput\nSYN-only", res.get("throughput_ratio"), 0.95, tp_r.get("syn_only")),
+            ("throughput\nall-packets", res.get("all_packets_ratio"), None, tp_r.get("all_packets")),
+            ("conn/s\nsynlb", res.get("conn_rate_ratio"), 0.9, cr_r.get("synlb")),
+            ("conn/s\n2 queues", res.get("conn_rate_ratio_multiqueue"), None, cr_r.get("synlb_mq"))]
+    xs = list(range(len(bars)))
+    vals = [b[1] or 0 for b in bars]
+    colors = [("#4c9a2a" if (b[1] or 0) >= b[2] else "#c0392b") if b[2] else "#7f8c8d" for b in bars]
+    lo = [v - min(b[3]) if b[3] else 0 for v, b in zip(vals, bars)]
+    hi = [max(b[3]) - v if b[3] else 0 for v, b in zip(vals, bars)]
+    ax1.bar(xs, vals, color=colors, yerr=[lo, hi], capsize=6, ecolor="#333333")
+    top1 = max([v + h for v, h in zip(vals, hi)] + [1.1])
+    for x, b, v, h in zip(xs, bars, vals, hi):
+        if b[2]:
+            ax1.hlines(b[2], x - 0.4, x + 0.4, colors="black", linestyles="dashed")
+        ax1.text(x + 0.08, v + h + 0.02 * top1, _fmt(b[1]), ha="left", fontsize=10)
+    ax1.set_xticks(xs, [b[0] for b in bars])
+    ax1.set_ylim(0, top1 * 1.12)
+    ax1.axhline(1.0, color="grey", linewidth=0.5)
+    ax1.set_title("median ratio to baseline, bars: per-round range\n(dashed: target; higher is better)",
+                  fontsize=10)
+    # right: value / target budget (lower is better)
+    budget = [("CPU us\nper conn", "cpu_us_per_conn"), ("RSS MB", "worker_rss_mb"),
+              ("Maglev\n100 tgts", "maglev_build_ms_100"), ("failover\ngap", "failover_gap_s")]
+    labels, fr, txt, col = [], [], [], []
+    for lab, key in budget:
+        v = t.get(key, {})
+        lim = float(v.get("target", "0 1").split()[-1]) if v.get("target") else None
+        val = v.get("value")
+        labels.append(lab)
+        f = (val / lim) if (val is not None and lim) else 0
+        fr.append(f)
+        txt.append(f"{_fmt(val, 4 if key == 'failover_gap_s' else 3)} / {lim:g}" if lim else "n/a")
+        col.append("#4c9a2a" if v.get("met") else "#c0392b")
+    ax2.bar(range(len(labels)), fr, color=col)
+    ax2.axhline(1.0, color="black", linestyle="dashed")
+    own = res.get("cpu_us_per_conn_own")
+    cpu_lim = TARGET_LIMITS.get("cpu_us_per_conn")
+    if own and cpu_lim:
+        ax2.hlines(own / cpu_lim, -0.4, 0.4, colors="white", linewidth=2)
+        ax2.text(0.42, own / cpu_lim, f"without lab\nsoftirq: {own:.0f}", va="center", fontsize=8)
+    top = max(fr + [1.0])
+    for x, (f, s) in enumerate(zip(fr, txt)):
+        ax2.text(x, f * 1.08 if top > 8 else f + 0.03 * top, s, ha="center", fontsize=9)
+    ax2.set_xticks(range(len(labels)), labels)
+    ax2.set_yscale("log" if top > 8 else "linear")
+    ax2.set_ylim(0.01 if top > 8 else 0, top * (2.5 if top > 8 else 1.2))
+    ax2.set_title("value / target (dashed: the target; lower is better)", fontsize=10)
+    fo = res.get("failover", {})
+    kept = f"{fo.get('kept')}/{fo.get('sessions')}" if fo else "n/a"
+    m = res.get("machine", {})
+    fig.suptitle(f"synlb bench {res.get('date', '')[:10]} on {m.get('hostname')} ({m.get('cpus')} CPUs)"
+                 f" - failover sessions kept {kept}{' - QUICK' if res.get('quick') else ''}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return None

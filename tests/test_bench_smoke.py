@@ -1,0 +1,76 @@
+"""`synlb-lab bench --quick` end to end in the lab: every section runs, the
+report has the figures the issue asks for, with sane values. Speed is
+not asserted (the machine is shared); the targets are the benchmark's job."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = [pytest.mark.lab,
+              pytest.mark.skipif(os.geteuid() != 0 or not all(shutil.which(t) for t in ("wrk", "iperf3", "nginx")),
+                                 reason="needs root, wrk, iperf3 and nginx")]
+
+KEYS = ("throughput_ratio", "all_packets_ratio", "conn_rate_ratio", "cpu_us_per_conn", "worker_rss_mb",
+        "maglev_build_ms_100", "failover_gap_s", "sessions_kept_ratio")
+
+
+def synlb_lab() -> str:
+    return os.path.join(os.path.dirname(sys.executable), "synlb-lab")
+
+
+def test_quick_bench_writes_a_sane_report(tmp_path):
+    t0 = time.monotonic()
+    cp = subprocess.run([synlb_lab(), "bench", "--quick", "--out", str(tmp_path)],
+                        capture_output=True, text=True, timeout=300)
+    took = time.monotonic() - t0
+    assert cp.returncode == 0, cp.stderr[-3000:]
+    print(f"\nquick bench took {took:.1f} s\n{cp.stdout}")
+
+    res = json.loads((tmp_path / "latest.json").read_text())
+    for k in KEYS:
+        assert isinstance(res.get(k), (int, float)) and math.isfinite(res[k]), (k, res.get(k))
+    assert 0.2 < res["throughput_ratio"] < 5
+    assert 0 < res["all_packets_ratio"] < 2
+    assert 0.1 < res["conn_rate_ratio"] < 10
+    assert 0 < res["cpu_us_per_conn"] < 10_000
+    assert 5 < res["worker_rss_mb"] < 1000
+    assert 0 < res["maglev_build_ms_100"] < 60_000
+    assert 0 <= res["failover_gap_s"] < 30
+    assert 0 <= res["sessions_kept_ratio"] <= 1
+    assert res["quick"] is True
+
+    # the pieces behind the headline: the arms really ran as described
+    tp = res["single_router"]["throughput"]
+    queued = {r["arm"]: r["queued_packets"] for r in tp["runs"]}
+    assert queued["plain"] == 0
+    assert queued["syn_only"] <= 20  # the SYNs of the iperf3 connections
+    assert queued["all_packets"] > 50 * queued["syn_only"]  # every packet
+    cr = res["single_router"]["conn_rate"]
+    for arm in ("synlb", "synlb_mq"):
+        assert 0.9 <= cr["queued_per_conn"][arm] <= 1.2, cr["queued_per_conn"]  # one SYN per connection
+    assert all(r["queued_packets"] == 0 for r in cr["runs"] if r["arm"] == "hmark")
+    fo = res["failover"]
+    assert len(fo["events"]) >= 1 and fo["sessions"] > 0
+    assert {e["from"] for e in fo["events"]} <= {"lb1", "lb2"}
+    assert set(res["maglev"]["build_ms"]) == {"10", "100", "1000"}
+    assert res["hotpath"]["current_us_per_packet"] > 0
+
+    md = (tmp_path / "latest.md").read_text()
+    assert "## Headline" in md and "Failover" in md and "HMARK" in md
+    if res.get("chart"):
+        png = (tmp_path / "latest.png").read_bytes()
+        assert png.startswith(b"\x89PNG")
+    # nothing left behind by the labs
+    prefixes = set(re.findall(r"\blab (sl[0-9a-f]{4})\b", cp.stderr))
+    assert len(prefixes) == 2, cp.stderr[-2000:]
+    ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+    assert not [n for n in ns if n.split("-")[0] in prefixes]
