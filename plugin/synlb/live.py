@@ -6,8 +6,6 @@ import ipaddress
 import os
 import shutil
 
-from pyroute2 import IPRoute
-
 from .config import Config
 
 
@@ -20,6 +18,10 @@ class LiveError(RuntimeError):
 
 
 def problems(cfg: Config) -> list[str]:
+    # pyroute2 is imported here: the CLI imports this module for LiveError,
+    # and every NFQUEUE worker starts through the CLI (12 MB of RSS)
+    from pyroute2 import IPRoute
+
     out = []
     main = cfg.files[0]
     for tool in ("iptables-restore", "ip6tables-restore", "iptables-save", "ip6tables-save"):

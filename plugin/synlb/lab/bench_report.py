@@ -147,15 +147,13 @@ def _why(key: str, res: dict) -> str:
         spread = ", ".join(f"{k} {min(v):.2f}..{max(v):.2f} s" for k, v in sorted(per.items()))
         return (f"the VRRP takeover alone took {_fmt(fo.get('median_takeover_s'))} s (median; the "
                 "backup declares the master dead after 3 x advert_int + skew), and a segment lost "
-                "when the links went down is only re-sent on TCP's timers, so a session resumes at "
-                "the first re-send after the takeover. Echo sessions (one segment in flight: tail "
-                "loss probe after 200 ms, then RTO 200 ms doubling) re-send 0.2, 0.4, 0.8, 1.6 s "
-                "after the loss: with a takeover at 0.55-0.7 s the 0.8 s re-send is the first to get "
-                "through, a gap of about 0.85-0.9 s. Push sessions (several segments in flight) "
-                "re-send 0.2, 0.6, 1.4 s after: 0.7 s when the takeover beats the 0.6 s re-send, "
-                f"1.5 s when it does not. Largest gaps per pattern: {spread}. The gap sits at "
-                "the target by TCP's schedule, not by anything synlb does after the takeover; "
-                "synlb kept every session on its target.")
+                "when the links went down is only re-sent on TCP's timers (tail loss probe about "
+                "0.2 s after the loss, then the RTO doubling from 0.2 s), so a session resumes at "
+                "the first re-send after the takeover; the fail back moves the traffic once more. "
+                f"Largest gaps per pattern: {spread}. The gap is set by keepalived's detection and "
+                "TCP's retransmission schedule, not by anything synlb does after the takeover (the "
+                "first packet of each picked-up session is marked within the worker's "
+                "microseconds); every session stayed on its target.")
     if key == "sessions_kept_ratio":
         fo = res.get("failover", {})
         errs = [e.get("errors") for e in fo.get("events", []) if e.get("errors")]
@@ -331,21 +329,24 @@ def render_markdown(res: dict) -> str:
     if fo:
         add("## Failover (2 routers, keepalived, synlb hot standby on both)")
         add("")
-        add(f"advert_int {fo['advert_int']} s, nopreempt (the master alternates); per failover "
-            f"{res.get('plan', {}).get('sessions_per_pattern')} IPv4 echo and as many IPv6 "
-            "server-push sessions through the VIP (50 ms interval); the master's front and back "
-            "links are set down. A session is kept if it never failed, resumed within the "
-            "stall limit and stayed on its target.")
+        add(f"The shipped keepalived configuration (conf/keepalived.conf.example: advert_int "
+            f"{fo['advert_int']} s, preempt_delay) with the notify hook, synlb hot standby on both "
+            f"routers; per failover {res.get('plan', {}).get('sessions_per_pattern')} echo "
+            "(client first) and as many push (server first) sessions per IP family through the "
+            "VIP; the master's front and back links go down, and come back (fail back) before the "
+            "next round; gaps cover both moves. A session is kept if it never failed, resumed "
+            "within the stall limit and stayed on its target.")
         add("")
-        add("| # | from -> to | VRRP takeover s | largest gap s | echo v4 gap s | push v6 gap s | kept | moved |")
-        add("|---:|---|---:|---:|---:|---:|---:|---:|")
+        add("| # | VRRP takeover s | fail back s | largest gap s | echo v4 | echo v6 | push v4 | push v6 | kept | moved |")
+        add("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for e in fo["events"]:
             g = e.get("gaps", {})
-            add(f"| {e['index']} | {e['from']} -> {e['to']} | {e['takeover_s']:.2f} | {e['max_gap_s']:.3f} "
-                f"| {_fmt(g.get('echo_v4'))} | {_fmt(g.get('push_v6'))} | {e['kept']}/{e['sessions']} | {e['moved']} |")
+            add(f"| {e['index']} | {e['takeover_s']:.2f} | {_fmt(e.get('takeover_back_s'))} | {e['max_gap_s']:.3f} "
+                f"| {_fmt(g.get('echo_v4'))} | {_fmt(g.get('echo_v6'))} | {_fmt(g.get('push_v4'))} "
+                f"| {_fmt(g.get('push_v6'))} | {e['kept']}/{e['sessions']} | {e['moved']} |")
         add("")
         add(f"Largest gap {_fmt(fo['max_gap_s'])} s (target <= 3 x advert_int + 0.3 = "
-            f"{3 * fo['advert_int'] + 0.3:.1f} s); kept {fo['kept']}/{fo['sessions']}.")
+            f"{3 * fo['advert_int'] + 0.3:.2f} s); kept {fo['kept']}/{fo['sessions']}.")
         add("")
     mg = res.get("maglev")
     if mg:
