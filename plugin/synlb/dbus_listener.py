@@ -30,7 +30,6 @@ from __future__ import annotations
 import logging
 import re
 import signal
-import sys
 import xml.etree.ElementTree as ET
 
 from . import vrrp, vrrp_apply
@@ -266,15 +265,7 @@ class Listener:
         self.apply(VrrpEvent("dbus", self.ld.vcfg.kind, self.ld.vcfg.name, state), vrrp_apply.now_stamp())
 
     def apply(self, ev: VrrpEvent, stamp) -> None:
-        """Record and reconcile in a detached child: the listener's own state
-        never mixes with the data plane's."""
-        def run() -> int:
-            res = vrrp_apply.handle(self.config_path, ev, stamp)
-            print(f"synlb dbus: {res.summary()}", flush=True)
-            return 0
-
-        vrrp_apply.run_detached(lambda: vrrp_apply.guarded("dbus", run))
-        sys.stdout.flush()
+        vrrp_apply.apply_detached("dbus", self.config_path, ev, stamp)
 
     def subscribe(self) -> None:
         b = self.bus

@@ -309,6 +309,20 @@ def _reconcile(ld: Loaded, latest: VrrpEvent, entry: dict, res: Result) -> None:
     _log_line(ld.state_dir, entry)
 
 
+def apply_detached(command: str, config_path: str | None, event: VrrpEvent, stamp: Stamp) -> int:
+    """``handle`` in a detached child, its one-line summary on stdout: what
+    the long-running sources (fifo, dbus) do for each event, so their own
+    state never mixes with the data plane's."""
+    def run() -> int:
+        res = handle(config_path, event, stamp)
+        print(f"synlb {command}: {res.summary()}", flush=True)
+        return 0
+
+    rc = run_detached(lambda: guarded(command, run))
+    sys.stdout.flush()
+    return rc
+
+
 def run_detached(fn) -> int:
     """Run ``fn() -> int`` in a child in a new session and wait for it.
 

@@ -23,7 +23,6 @@ import os
 import select
 import signal
 import stat
-import sys
 import time
 
 from . import vrrp, vrrp_apply
@@ -151,11 +150,4 @@ class _Reader:
             return
         ev, stamp = self.pending
         self.pending = None
-
-        def run() -> int:
-            res = vrrp_apply.handle(self.config_path, ev, stamp)
-            print(f"synlb fifo: {res.summary()}", flush=True)
-            return 0
-
-        vrrp_apply.run_detached(lambda: vrrp_apply.guarded("fifo", run))
-        sys.stdout.flush()
+        vrrp_apply.apply_detached("fifo", self.config_path, ev, stamp)
