@@ -78,12 +78,14 @@ def test_maglev_bench_shape():
 
 def test_check_targets():
     t = bench.check_targets({"throughput_ratio": 0.9, "conn_rate_ratio": 0.95, "cpu_us_per_conn": 20.0,
-                             "worker_rss_mb": 30.0, "maglev_build_ms_100": 50.0, "failover_gap_s": 0.8,
+                             "worker_rss_mb": 30.0, "maglev_build_ms_100": 50.0, "failover_gap_s": 0.4,
                              "sessions_kept_ratio": 1.0})
     assert t["throughput_ratio"]["met"] is False and t["throughput_ratio"]["missed_by_pct"] == 5.3
     assert t["conn_rate_ratio"]["met"] is True
     assert t["cpu_us_per_conn"]["met"] is False and t["cpu_us_per_conn"]["missed_by_pct"] == 100.0
     assert t["failover_gap_s"]["met"] is True and t["sessions_kept_ratio"]["met"] is True
+    # the gap target follows the shipped advert_int: 3 x 0.05 + 0.3 = 0.45 s
+    assert bench.check_targets({"failover_gap_s": 0.5})["failover_gap_s"]["met"] is False
 
 
 def test_summarize_pairs_prefers_quiet_rounds():
