@@ -84,5 +84,10 @@ def request(state_dir: str, req: dict, timeout: float = TIMEOUT) -> dict | None:
                     break
                 buf += chunk
     except (ConnectionRefusedError, FileNotFoundError):
-        return None
-    return json.loads(buf) if buf else {"ok": False, "error": "no answer from the host"}
+        return None  # a socket file left by a host that is gone
+    except OSError as e:
+        return {"ok": False, "error": f"control socket {path}: {e.strerror or e}"}
+    try:
+        return json.loads(buf) if buf else {"ok": False, "error": "no answer from the host"}
+    except ValueError:
+        return {"ok": False, "error": "the host's answer is not JSON"}

@@ -68,7 +68,14 @@ class Host:
         ctl = control.ControlServer(control.socket_path(self.cfg.globals.state_dir), self.handle_request)
         ctl.start()
         for p in self.plugins:
-            p.start()
+            try:
+                p.start()
+            except Exception as e:  # noqa: BLE001 - one clear line, then leave nothing behind
+                log.error("plugin %s failed to start: %s", p.name, e)
+                for q in self.plugins:
+                    q.stop()
+                ctl.stop()
+                return 1
         log.info("host started: plugins %s, node %s", ",".join(p.name for p in self.plugins), self.node.vrrp)
         self.reconcile("start")
         try:

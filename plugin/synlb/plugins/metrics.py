@@ -228,11 +228,31 @@ class MetricsPlugin(Plugin):
         return {"summary": f"serving http://{self.listen}/metrics", "listen": self.listen}
 
     def _serve(self, listen: str) -> None:
-        from prometheus_client import start_http_server
+        # prometheus-client's WSGI app on a threading wsgiref server: what its
+        # start_http_server does, kept here because Debian 12's 0.16 does not
+        # return the server, which stop() and a changed `listen` need
+        import socket
+        from socketserver import ThreadingMixIn
+        from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+        from prometheus_client import make_wsgi_app
+
         addr, port = parse_listen(listen)
         self.listen = listen
+
+        class Server(ThreadingMixIn, WSGIServer):
+            daemon_threads = True
+            address_family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+
+        class QuietHandler(WSGIRequestHandler):
+            def log_message(self, *args) -> None:  # scrapes are not worth a log line each
+                pass
+
         try:
-            self._server, self._thread = start_http_server(port, addr=addr, registry=self.registry)
+            self._server = make_server(addr, port, make_wsgi_app(self.registry), Server,
+                                       handler_class=QuietHandler)
+            self._thread = threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True)
+            self._thread.start()
         except OSError as e:
             self._server = None
             self.error = f"cannot listen on {listen}: {e.strerror or e}"
