@@ -59,6 +59,7 @@ import psutil
 
 from . import addresses as A
 from .netns import LabError
+from .scenario import render_service_config, synlb_exe
 from .topology import Lab
 
 SCHEMA = 1
@@ -138,10 +139,6 @@ def rounded(x: float | None, nd: int = 3) -> float | None:
 
 # ---------------------------------------------------------------- synlb in a router
 
-def synlb_exe() -> str:
-    return os.path.join(os.path.dirname(sys.executable), "synlb")
-
-
 def render_config(state_dir: str, *, queue: str = "0", shortcut: bool = True,
                   iperf_service: bool = True, ports: str = f"80, 8080, {NGINX_PORT}") -> str:
     """The bench's synlb configuration for one router.
@@ -152,26 +149,11 @@ def render_config(state_dir: str, *, queue: str = "0", shortcut: bool = True,
     because an iperf3 test (control + data connections) must reach one
     server; its queue is separate (8)."""
     sc = "yes" if shortcut else "no"
-    vips = f"{A.VIP[4]}/32, {A.VIP[6]}/128"
-    text = f"""# written by synlb-lab bench
-[synlb]
-state_dir = {state_dir}
-
-[service:web]
-vips = {vips}
-ingress = {A.ROUTER_FRONT_IF}
-egress = {A.ROUTER_BACK_IF}
-protocols = tcp
-ports = {ports}
-queue = {queue}
-targets = t1, t2, t3
-table_size = {TABLE_SIZE}
-shortcut = {sc}
-"""
+    ipf = ""
     if iperf_service:
-        text += f"""
+        ipf = f"""
 [service:ipf]
-vips = {vips}
+vips = {A.VIP[4]}/32, {A.VIP[6]}/128
 ingress = {A.ROUTER_FRONT_IF}
 egress = {A.ROUTER_BACK_IF}
 protocols = tcp
@@ -180,13 +162,11 @@ queue = {IPERF_QUEUE}
 targets = t1
 shortcut = {sc}
 """
-    for k in (1, 2, 3):
-        text += f"""
-[target:t{k}]
-address = {A.target(k, 4)}, {A.target(k, 6)}
-mark = {MARK_BASE + k - 1:#x}
-"""
-    return text
+    targets = [(f"t{k}", A.target(k, 4), A.target(k, 6)) for k in (1, 2, 3)]
+    marks = {f"t{k}": MARK_BASE + k - 1 for k in (1, 2, 3)}
+    return "# written by synlb-lab bench\n" + render_service_config(
+        state_dir, targets, queue=queue, ports=ports, marks=marks,
+        extra_service=f"table_size = {TABLE_SIZE}\nshortcut = {sc}", extra=ipf)
 
 
 class Synlb:

@@ -15,14 +15,14 @@ def synlb_exe() -> str:
     return os.path.join(os.path.dirname(sys.executable), "synlb")
 
 
-def service_config(lab, router: str, *, mode: str = "route", queue: str = "0",
-                   ports: str = "80, 8080", extra_synlb: str = "", extra_service: str = "",
-                   extra: str = "") -> str:
-    """The lab's standard service (VIPs on the targets, all targets), as INI text."""
-    d = lab.role_dir(router)
-    targets = ", ".join(lab.targets)
+def render_service_config(state_dir: str, targets: list[tuple[str, str, str]], *, mode: str = "route",
+                          queue: str = "0", ports: str = "80, 8080", marks: dict[str, int] | None = None,
+                          extra_synlb: str = "", extra_service: str = "", extra: str = "") -> str:
+    """The lab's standard service ``web`` (the VIPs, over every target) as INI
+    text; ``targets`` are (name, IPv4, IPv6), ``marks`` optional fwmarks by name."""
+    names = ", ".join(name for name, _, _ in targets)
     text = f"""[synlb]
-state_dir = {os.path.join(d, 'synlb-state')}
+state_dir = {state_dir}
 {extra_synlb}
 [service:web]
 vips = {A.VIP[4]}/32, {A.VIP[6]}/128
@@ -32,12 +32,20 @@ protocols = tcp
 ports = {ports}
 mode = {mode}
 queue = {queue}
-targets = {targets}
+targets = {names}
 {extra_service}
 """
-    for t in lab.targets:
-        text += f"\n[target:{t}]\naddress = {lab.addr(t, 4)}, {lab.addr(t, 6)}\n"
+    for name, a4, a6 in targets:
+        text += f"\n[target:{name}]\naddress = {a4}, {a6}\n"
+        if marks and name in marks:
+            text += f"mark = {marks[name]:#x}\n"
     return text + extra
+
+
+def service_config(lab, router: str, **kw: Any) -> str:
+    """render_service_config for a router of ``lab`` (its state dir, the lab's targets)."""
+    targets = [(t, lab.addr(t, 4), lab.addr(t, 6)) for t in lab.targets]
+    return render_service_config(os.path.join(lab.role_dir(router), "synlb-state"), targets, **kw)
 
 
 def write_config(lab, router: str, text: str | None = None, name: str = "synlb.ini", **kw: Any) -> str:
