@@ -105,7 +105,7 @@ class Worker:
         log.info("queue %d: table rebuilt for targets %s", self.queue, ",".join(table.names) or "(none)")
 
     def stats_path(self) -> str:
-        return os.path.join(self.cfg.globals.state_dir, f"worker-{self.queue}.stats.json")
+        return stats_file(self.cfg.globals.state_dir, self.queue)
 
     def write_stats(self) -> None:
         picks = dict(self.picks)
@@ -173,6 +173,11 @@ class Worker:
             self.write_stats()
         log.info("queue %d unbound", self.queue)
         return 0
+
+
+def stats_file(state_dir: str, queue: int) -> str:
+    """Where a worker publishes its counters (and, right after binding, its pid)."""
+    return os.path.join(state_dir, f"worker-{queue}.stats.json")
 
 
 def main(config_path: str, service_name: str, queue: int) -> int:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import psutil
 
 from . import health_state
+from .worker import stats_file
 from .config import Config, Service
 
 QUEUE_PROC = "/proc/net/netfilter/nfnetlink_queue"
@@ -142,10 +143,6 @@ def start(config_path: str, cfg: Config, svc: Service, queue: int) -> WorkerInfo
                       pidfile=pidfile(state_dir, queue))
     _write(info)
     return info
-
-
-def stats_file(state_dir: str, queue: int) -> str:
-    return os.path.join(state_dir, f"worker-{queue}.stats.json")
 
 
 def _holds_queue(info: WorkerInfo, bound: dict) -> bool:
