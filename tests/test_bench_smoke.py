@@ -55,12 +55,21 @@ def test_quick_bench_writes_a_sane_report(tmp_path):
     assert queued["syn_only"] <= 20  # the SYNs of the iperf3 connections
     assert queued["all_packets"] > 50 * queued["syn_only"]  # every packet
     cr = res["single_router"]["conn_rate"]
-    for arm in ("synlb", "synlb_mq"):
+    for arm in ("synlb", "synlb_mq", "synlb_nic"):
         assert 0.9 <= cr["queued_per_conn"][arm] <= 1.2, cr["queued_per_conn"]  # one SYN per connection
-    assert all(r["queued_packets"] == 0 for r in cr["runs"] if r["arm"] == "hmark")
+    assert all(r["queued_packets"] == 0 for r in cr["runs"] if r["arm"].startswith("hmark"))
+    # the worker's CPU on NIC-like router links is the headline; the plain veth figure beside it
+    assert res["cpu_us_per_conn"] == cr["cpu_us_per_conn"]["synlb_nic"]
+    assert 0 < res["cpu_us_per_conn_veth"] < 10_000
     fo = res["failover"]
     assert len(fo["events"]) >= 1 and fo["sessions"] > 0
     assert {e["from"] for e in fo["events"]} <= {"lb1", "lb2"}
+    # the gap is the longest time data was held up; every pattern reports it, and it never
+    # exceeds the longest time between deliveries (which adds the sessions' own pauses)
+    for e in fo["events"]:
+        assert set(e["delays"]) == set(e["gaps"]) == {f"{p}_v{f}" for p in fo["patterns"] for f in (4, 6)}
+        assert 0 < e["max_delay_s"] <= e["max_gap_s"], e
+    assert res["failover_gap_s"] == fo["max_delay_s"]
     assert set(res["maglev"]["build_ms"]) == {"10", "100", "1000"}
     assert res["hotpath"]["current_us_per_packet"] > 0
 

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import threading
+import time
+
+import psutil
 import pytest
 
+from synlb import health_state
+from synlb import worker as worker_mod
 from synlb.lab import addresses as A
 from synlb.lab.scenario import kernel_snapshot, status, synlb, write_config
 from synlb.lab.topology import Lab
@@ -179,3 +188,55 @@ def test_picked_up_connection_reaches_the_same_target(lab, clean):
 def lab_python() -> str:
     import sys
     return sys.executable
+
+
+def _stats(state_dir: str) -> dict:
+    with open(worker_mod.stats_file(state_dir, 0)) as fh:
+        return json.load(fh)
+
+
+def _until(what, timeout: float = 5.0, step: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        got = what()
+        if got or time.monotonic() > deadline:
+            return got
+        time.sleep(step)
+
+
+def test_worker_follows_signals_with_no_packet_coming(lab, clean):
+    """The worker blocks in netfilterqueue's recv loop: a SIGHUP (new table)
+    and the SIGTERM of `down` must still take effect while no packet comes,
+    and its stats file stays current while packets flow."""
+    conf = write_config(lab, "lb1")
+    state_dir = os.path.join(lab.role_dir("lb1"), "synlb-state")
+    synlb(lab, "lb1", conf, "up")
+    pid = _stats(state_dir)["pid"]
+    assert _stats(state_dir)["targets"] == ["t1", "t2", "t3"]
+
+    # idle: the health file takes t1 out, SIGHUP, and the table follows with no traffic
+    health_state.write_down(state_dir, {"web": ["t1"]})
+    os.kill(pid, signal.SIGHUP)
+    assert _until(lambda: _stats(state_dir)["targets"] == ["t2", "t3"]), _stats(state_dir)
+    res = lab.open_connections(A.VIP[4], count=60, concurrency=10)
+    assert res["ok"] == 60 and set(res["per_target"]) == {"t2", "t3"}, res
+
+    # busy: the counters are published while packets keep coming
+    seen: list[int] = []
+    load = threading.Thread(target=lab.open_connections, args=(A.VIP[4],),
+                            kwargs={"count": 4000, "concurrency": 8})
+    load.start()
+    try:
+        while load.is_alive() and len(seen) < 200:
+            seen.append(_stats(state_dir)["packets"])
+            time.sleep(0.1)
+    finally:
+        load.join(60)
+    assert len(set(seen)) >= 3, seen  # several updates during the run, not only after it
+
+    # idle again: `down` stops the worker by SIGTERM, and it unbinds by itself (not killed)
+    synlb(lab, "lb1", conf, "down")
+    assert not psutil.pid_exists(pid)
+    with open(os.path.join(state_dir, "worker-0.log")) as fh:
+        assert "queue 0 unbound" in fh.read()
+    health_state.clear(state_dir)

@@ -83,6 +83,8 @@ def test_single_router_routing_patterns_and_teardown():
             assert s["survived"] == 2 and s["moved"] == 0, (key, s)
             assert s["per_target"] == {"t1": 2}
             assert s["max_gap"] < 1.0, (key, s)
+            # every pattern measures how long its data was under way
+            assert all(0 < r["max_delay"] < 1.0 for r in res["sessions"]), (key, res)
             assert all(r["exchanges"] > 3 for r in res["sessions"]), (key, res)
         # stoppable by SIGTERM, results printed
         h = lab.start_sessions(lab.addr("t3", 4), "push", count=3, duration=60)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import select
 import signal
 import time
 from hashlib import blake2b
@@ -65,6 +64,8 @@ class Worker:
         self.table = MarkTable(self.cfg, service_name)
         self.stop = False
         self.reload = False
+        self.attention = False  # reload, stop or stats_due is set: on_packet must look
+        self.stats_due = False
         self.no_target = 0
         self.picks: dict[int, int] = {}  # counts of the tables a reload replaced
         self.started = time.time()
@@ -76,6 +77,8 @@ class Worker:
     # The hot path: no allocation beyond what netfilterqueue (Packet, payload)
     # and hashing (hash state, digest, int) force.
     def on_packet(self, pkt, _from_bytes=int.from_bytes, _flow_key=flow_key) -> None:
+        if self.attention:  # before the verdict: a new table must apply to this packet
+            self.attend()
         t = self.table
         if t.size:
             h = t.keyed.copy()
@@ -90,6 +93,8 @@ class Worker:
                 pkt.accept()
             else:
                 pkt.drop()
+        if self.stop:
+            raise LeaveLoop
 
     def do_reload(self) -> None:
         self.reload = False
@@ -121,58 +126,78 @@ class Worker:
             json.dump(data, fh)
         os.replace(tmp, self.stats_path())
 
+    def attend(self) -> None:
+        """What signals and the clock ask for, between two packets: a new
+        table (SIGHUP), the stats file (every STATS_INTERVAL)."""
+        self.attention = False
+        if self.reload:
+            self.do_reload()
+            self.stats_due = True  # status shows the new targets at once
+        if self.stats_due:
+            self.stats_due = False
+            self.write_stats()
+
     def run(self) -> int:
         from netfilterqueue import COPY_PACKET, NetfilterQueue
 
+        # netfilterqueue's C loop blocks in recv() with no Python between
+        # packets: one recv and one verdict per packet, no poll. A signal
+        # makes the socket non-blocking, so that the loop's next recv returns
+        # EAGAIN and hands back to us; while packets flow, on_packet attends
+        # to the flags itself. Handlers never raise: they run inside that
+        # loop, where an exception would reach the next packet's callback.
+        fd = -1  # until bound
+
+        def wake() -> None:
+            self.attention = True
+            if fd >= 0:
+                os.set_blocking(fd, False)
+
         def on_term(signum, frame):
             self.stop = True
+            wake()
 
         def on_hup(signum, frame):
             self.reload = True
+            wake()
 
         signal.signal(signal.SIGTERM, on_term)
         signal.signal(signal.SIGINT, on_term)
         signal.signal(signal.SIGHUP, on_hup)
+        def on_alarm(signum, frame):
+            self.stats_due = True
+            wake()
+
+        signal.signal(signal.SIGALRM, on_alarm)
         g = self.cfg.globals
         nfq = NetfilterQueue()
         nfq.bind(self.queue, self.on_packet, max_len=g.queue_maxlen, mode=COPY_PACKET, range=g.copy_range)
         self.write_stats()  # tells the starter that this process holds the queue
         log.info("queue %d bound (service %s, targets %s)", self.queue, self.service_name,
                  ",".join(self.table.names))
-        poller = select.poll()
-        nfq_fd = nfq.get_fd()
-        poller.register(nfq_fd, select.POLLIN)
-        # a signal wakes the poll at once (PEP 475 would otherwise resume it
-        # for up to STATS_INTERVAL, and a SIGHUP'd table would stay stale)
-        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-        poller.register(wake_r, select.POLLIN)
-        last_stats = 0.0
+        fd = nfq.get_fd()
+        signal.setitimer(signal.ITIMER_REAL, STATS_INTERVAL, STATS_INTERVAL)
         try:
             while not self.stop:
-                # poll in Python, not nfq.run(): signals must reach their handlers
-                ready = {fd for fd, _ in poller.poll(STATS_INTERVAL * 1000)}
-                if wake_r in ready:
-                    try:
-                        os.read(wake_r, 512)
-                    except BlockingIOError:
-                        pass
-                if self.reload:  # before the packets: they must get the new table
-                    self.do_reload()
-                if nfq_fd in ready:
-                    nfq.run(block=False)
-                now = time.monotonic()
-                if now - last_stats >= STATS_INTERVAL:
-                    self.write_stats()
-                    last_stats = now
+                os.set_blocking(fd, True)  # before attend(): a signal from here on is seen
+                self.attend()
+                if self.stop:
+                    break
+                try:
+                    nfq.run(block=True)
+                except LeaveLoop:
+                    pass
         finally:
-            signal.set_wakeup_fd(-1)
-            os.close(wake_r)
-            os.close(wake_w)
+            signal.setitimer(signal.ITIMER_REAL, 0)
             nfq.unbind()
             self.write_stats()
         log.info("queue %d unbound", self.queue)
         return 0
+
+
+class LeaveLoop(Exception):
+    """Raised by the packet callback, after the packet's verdict, to leave
+    netfilterqueue's loop (nfq_handle_packet passes callback exceptions on)."""
 
 
 def stats_file(state_dir: str, queue: int) -> str:

@@ -26,11 +26,14 @@ Sections (see bench/README.md for how to read the report):
                 0-1``: two workers, --queue-balance --queue-cpu-fanout).
                 Worker CPU per new connection (psutil, user + system) and
                 worker RSS come from the same runs.
-``failover``    two routers with keepalived (nopreempt, so the master
-                alternates), synlb up on both (hot standby), IPv4 echo and
-                IPv6 server-push sessions through the VIP; the master's links
-                are taken down, the gap and survival of every session
-                measured; five times.
+``failover``    two routers on the shipped keepalived config, synlb hot
+                standby on both; echo (client first), push (server first)
+                and download sessions over IPv4 and IPv6 through the VIP;
+                the master's links go down, then come back (fail back);
+                five times. The gap is how long data was held up in any
+                session (arrival minus send time, one clock); the longest
+                time between two deliveries, which also counts each
+                pattern's own pause, is reported beside it.
 ``maglev``      table build time for 10, 100, 1000 targets at M = 65537.
 ``hotpath``     the worker's per-packet Python path with a stub packet
                 (no kernel): the current ``Worker.on_packet`` and the seed's.
@@ -71,6 +74,8 @@ MARK_BASE = 0x101  # t1, t2, t3 = 0x101, 0x102, 0x103: HMARK's offset + hash % 3
 HMARK_RND = 0x5EED
 TABLE_SIZE = 65537
 ADVERT_INT = 0.05  # conf/keepalived.conf.example's, which the failover section runs
+# client first every 0.1 s, server first every 0.3 s, a continuous download
+FAILOVER_PATTERNS = ("echo", "push", "down")
 
 # Targets of the issue (the benchmark reports them; tests never assert them).
 TARGETS = {
@@ -104,6 +109,8 @@ class Plan:
     conn_rounds_max: int = 14
     conn_rounds_mq: int = 4
     conn_rounds_mq_max: int = 6
+    conn_rounds_nic: int = 4
+    conn_rounds_nic_max: int = 6
     quiet_wait_budget: float = 60.0
     wrk_threads: int = 2
     wrk_connections: int = 64
@@ -119,7 +126,7 @@ class Plan:
         return cls(quick=True, tput_seconds=2, tput_omit=0, tput_rounds=1, tput_rounds_max=1,
                    tput_rounds_all_arms=1, tput_conntrack_arm=False,
                    conn_seconds=2, conn_rounds=1, conn_rounds_max=1, conn_rounds_mq=1,
-                   conn_rounds_mq_max=1, quiet_wait_budget=0.0, failovers=2,
+                   conn_rounds_mq_max=1, conn_rounds_nic=1, conn_rounds_nic_max=1, quiet_wait_budget=0.0, failovers=2,
                    sessions_per_pattern=4, failover_hold=2.5, maglev_repeats=1,
                    hotpath_packets=20_000, perf_profile=False)
 
@@ -590,34 +597,45 @@ def bench_conn_rate(lab: Lab, sl: Synlb, plan: Plan, foreign: Foreign, wait_budg
     milliseconds and each synlb run has an HMARK run right next to it."""
     url = f"http://{A.VIP[4]}:{NGINX_PORT}/"
     runs: list[dict] = []
-    for arm, queue, rounds, rounds_max in (("synlb", "0", plan.conn_rounds, plan.conn_rounds_max),
-                                           ("synlb_mq", "0-1", plan.conn_rounds_mq, plan.conn_rounds_mq_max)):
+    # The last block runs on NIC-like router links (kept to the end: the
+    # lab's wire is not switched back).
+    for arm, base, queue, rounds, rounds_max in (
+            ("synlb", "hmark", "0", plan.conn_rounds, plan.conn_rounds_max),
+            ("synlb_mq", "hmark", "0-1", plan.conn_rounds_mq, plan.conn_rounds_mq_max),
+            ("synlb_nic", "hmark_nic", "0", plan.conn_rounds_nic, plan.conn_rounds_nic_max)):
+        if arm == "synlb_nic":
+            nic_like_wire(lab, sl.router)
         sl.up(queue=queue)
         nfqueue_rule = sl.last_rule("synlb-VIP-web")
         procs = {q: p for q, p in sl.workers().items() if q != IPERF_QUEUE}
 
         def run_arm(a: str) -> dict:
-            if a == "hmark":
+            if a.startswith("hmark"):
                 sl.set_hmark()
             else:
                 sl.replace_last_rule("synlb-VIP-web", nfqueue_rule)
-            res = measure_wrk(lab, sl, url, plan, procs if a != "hmark" else {}, foreign)
+            res = measure_wrk(lab, sl, url, plan, procs if not a.startswith("hmark") else {}, foreign)
             extra = (f" worker {res['cpu_us_per_conn']:.1f} us/conn "
                      f"(user {res['worker_user_us_per_conn']:.1f} sys {res['worker_sys_us_per_conn']:.1f}) "
-                     f"rss {res['worker_rss_mb']:.1f} MB" if a != "hmark" else "")
+                     f"rss {res['worker_rss_mb']:.1f} MB" if not a.startswith("hmark") else "")
             _log(f"conn_rate {a:9s} {res['rate']:8.0f} conn/s queued {res['queued_packets']}{extra}")
             return res
 
-        block = run_rounds(arm, [arm, "hmark"], run_arm, foreign, rounds, rounds_max,
-                           max(3, rounds - 2), wait_budget)
+        block = run_rounds(arm, [arm, base], run_arm, foreign, rounds, rounds_max,
+                           max(min(3, rounds), rounds - 2), wait_budget)
         for r in block:
             _log_disturbed(r)
         runs += block
         sl.up(queue=queue)  # the rules exactly as synlb renders them (checks nothing drifted)
-    out = summarize_pairs(runs, "rate", "hmark", ["synlb", "synlb_mq"])
-    out["per_cpu"] = summarize_pairs(runs, "conn_per_cpu", "hmark", ["synlb", "synlb_mq"])
+    veth = [r for r in runs if r["block"] != "synlb_nic"]
+    out = summarize_pairs(veth, "rate", "hmark", ["synlb", "synlb_mq"])
+    out["per_cpu"] = summarize_pairs(veth, "conn_per_cpu", "hmark", ["synlb", "synlb_mq"])
     del out["per_cpu"]["runs"]
-    for arm in ("synlb", "synlb_mq"):
+    nic = summarize_pairs([r for r in runs if r["block"] == "synlb_nic"], "rate", "hmark_nic", ["synlb_nic"])
+    out["runs"] = runs
+    for k in ("median", "ratio", "ratios", "ratios_all", "quiet_rounds", "noisy"):
+        out[k].update(nic.get(k, {}))
+    for arm in ("synlb", "synlb_mq", "synlb_nic"):
         mine = [r for r in runs if r["arm"] == arm]
         quiet = [r for r in mine if r["quiet_round"]]
         use = quiet if len(quiet) >= 3 else mine
@@ -629,11 +647,34 @@ def bench_conn_rate(lab: Lab, sl: Synlb, plan: Plan, foreign: Foreign, wait_budg
         out.setdefault("queued_per_conn", {})[arm] = rounded(median(
             [r["queued_packets"] / max(1, r["requests"]) for r in mine]), 3)
         out.setdefault("copy_range", {})[arm] = mine[-1].get("copy_range")
-    if plan.perf_profile:
+    if plan.perf_profile:  # on the NIC-like wire: where the worker's own CPU goes
         sl.up(queue="0")
         out["profile"] = profile_worker(lab, sl, url, plan)
     sl.up(queue="0")
     return out
+
+
+def nic_like_wire(lab: Lab, router: str) -> None:
+    """Make the router's links hand packets over the way a NIC does.
+
+    A veth pair delivers a packet to its peer at once: the verdict syscall
+    that re-injects an accepted SYN then also runs, in softirq, the switch
+    and the target's and client's TCP stacks (and what they send back), and
+    the kernel charges all of it to the worker. With GRO on the switch-side
+    end, veth queues the packet for that end's NAPI instead, and threaded
+    NAPI polls it from a kernel thread: the router's part ends at the
+    hand-over, as at a NIC's transmit ring. veth takes that path only for
+    packets from a device without TSO, so the router's links lose TSO (the
+    kernel segments in software; the new-connection arms send small
+    packets)."""
+    i = lab.routers.index(router) + 1
+    for dev, port in ((A.ROUTER_FRONT_IF, f"r{i}f"), (A.ROUTER_BACK_IF, f"r{i}b")):
+        lab.run(router, ["ethtool", "-K", dev, "tso", "off"])
+        lab.run("sw", ["ethtool", "-K", port, "gro", "on"])
+        lab.run("sw", ["tee", f"/sys/class/net/{port}/threaded"], input="1\n")
+        got = lab.run("sw", ["cat", f"/sys/class/net/{port}/threaded"]).stdout.strip()
+        if got != "1":
+            raise BenchError(f"threaded NAPI did not turn on for {port} (read {got!r})")
 
 
 def measure_wrk(lab: Lab, sl: Synlb, url: str, plan: Plan, procs: dict[int, psutil.Process],
@@ -668,13 +709,10 @@ def measure_wrk(lab: Lab, sl: Synlb, url: str, plan: Plan, procs: dict[int, psut
 
 
 def profile_worker(lab: Lab, sl: Synlb, url: str, plan: Plan) -> dict | None:
-    """Where the worker's CPU goes, by kernel stack (perf, if installed).
-
-    In the lab the router's "wire" is a veth pair: transmitting the packet
-    the worker has just accepted runs the receive path of the switch, the
-    target and the client (and what they send back) in softirq, inside the
-    worker's own verdict syscall. psutil charges all of it to the worker. On
-    a router with NICs that work happens on other machines."""
+    """Where the worker's CPU goes, by kernel stack (perf, if installed):
+    user space, the recv and verdict syscalls, and under the verdict the
+    kernel forwarding the accepted SYN (nfqnl_reinject), and softirq work
+    of other hosts that still ran in the worker's context."""
     perf = _which("perf")
     if perf is None:
         return None
@@ -717,9 +755,11 @@ def profile_worker(lab: Lab, sl: Synlb, url: str, plan: Plan) -> dict | None:
     return {"softirq_in_worker_pct": pct(sym, "net_rx_action"),
             "verdict_syscall_pct": pct(sym, "nfqnl_recv_verdict"),
             "recv_syscall_pct": pct(sym, "netlink_recvmsg"),
+            "reinject_pct": pct(sym, "nfqnl_reinject"),
             "user_space_pct": round(user, 2),
-            "note": "shares of the worker's perf samples; softirq = net_rx_action under the worker's "
-                    "syscalls (the switch's, targets' and client's packet processing run in its context)"}
+            "note": "shares of the worker's perf samples (NIC-like wire); reinject = the kernel forwarding "
+                    "the accepted SYN, under the verdict syscall; softirq = net_rx_action in the worker's "
+                    "context"}
 
 
 def _which(name: str) -> str | None:
@@ -758,7 +798,7 @@ def bench_failover(plan: Plan) -> dict:
     running, on the configuration synlb ships: conf/keepalived.conf.example
     (advert_int 0.05, preempt_delay), the notify hook, hot standby on both."""
     from .demo_failover import ADVERT_INT as SHIPPED_ADVERT_INT
-    from .demo_failover import Pair, run_failover
+    from .demo_failover import PATTERN_ARGS, Pair, run_failover
 
     assert SHIPPED_ADVERT_INT == ADVERT_INT, "the targets table assumes the shipped advert_int"
 
@@ -771,23 +811,30 @@ def bench_failover(plan: Plan) -> dict:
             pair.start()
             for i in range(plan.failovers):
                 res = run_failover(pair, "links", plan.sessions_per_pattern,
-                                   patterns=("echo", "push"), hold=1.0, back=True)
+                                   patterns=FAILOVER_PATTERNS, hold=1.0, back=True)
                 ev = {"index": i, "from": "lb1", "to": "lb2",
                       "takeover_s": res["steps"]["over"]["takeover"],
                       "takeover_back_s": res["steps"]["back"]["takeover"],
+                      "max_delay_s": res["max_delay"],
+                      "delays": {k.replace("/", "_"): v["max_delay"] for k, v in res["per"].items()},
                       "max_gap_s": res["max_gap"],
                       "gaps": {k.replace("/", "_"): v["max_gap"] for k, v in res["per"].items()},
                       "sessions": res["sessions"], "kept": res["kept"], "moved": res["moved"]}
                 events.append(ev)
-                _log(f"failover {i}: takeover {ev['takeover_s']:.2f} s, max gap {ev['max_gap_s']:.2f} s, "
+                _log(f"failover {i}: takeover {ev['takeover_s']:.2f} s, data held up at most "
+                     f"{ev['max_delay_s']:.3f} s, longest time between deliveries {ev['max_gap_s']:.3f} s, "
                      f"kept {ev['kept']}/{ev['sessions']}, moved {ev['moved']}")
         finally:
             with contextlib.suppress(Exception):
                 pair.close()
+    delays = [e["max_delay_s"] for e in events]
     gaps = [e["max_gap_s"] for e in events]
     total = sum(e["sessions"] for e in events)
     kept = sum(e["kept"] for e in events)
     return {"events": events, "advert_int": SHIPPED_ADVERT_INT,
+            "patterns": {p: PATTERN_ARGS[p]["interval"] for p in FAILOVER_PATTERNS},
+            "max_delay_s": max(delays) if delays else None,
+            "median_delay_s": rounded(median(delays), 3),
             "max_gap_s": max(gaps) if gaps else None,
             "median_gap_s": rounded(median(gaps), 3),
             "sessions": total, "kept": kept,
@@ -941,10 +988,7 @@ def headline(results: dict) -> dict:
     cr = sr.get("conn_rate", {})
     fo = results.get("failover", {})
     mg = results.get("maglev", {}).get("build_ms", {})
-    cpu = cr.get("cpu_us_per_conn", {}).get("synlb")
-    prof = cr.get("profile") or {}
-    own = (round(cpu * (1 - prof["softirq_in_worker_pct"] / 100), 2)
-           if cpu is not None and prof.get("softirq_in_worker_pct") else None)
+    cpu = cr.get("cpu_us_per_conn", {})
     return {
         "throughput_ratio": tp.get("ratio", {}).get("syn_only"),
         "all_packets_ratio": tp.get("ratio", {}).get("all_packets"),
@@ -954,14 +998,19 @@ def headline(results: dict) -> dict:
         "throughput_per_cpu_ratio": tp.get("per_cpu", {}).get("ratio", {}).get("syn_only"),
         "conn_per_cpu_ratio": cr.get("per_cpu", {}).get("ratio", {}).get("synlb"),
         "conn_per_cpu_ratio_multiqueue": cr.get("per_cpu", {}).get("ratio", {}).get("synlb_mq"),
-        "cpu_us_per_conn": cpu,
-        # without the lab's softirq work run inside the worker's syscalls (perf)
-        "cpu_us_per_conn_own": own,
+        # the worker's own CPU: router links NIC-like (see nic_like_wire)
+        "cpu_us_per_conn": cpu.get("synlb_nic"),
+        # plain veth links: also the other hosts' packet processing run in the worker's syscalls
+        "cpu_us_per_conn_veth": cpu.get("synlb"),
+        "conn_rate_ratio_nic": cr.get("ratio", {}).get("synlb_nic"),
         "worker_rss_mb": cr.get("worker_rss_mb", {}).get("synlb"),
         "maglev_build_ms_10": mg.get("10", {}).get("median_ms"),
         "maglev_build_ms_100": mg.get("100", {}).get("median_ms"),
         "maglev_build_ms_1000": mg.get("1000", {}).get("median_ms"),
-        "failover_gap_s": fo.get("max_gap_s"),
+        # the longest time data was held up in any session (the interruption)
+        "failover_gap_s": fo.get("max_delay_s"),
+        # the longest time between two deliveries: also counts each pattern's own pause
+        "failover_longest_interarrival_s": fo.get("max_gap_s"),
         "sessions_kept_ratio": fo.get("kept_ratio"),
     }
 

@@ -12,6 +12,14 @@ established and include the final stretch up to the end of the run.
 A session survived if it never failed (error, EOF, bad reply) and its final
 gap is at most ``stall`` seconds. Ends by itself after ``duration`` or on
 SIGTERM/SIGINT (``"stopped": "signal"``); results are printed either way.
+
+Besides the gap, each session reports ``max_delay``: the longest time data
+was held up on its way, which is what a failover costs the session whatever
+its own pauses (a gap also counts them: a push session's gap is at least
+its interval). echo - reply received minus request sent; push, down - line
+received minus the server's send time (the lab shares one clock); up - ack
+received minus the write of the oldest bytes it newly covers (so it also
+counts the server's ack period).
 A progress line ``{"event": "ready", ...}`` goes to stderr once every
 session has had its first exchange (or failed).
 """
@@ -24,7 +32,7 @@ import signal
 import socket
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 
 PATTERNS = ("echo", "push", "down", "up")
@@ -106,15 +114,18 @@ class Session:
     bytes_received: int = 0
     max_gap: float = 0.0
     last_gap: float = 0.0
+    max_delay: float = 0.0
     survived: bool = False
     moved: bool = False
     connect_time: float | None = None
     # internal
     _last_ok: float = 0.0
 
-    def ok(self, name: str) -> None:
+    def ok(self, name: str, delay: float | None = None) -> None:
         now = time.monotonic()
         self.max_gap = max(self.max_gap, now - self._last_ok)
+        if delay is not None:
+            self.max_delay = max(self.max_delay, delay)
         self._last_ok = now
         self.exchanges += 1
         if not self.targets or self.targets[-1] != name:
@@ -133,7 +144,7 @@ class Session:
                              and self.exchanges > 0 and self.last_gap <= stall)
         self.moved = len(set(self.targets)) > 1
         d = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
-        for k in ("max_gap", "last_gap", "connect_time"):
+        for k in ("max_gap", "last_gap", "max_delay", "connect_time"):
             if d[k] is not None:
                 d[k] = round(d[k], 4)
         return d
@@ -141,6 +152,15 @@ class Session:
 
 def _name_of(line: bytes) -> str:
     return line.split(b" ", 1)[0].decode("ascii", "replace").strip()
+
+
+def _age(line: bytes, field: int) -> float | None:
+    """Seconds since the wall-clock stamp in ``field`` of a server line."""
+    parts = line.split(b" ", field + 1)
+    try:
+        return max(0.0, time.time() - float(parts[field]))
+    except (IndexError, ValueError):
+        return None
 
 
 async def _session(s: Session, host: str, port: int, pattern: str,
@@ -165,8 +185,8 @@ async def _session(s: Session, host: str, port: int, pattern: str,
         s.connect_time = time.monotonic() - t0
         s._last_ok = time.monotonic()
 
-        def got(name: str) -> None:
-            s.ok(name)
+        def got(name: str, delay: float | None) -> None:
+            s.ok(name, delay)
             first.set()
 
         if pattern == "echo":
@@ -175,6 +195,7 @@ async def _session(s: Session, host: str, port: int, pattern: str,
             while True:
                 seq += 1
                 msg = f"{seq} {time.time():.6f}\n".encode()
+                sent = time.monotonic()
                 writer.write(msg)
                 s.bytes_sent += len(msg)
                 await writer.drain()
@@ -187,7 +208,7 @@ async def _session(s: Session, host: str, port: int, pattern: str,
                 if len(parts) < 2 or parts[1] != str(seq).encode():
                     s.fail(f"bad reply {line[:60]!r}")
                     return
-                got(_name_of(line))
+                got(_name_of(line), time.monotonic() - sent)
                 await asyncio.sleep(interval)
         elif pattern == "push":
             req = f"PUSH {interval}\n".encode()
@@ -200,7 +221,7 @@ async def _session(s: Session, host: str, port: int, pattern: str,
                     s.fail("eof")
                     return
                 s.bytes_received += len(line)
-                got(_name_of(line))
+                got(_name_of(line), _age(line, 2))
         elif pattern == "down":
             req = f"DOWN {interval} {chunk}\n".encode()
             writer.write(req)
@@ -213,11 +234,12 @@ async def _session(s: Session, host: str, port: int, pattern: str,
                     return
                 s.bytes_received += len(line)
                 if line.endswith(b"\n"):
-                    got(_name_of(line))
+                    got(_name_of(line), _age(line, 2))
         elif pattern == "up":
             writer.write(b"UP\n")
             s.bytes_sent += 3
             await writer.drain()
+            written: deque[tuple[int, float]] = deque()  # (bytes of blocks so far, write time)
 
             async def ack_reader() -> None:
                 while True:
@@ -228,7 +250,11 @@ async def _session(s: Session, host: str, port: int, pattern: str,
                     s.bytes_received += len(line)
                     parts = line.split()
                     if len(parts) >= 3 and parts[1] == b"ACK":
-                        got(_name_of(line))
+                        total, oldest = int(parts[2]), None
+                        while written and written[0][0] <= total:
+                            oldest = oldest or written[0][1]
+                            written.popleft()
+                        got(_name_of(line), None if oldest is None else time.monotonic() - oldest)
 
             acks = asyncio.create_task(ack_reader())
             block = b"u" * chunk
@@ -236,6 +262,7 @@ async def _session(s: Session, host: str, port: int, pattern: str,
                 while not acks.done():
                     writer.write(block)
                     s.bytes_sent += len(block)
+                    written.append((s.bytes_sent - 3, time.monotonic()))
                     await writer.drain()
                     await asyncio.sleep(interval)
                 await acks
@@ -311,6 +338,7 @@ async def run_sessions(host: str, port: int, pattern: str, count: int,
             "died": sum(not r["survived"] for r in results),
             "moved": sum(r["moved"] for r in results),
             "max_gap": max((r["max_gap"] for r in results), default=0.0),
+            "max_delay": max((r["max_delay"] for r in results), default=0.0),
             "bytes_sent": sum(r["bytes_sent"] for r in results),
             "bytes_received": sum(r["bytes_received"] for r in results),
             "per_target": dict(sorted(per_target.items())),
