@@ -3,6 +3,8 @@ benchmark's report code works on a results document (pure, no root)."""
 
 from __future__ import annotations
 
+import re
+
 import socket
 import struct
 
@@ -78,14 +80,23 @@ def test_maglev_bench_shape():
 
 def test_check_targets():
     t = bench.check_targets({"throughput_ratio": 0.9, "conn_rate_ratio": 0.95, "cpu_us_per_conn": 20.0,
-                             "worker_rss_mb": 30.0, "maglev_build_ms_100": 50.0, "failover_gap_s": 0.4,
+                             "worker_rss_mb": 30.0, "maglev_build_ms_100": 50.0, "failover_gap_s": 0.35,
                              "sessions_kept_ratio": 1.0})
     assert t["throughput_ratio"]["met"] is False and t["throughput_ratio"]["missed_by_pct"] == 5.3
     assert t["conn_rate_ratio"]["met"] is True
     assert t["cpu_us_per_conn"]["met"] is False and t["cpu_us_per_conn"]["missed_by_pct"] == 100.0
     assert t["failover_gap_s"]["met"] is True and t["sessions_kept_ratio"]["met"] is True
-    # the gap target follows the shipped advert_int: 3 x 0.05 + 0.3 = 0.45 s
-    assert bench.check_targets({"failover_gap_s": 0.5})["failover_gap_s"]["met"] is False
+    # the gap target follows the shipped advert_int: 3 x 0.03 + 0.3 = 0.39 s
+    assert bench.check_targets({"failover_gap_s": 0.4})["failover_gap_s"]["met"] is False
+
+
+def test_advert_int_is_the_shipped_one():
+    """The bench's target and the failover lab assume conf/keepalived.conf.example's advert_int."""
+    from synlb.lab import demo_failover
+
+    text = demo_failover.EXAMPLE.read_text()
+    values = {float(v) for v in re.findall(r"^\s*advert_int\s+([0-9.]+)", text, re.M)}
+    assert values == {bench.ADVERT_INT} == {demo_failover.ADVERT_INT}
 
 
 def test_summarize_pairs_prefers_quiet_rounds():

@@ -248,7 +248,7 @@ def test_example_keepalived_conf_renders_for_the_lab():
     for want in ("router_id lb2", "priority 100", "vrrp_sync_group G1", "enable_script_security",
                  'notify "/lab/hooks/keepalived-notify --config /lab/lb2/synlb.ini"',
                  "10.64.1.254/24 dev front", "fd64:2::254/64 dev back", "interface back",
-                 "advert_int 0.05", "preempt_delay 5", "#enable_dbus", "#notify_fifo /lab/lb2/keepalived.fifo"):
+                 "advert_int 0.03", "preempt_delay 5", "#enable_dbus", "#notify_fifo /lab/lb2/keepalived.fifo"):
         assert want in conf, want
     settings = "\n".join(ln for ln in conf.splitlines() if not ln.lstrip().startswith("#"))
     for gone in ("eth0", "eth1", "192.0.2.", "198.51.100.", "203.0.113.", "2001:db8", "/etc/synlb", "/usr/"):

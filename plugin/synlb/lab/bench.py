@@ -73,9 +73,9 @@ SESSION_PORT = 80
 MARK_BASE = 0x101  # t1, t2, t3 = 0x101, 0x102, 0x103: HMARK's offset + hash % 3
 HMARK_RND = 0x5EED
 TABLE_SIZE = 65537
-ADVERT_INT = 0.05  # conf/keepalived.conf.example's, which the failover section runs
-# client first every 0.1 s, server first every 0.3 s, a continuous download
-FAILOVER_PATTERNS = ("echo", "push", "down")
+ADVERT_INT = 0.03  # conf/keepalived.conf.example's, which the failover section runs
+# client first every 0.1 s, server first every 0.3 s, a continuous download and upload
+FAILOVER_PATTERNS = ("echo", "push", "down", "up")
 
 # Targets of the issue (the benchmark reports them; tests never assert them).
 TARGETS = {
@@ -796,7 +796,7 @@ def bench_single_router(plan: Plan) -> dict:
 def bench_failover(plan: Plan) -> dict:
     """Five failovers (the master's links down, then back) with sessions
     running, on the configuration synlb ships: conf/keepalived.conf.example
-    (advert_int 0.05, preempt_delay), the notify hook, hot standby on both."""
+    (advert_int 0.03, preempt_delay), the notify hook, hot standby on both."""
     from .demo_failover import ADVERT_INT as SHIPPED_ADVERT_INT
     from .demo_failover import PATTERN_ARGS, Pair, run_failover
 

@@ -5,7 +5,7 @@ Each router gets its own synlb.ini (``[vrrp] sync_group = G1``) and state
 dir under ``lab.role_dir(router)``, and keepalived runs the configuration
 shipped as ``conf/keepalived.conf.example``, with only the documentation
 addresses, interface names, paths, router_id and priority replaced
-(:func:`lab_substitutions`): advert_int 0.05, preempt_delay 5 (see the
+(:func:`lab_substitutions`): advert_int 0.03, preempt_delay 5 (see the
 comments there for why). synlb follows keepalived through the notify hook
 (``hooks/keepalived-notify``, installed root-owned 0755 in the lab dir as a
 package would), the notify FIFO or D-Bus.
@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[3]
 EXAMPLE = REPO / "conf" / "keepalived.conf.example"
 HOOK = REPO / "hooks" / "keepalived-notify"
 
-ADVERT_INT = 0.05  # as in the example
+ADVERT_INT = 0.03  # as in the example
 PREEMPT_DELAY = 5.0  # as in the example
 GAP_LIMIT = 3 * ADVERT_INT + 0.5  # the bound on the longest gap
 
