@@ -100,8 +100,8 @@ class Plan:
     tput_seconds: int = 10
     tput_omit: int = 1
     tput_streams: int = 4
-    tput_rounds: int = 7
-    tput_rounds_max: int = 8
+    tput_rounds: int = 11
+    tput_rounds_max: int = 12
     tput_rounds_all_arms: int = 3
     tput_conntrack_arm: bool = True
     conn_seconds: int = 3
