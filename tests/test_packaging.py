@@ -67,3 +67,15 @@ def test_packaged_synlb_balances_in_the_lab(unpacked):
             assert res["ok"] == 60 and len(res["per_target"]) == 3
         finally:
             lab.run("lb1", [synlb, "-c", conf, "down"])
+
+
+def test_systemd_unit_verifies(unpacked, tmp_path):
+    """The shipped unit parses, and its commands exist in the package
+    (systemd-analyze verify, with the packaged paths put in)."""
+    dest, _ = unpacked
+    text = (dest / "lib/systemd/system/synlb.service").read_text()
+    assert "ExecStart=/usr/bin/synlb --config /etc/synlb/synlb.ini run" in text
+    unit = tmp_path / "synlb.service"
+    unit.write_text(text.replace("/usr/bin/synlb", str(dest / "usr/bin/synlb")))
+    r = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
