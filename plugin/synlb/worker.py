@@ -135,7 +135,10 @@ class Worker:
             self.stats_due = True  # status shows the new targets at once
         if self.stats_due:
             self.stats_due = False
-            self.write_stats()
+            try:
+                self.write_stats()
+            except OSError as e:  # runs before a packet's verdict: never let it cost the packet
+                log.warning("queue %d: stats not written: %s", self.queue, e)
 
     def run(self) -> int:
         from netfilterqueue import COPY_PACKET, NetfilterQueue
