@@ -284,7 +284,9 @@ def test_failed_target_leaves_and_returns(lab, host):
     line = next(ln for ln in text.splitlines() if ln.strip().startswith("check tcp 10.64.2.11:80"))
     assert " down (Connection refused)" in line and line.rstrip().endswith("up"), line
     log = h.log()
-    assert re.search(r"health: target t1 DOWN after 2 failed checks \(tcp 10.64.2.11:80: Connection refused\)", log)
+    # both of t1's addresses are probed; the IPv4 one failed first
+    assert re.search(r"health: target t1 DOWN after 2 failed checks "
+                     r"\(tcp 10\.64\.2\.11:80, \[fd64:[0-9a-f:]+\]:80: Connection refused\)", log), log
     assert re.search(r"health: t1 down: node STANDALONE \(active\): lb: reloaded worker queue 0", log)
     assert re.search(r"health: target t1 UP after 2 good checks", log)
 

@@ -67,9 +67,11 @@ def test_options_parse_and_defaults(tmp_path):
     cfg = config.load(write(tmp_path, BASE.format(d=tmp_path)))
     a, b, c = (H.Check.of(cfg.targets[n]) for n in "abc")
     assert (a.kind, a.address, a.port, a.interval, a.timeout, a.rise, a.fall) == \
-        ("tcp", "10.1.0.1", 80, 0.05, 0.05, 2, 3)  # IPv4 when the target has one
+        ("tcp", "10.1.0.1", 80, 0.05, 0.05, 2, 3)
+    assert a.other_address == "fd01::1"  # a dual-stack target is probed over both families
+    assert a.describe() == "tcp 10.1.0.1:80, [fd01::1]:80"
     assert (b.kind, b.address, b.path, b.status, b.interval) == ("http", "10.1.0.2", "/", 200, 0.05)
-    assert b.describe() == "http://10.1.0.2:8080/ = 200"
+    assert b.describe() == "http://10.1.0.2:8080/, http://[fd01::2]:8080/ = 200"
     v6 = H.Check("http", "fd01::2", 8080, "/healthz", 204, None, 1.0, 1.0, 1, 1)
     assert v6.describe() == "http://[fd01::2]:8080/healthz = 204"
     assert (c.kind, c.interval, c.timeout, c.rise, c.fall) == ("none", 2.0, 1.0, 2, 3)
@@ -261,6 +263,8 @@ subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
 from synlb.plugins import health as H
 
 tcp = socket.socket(); tcp.bind(("127.0.0.1", 7001)); tcp.listen(8)
+tcp6 = socket.socket(socket.AF_INET6); tcp6.bind(("::1", 7001)); tcp6.listen(8)
+only4 = socket.socket(); only4.bind(("127.0.0.1", 7004)); only4.listen(8)
 mute = socket.socket(socket.AF_INET6); mute.bind(("::1", 7003)); mute.listen(8)  # accepts, never answers
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -274,14 +278,17 @@ class V6(http.server.ThreadingHTTPServer):
 srv = V6(("::1", 7002), Handler)
 threading.Thread(target=srv.serve_forever, daemon=True).start()
 
-def chk(kind, addr, port=None, path="/", status=200, command=None, timeout=0.5):
-    return H.run_check(H.Check(kind, addr, port, path, status, command, 1.0, timeout, 1, 1), "t")
+def chk(kind, addr, port=None, path="/", status=200, command=None, timeout=0.5, other=None):
+    return H.run_check(H.Check(kind, addr, port, path, status, command, 1.0, timeout, 1, 1, other), "t")
 
 script = sys.argv[1]
 print(json.dumps({
     "tcp_ok": chk("tcp", "127.0.0.1", 7001),
     "tcp_refused": chk("tcp", "127.0.0.1", 7009),
     "tcp_unreachable": chk("tcp", "10.99.0.1", 80),
+    "tcp_both_ok": chk("tcp", "127.0.0.1", 7001, other="::1"),
+    "tcp_v6_down": chk("tcp", "127.0.0.1", 7004, other="::1"),  # 7004: IPv4 only
+    "tcp_v4_down": chk("tcp", "127.0.0.1", 7002, other="::1"),  # 7002: the IPv6 HTTP server only
     "http_ok": chk("http", "::1", 7002, "/ok"),
     "http_503": chk("http", "::1", 7002, "/bad"),
     "http_503_wanted": chk("http", "::1", 7002, "/bad", 503),
@@ -307,6 +314,10 @@ def test_tcp_http_exec_checks_in_a_private_namespace(tmp_path):
     assert res["tcp_ok"] == (True, "connected")
     assert res["tcp_refused"] == (False, "Connection refused")
     assert res["tcp_unreachable"] == (False, "Network is unreachable")
+    # dual-stack: both families probed, the failing one named
+    assert res["tcp_both_ok"] == (True, "connected")
+    assert res["tcp_v6_down"] == (False, "[::1]:7004: Connection refused")
+    assert res["tcp_v4_down"] == (False, "Connection refused")
     assert res["http_ok"] == (True, "HTTP 200")
     assert res["http_503"] == (False, "HTTP 503, want 200")
     assert res["http_503_wanted"] == (True, "HTTP 503")

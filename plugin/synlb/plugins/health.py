@@ -139,54 +139,80 @@ class Check:
     timeout: float
     rise: int
     fall: int
+    # the target's IPv6 address when ``address`` is its IPv4 one: tcp and http
+    # probe both, since the service takes connections over both families
+    other_address: str | None = None
 
     @classmethod
     def of(cls, target) -> Check:
         o = target.options or {}
-        addr = target.address(4) or target.address(6)
+        a4, a6 = target.address(4), target.address(6)
+        addr = a4 or a6
         return cls(kind=o.get("check", "none"), address=str(addr) if addr else None,
                    port=o.get("check_port"), path=o.get("check_path", "/"),
                    status=o.get("check_status", 200), command=o.get("check_command"),
                    interval=o.get("check_interval", 2.0), timeout=o.get("check_timeout", 1.0),
-                   rise=o.get("rise", 2), fall=o.get("fall", 3))
+                   rise=o.get("rise", 2), fall=o.get("fall", 3),
+                   other_address=str(a6) if a4 and a6 else None)
+
+    def addresses(self) -> tuple[str, ...]:
+        return tuple(a for a in (self.address, self.other_address) if a)
 
     def describe(self) -> str:
-        host = f"[{self.address}]" if self.address and ":" in self.address else self.address
         if self.kind == "tcp":
-            return f"tcp {host}:{self.port}"
+            return "tcp " + ", ".join(f"{_host(a)}:{self.port}" for a in self.addresses())
         if self.kind == "http":
-            return f"http://{host}:{self.port}{self.path} = {self.status}"
+            return ", ".join(f"http://{_host(a)}:{self.port}{self.path}" for a in self.addresses()) + \
+                f" = {self.status}"
         if self.kind == "exec":
             return "exec " + shlex.join(self.command or ())
         return "none"
 
 
+def _host(address: str) -> str:
+    return f"[{address}]" if ":" in address else address
+
+
 def run_check(c: Check, target: str) -> tuple[bool, str]:
-    """One check, bounded by its timeout; (ok, what happened)."""
+    """One check, each probe bounded by the timeout; (ok, what happened).
+    tcp and http probe every address of the target: one failing fails the
+    check, and the detail names it."""
     if c.kind == "none":
         return True, "no check"
     if c.address is None and c.kind in ("tcp", "http"):
         return False, "target has no address"
+    if c.kind == "exec":
+        try:
+            return _exec(c, target)
+        except OSError as e:
+            return False, e.strerror or type(e).__name__
+    if c.kind not in ("tcp", "http"):
+        return False, f"unknown check {c.kind!r}"
+    ok, detail = _probe(c, c.address)
+    if ok and c.other_address:
+        ok2, detail2 = _probe(c, c.other_address)
+        if not ok2:
+            return False, f"{_host(c.other_address)}:{c.port}: {detail2}"
+    return ok, detail
+
+
+def _probe(c: Check, address: str) -> tuple[bool, str]:
     try:
         if c.kind == "tcp":
-            with socket.create_connection((c.address, c.port), timeout=c.timeout):
+            with socket.create_connection((address, c.port), timeout=c.timeout):
                 return True, "connected"
-        if c.kind == "http":
-            return _http(c)
-        if c.kind == "exec":
-            return _exec(c, target)
+        return _http(c, address)
     except TimeoutError:
         return False, f"timeout after {c.timeout:g} s"
     except OSError as e:
         return False, e.strerror or type(e).__name__
-    return False, f"unknown check {c.kind!r}"
 
 
-def _http(c: Check) -> tuple[bool, str]:
+def _http(c: Check, address: str) -> tuple[bool, str]:
     import http.client
     deadline = time.monotonic() + c.timeout
-    host = f"[{c.address}]" if ":" in c.address else c.address
-    conn = http.client.HTTPConnection(c.address, c.port, timeout=c.timeout)
+    host = _host(address)
+    conn = http.client.HTTPConnection(address, c.port, timeout=c.timeout)
     try:
         conn.request("GET", c.path, headers={"Host": f"{host}:{c.port}", "User-Agent": "synlb-health",
                                              "Connection": "close"})
