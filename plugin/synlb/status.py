@@ -40,7 +40,7 @@ def conntrack_marks(marks: Iterable[int] = ()) -> dict[int, int]:
     for fam in ("ipv4", "ipv6"):
         argv = ["conntrack", "-L", "-f", fam] + (["--mark", flt] if flt else [])
         try:
-            p = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+            p = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
         except (FileNotFoundError, subprocess.TimeoutExpired):
             continue
         for m in MARK_RE.finditer(p.stdout):
