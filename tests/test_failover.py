@@ -85,8 +85,14 @@ def test_sessions_survive_failover_and_failback(lab):
     # every transition went through the hook; lb1 saw FAULT and STOP, each
     # removing everything and restoring the sysctls (checked on the way by
     # fail_over's wait_settled); after fail back both are as at the start
-    assert [e["event"]["state"] for e in pair.vrrp_log("lb1") if e.get("stored")] == \
-        ["BACKUP", "MASTER", "FAULT", "BACKUP", "MASTER", "STOP", "BACKUP", "MASTER"]
+    log = [e for e in pair.vrrp_log("lb1") if not e.get("ignored")]
+    stored = [e["event"]["state"] for e in log if e.get("stored")]
+    later = ["MASTER", "FAULT", "BACKUP", "MASTER", "STOP", "BACKUP", "MASTER"]
+    assert stored in (["BACKUP"] + later, later), stored
+    if stored == later:
+        # keepalived starts the start-up BACKUP and MASTER hooks 0.1 s apart; when
+        # MASTER's takes the lock first, BACKUP's is recorded as older, not applied
+        assert [e["event"]["state"] for e in log if not e.get("stored")][:1] == ["BACKUP"], log
     assert sources(pair, "lb1") == sources(pair, "lb2") == {"notify"}
     for r in lab.routers:
         assert snapshot(lab, r, pair.state_dir(r)) == active_ref[r], r
