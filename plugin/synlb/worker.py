@@ -164,13 +164,13 @@ class Worker:
             self.reload = True
             wake()
 
-        signal.signal(signal.SIGTERM, on_term)
-        signal.signal(signal.SIGINT, on_term)
-        signal.signal(signal.SIGHUP, on_hup)
         def on_alarm(signum, frame):
             self.stats_due = True
             wake()
 
+        signal.signal(signal.SIGTERM, on_term)
+        signal.signal(signal.SIGINT, on_term)
+        signal.signal(signal.SIGHUP, on_hup)
         signal.signal(signal.SIGALRM, on_alarm)
         g = self.cfg.globals
         nfq = NetfilterQueue()
