@@ -27,8 +27,8 @@ Sections (see bench/README.md for how to read the report):
                 Worker CPU per new connection (psutil, user + system) and
                 worker RSS come from the same runs.
 ``failover``    two routers on the shipped keepalived config, synlb hot
-                standby on both; echo (client first), push (server first)
-                and download sessions over IPv4 and IPv6 through the VIP;
+                standby on both; echo (client first), push (server first),
+                download and upload sessions over IPv4 and IPv6 through the VIP;
                 the master's links go down, then come back (fail back);
                 five times. The gap is how long data was held up in any
                 session (arrival minus send time, one clock); the longest
@@ -610,14 +610,15 @@ def bench_conn_rate(lab: Lab, sl: Synlb, plan: Plan, foreign: Foreign, wait_budg
         procs = {q: p for q, p in sl.workers().items() if q != IPERF_QUEUE}
 
         def run_arm(a: str) -> dict:
-            if a.startswith("hmark"):
-                sl.set_hmark()
-            else:
+            worker = a != base
+            if worker:
                 sl.replace_last_rule("synlb-VIP-web", nfqueue_rule)
-            res = measure_wrk(lab, sl, url, plan, procs if not a.startswith("hmark") else {}, foreign)
+            else:
+                sl.set_hmark()
+            res = measure_wrk(lab, sl, url, plan, procs if worker else {}, foreign)
             extra = (f" worker {res['cpu_us_per_conn']:.1f} us/conn "
                      f"(user {res['worker_user_us_per_conn']:.1f} sys {res['worker_sys_us_per_conn']:.1f}) "
-                     f"rss {res['worker_rss_mb']:.1f} MB" if not a.startswith("hmark") else "")
+                     f"rss {res['worker_rss_mb']:.1f} MB" if worker else "")
             _log(f"conn_rate {a:9s} {res['rate']:8.0f} conn/s queued {res['queued_packets']}{extra}")
             return res
 

@@ -239,7 +239,8 @@ async def _session(s: Session, host: str, port: int, pattern: str,
             writer.write(b"UP\n")
             s.bytes_sent += 3
             await writer.drain()
-            written: deque[tuple[int, float]] = deque()  # (bytes of blocks so far, write time)
+            written: deque[tuple[int, float]] = deque()  # (bytes uploaded so far, write time)
+            uploaded = 0
 
             async def ack_reader() -> None:
                 while True:
@@ -262,7 +263,8 @@ async def _session(s: Session, host: str, port: int, pattern: str,
                 while not acks.done():
                     writer.write(block)
                     s.bytes_sent += len(block)
-                    written.append((s.bytes_sent - 3, time.monotonic()))
+                    uploaded += len(block)
+                    written.append((uploaded, time.monotonic()))
                     await writer.drain()
                     await asyncio.sleep(interval)
                 await acks
