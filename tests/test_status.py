@@ -1,4 +1,4 @@
-"""status.mark_filter: the kernel-side conntrack filter for synlb's marks."""
+"""conntrack.mark_filter: the kernel-side conntrack filter for synlb's marks."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from synlb.config import AUTO_MARK_BASE, AUTO_MARK_SPAN, auto_mark
-from synlb.status import mark_filter
+from synlb.conntrack import mark_filter
 
 
 def _parse(flt: str) -> tuple[int, int]:

@@ -85,6 +85,7 @@ class Service:
     table_size: int
     no_target_verdict: str  # "drop" or "accept"
     shortcut: bool = True
+    track_syn: bool = True
 
     @property
     def queues(self) -> range:
@@ -283,6 +284,10 @@ SERVICE_OPTIONS = schema.Schema("service", [
     Option("shortcut", _bool, True,
            "keep marked established connections in the kernel; no = queue every packet "
            "(nfqlb-style, for comparison only)"),
+    Option("track_syn", _bool, True,
+           "conntrack the opening SYN; no = leave it untracked (route mode only), for routers "
+           "that see only the client's direction (behind ECMP): the connection's first ACK "
+           "then makes the conntrack entry that keeps its mark"),
 ])
 
 TARGET_OPTIONS = schema.Schema("target", [
@@ -449,6 +454,9 @@ def load(path: str | None = None) -> Config:
         if s["targets"] and s["table_size"] < 100 * len(s["targets"]):
             problems.append((src("table_size"), sec, "table_size",
                              f"{s['table_size']} is below 100 x {len(s['targets'])} targets; balance would be poor"))
+        if not s.get("track_syn", True) and s.get("mode") == "nat":
+            problems.append((src("track_syn"), sec, "track_syn",
+                             "no needs mode = route (DNAT needs the connection tracked from its SYN)"))
         q1, q2 = s["queue"]
         for q in range(q1, q2 + 1):
             if q in queues_seen:
@@ -462,7 +470,7 @@ def load(path: str | None = None) -> Config:
             mode=s["mode"], egress=s["egress"], queue_first=q1, queue_last=q2,
             queue_bypass=s["queue_bypass"], target_names=tuple(s["targets"]),
             table_size=s["table_size"], no_target_verdict=s["no_target_verdict"],
-            shortcut=s["shortcut"]))
+            shortcut=s["shortcut"], track_syn=s["track_syn"]))
 
     # The same VIP:port in two services would make the first one win silently.
     for i, a in enumerate(services):

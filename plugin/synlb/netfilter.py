@@ -126,7 +126,7 @@ def _drop_created_tables(fam: int, before: list[str]) -> list[str]:
     text = save(fam)
     changes = []
     for table in sorted(_table_names(text) - set(before)):
-        if table in ("mangle", "nat") and _is_pristine(text, table):
+        if table in rules.TABLES and _is_pristine(text, table):
             _run(["nft", "delete", "table", "ip" if fam == 4 else "ip6", table])
             changes.append(f"{'ip6tables' if fam == 6 else 'iptables'}: deleted empty table {table}")
     return changes
@@ -134,7 +134,7 @@ def _drop_created_tables(fam: int, before: list[str]) -> list[str]:
 
 def remove_all(state_dir: str | None = None) -> list[str]:
     """Remove every owned chain and rule in both families."""
-    empty = {"mangle": Table("mangle"), "nat": Table("nat")}
+    empty = {name: Table(name) for name in rules.TABLES}
     state = _load_state(state_dir) if state_dir else {}
     changes = []
     for fam in (4, 6):

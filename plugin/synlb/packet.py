@@ -209,6 +209,56 @@ def _skip_v6_extensions(p: bytes, next_header: int, at: int) -> tuple[int, int, 
         next_header = following
 
 
+def key_of(proto: int, client: str, server: str, client_port: int | None = None,
+           server_port: int | None = None) -> bytes:
+    """The flow key of a connection given as text addresses and ports (what
+    conntrack prints), equal to ``flow_key`` of its client->VIP packets.
+    Ports are left out for protocols without them, as ``flow_key`` does."""
+    family = socket.AF_INET6 if ":" in client else socket.AF_INET
+    version = 6 if family == socket.AF_INET6 else 4
+    head = (_V6_HEAD if version == 6 else _V4_HEAD)[proto]
+    key = head + socket.inet_pton(family, client) + socket.inet_pton(family, server)
+    if proto in PORT_PROTOCOLS and client_port is not None and server_port is not None:
+        key += client_port.to_bytes(2, "big") + server_port.to_bytes(2, "big")
+    return key
+
+
+def is_flow_key(key: bytes) -> bool:
+    """``key`` has the shape of a real flow key (not the fallback)."""
+    if len(key) < 2 or key[0] not in (4, 6):
+        return False
+    width = 4 if key[0] == 4 else 16
+    if len(key) == 2 + 2 * width:  # no ports: another protocol, or a fragment
+        return True
+    return len(key) == 6 + 2 * width and key[1] in PORT_PROTOCOLS
+
+
+TCP = 6
+SYN, ACK = 0x02, 0x10
+
+
+def opens_connection(packet: bytes) -> bool:
+    """A TCP SYN without ACK: the first packet of a new connection (as
+    opposed to a running one seen for the first time, e.g. after a
+    failover). Anything unreadable counts as not opening."""
+    try:
+        version = packet[0] >> 4
+        if version == 4:
+            if packet[9] != TCP or (packet[6] & 0x3F) or packet[7]:
+                return False
+            at = ((packet[0] & 0x0F) << 2) + 13
+        elif version == 6:
+            proto, l4, fragment = _skip_v6_extensions(packet, packet[6], 40)
+            if proto != TCP or l4 < 0 or fragment & 0xFFF9:
+                return False
+            at = l4 + 13
+        else:
+            return False
+        return packet[at] & (SYN | ACK) == SYN
+    except IndexError:
+        return False
+
+
 def describe(packet: bytes) -> str:
     """Short text for logs: the packet's flow key, e.g. ``tcp 10.0.0.1:5 > 10.0.0.2:80``."""
     return format_key(flow_key(packet))

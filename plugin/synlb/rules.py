@@ -19,6 +19,7 @@ from .config import Config, Service
 PREFIX = "synlb-"
 COMMENT_PREFIX = "synlb:"
 ESTABLISHED = PREFIX + "ESTABLISHED"
+TABLES = ("mangle", "nat", "raw")  # the netfilter tables synlb may have rules in
 VIPOUT = PREFIX + "VIPOUT"
 
 
@@ -71,7 +72,7 @@ def _queue_target(service: Service) -> list[str]:
 
 def render_family(cfg: Config, family: int, active_targets: dict[str, list[str]] | None = None
                   ) -> dict[str, Table]:
-    """Owned chains and rules for IP version ``family``: {"mangle": Table, "nat": Table}.
+    """Owned chains and rules for IP version ``family``: {"mangle", "nat", "raw": Table}.
 
     ``active_targets`` is accepted for symmetry with the worker; the kernel
     side does not depend on health (DNAT rules exist for every configured
@@ -79,9 +80,11 @@ def render_family(cfg: Config, family: int, active_targets: dict[str, list[str]]
     """
     mangle = Table("mangle")
     nat = Table("nat")
+    raw = Table("raw")
+    tables = {"mangle": mangle, "nat": nat, "raw": raw}
     services = [s for s in cfg.services if family in s.families()]
     if not services:
-        return {"mangle": mangle, "nat": nat}
+        return tables
 
     for svc in services:
         mangle.add_chain(vip_chain(svc))
@@ -109,9 +112,22 @@ def render_family(cfg: Config, family: int, active_targets: dict[str, list[str]]
         # Only connections that already carry a mark are short-cut: after a
         # failover a connection first seen in the reply direction has
         # connmark 0 and must still reach the worker (DESIGN pitfall 4).
-        if svc.shortcut:
+        if svc.shortcut and svc.track_syn:
             mangle.rules.append(f"-A {chain} -m conntrack --ctstate ESTABLISHED -m connmark ! --mark 0 "
                                 f"-j {ESTABLISHED}")
+        elif svc.shortcut:
+            # A router that sees only the client's direction never sees a
+            # reply, so its entries stay ctstate NEW: the connmark alone says
+            # the connection was marked (no entry, no connmark match).
+            mangle.rules.append(f"-A {chain} -m connmark ! --mark 0 -j {ESTABLISHED}")
+        if not svc.track_syn and "tcp" in svc.protocols:
+            # Untracked SYN: the first ACK is then picked up as an established
+            # connection (loose pickup) instead of being INVALID after a SYN
+            # whose SYN-ACK this router never sees.
+            for vip in vips:
+                m = ["-d", str(vip), "-i", svc.ingress, "-p", "tcp", "-m", "tcp", "--syn"]
+                raw.rules.append(" ".join(["-A", "PREROUTING"] + m + _ports_match(svc) + _comment(svc)
+                                          + ["-j", "CT", "--notrack"]))
         mangle.rules.append(" ".join(["-A", chain] + _queue_target(svc)))
 
         if svc.mode == "nat":
@@ -130,7 +146,7 @@ def render_family(cfg: Config, family: int, active_targets: dict[str, list[str]]
     # NEW connections, and picked-up ones first seen from the target side
     # (connmark still 0), get the worker's mark saved.
     mangle.rules.append(f"-A {VIPOUT} -m connmark --mark 0 -j CONNMARK --save-mark")
-    return {"mangle": mangle, "nat": nat}
+    return tables
 
 
 def render(cfg: Config) -> dict[int, dict[str, Table]]:
@@ -180,7 +196,7 @@ def restore_script(live: dict[str, Table], desired: dict[str, Table]) -> str:
     wanted are deleted after the rules that reference them.
     """
     out: list[str] = []
-    for name in ("mangle", "nat"):
+    for name in TABLES:
         old = live.get(name, Table(name))
         new = desired.get(name, Table(name))
         if old.is_empty() and new.is_empty():

@@ -3,51 +3,12 @@
 from __future__ import annotations
 
 import json
-import re
-import subprocess
 import time
-from collections.abc import Iterable
 
 import psutil
 
-from . import dataplane, health_state, netfilter, rules, sysctl, workers
+from . import conntrack, dataplane, health_state, netfilter, rules, sysctl, workers
 from .config import Config
-
-MARK_RE = re.compile(r"\bmark=(\d+)")
-
-
-def mark_filter(marks: Iterable[int]) -> str | None:
-    """``VALUE/MASK`` covering every mark in ``marks`` with their longest
-    common prefix of bits, for ``conntrack -L --mark``: the kernel then
-    filters the dump, and only synlb's entries are formatted and parsed (a
-    router's table can hold a million others). None when they share no bit."""
-    marks = list(marks)
-    if not marks:
-        return None
-    mask = 0xFFFFFFFF
-    for m in marks[1:]:
-        while (m ^ marks[0]) & mask:
-            mask = (mask << 1) & 0xFFFFFFFF
-    if not mask:
-        return None
-    return f"{marks[0] & mask:#x}/{mask:#x}"
-
-
-def conntrack_marks(marks: Iterable[int] = ()) -> dict[int, int]:
-    """Connections per connmark, both families (only ``marks``' prefix when given)."""
-    counts: dict[int, int] = {}
-    flt = mark_filter(marks)
-    for fam in ("ipv4", "ipv6"):
-        argv = ["conntrack", "-L", "-f", fam] + (["--mark", flt] if flt else [])
-        try:
-            p = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
-        except (FileNotFoundError, subprocess.TimeoutExpired):
-            continue
-        for m in MARK_RE.finditer(p.stdout):
-            v = int(m.group(1))
-            counts[v] = counts.get(v, 0) + 1
-    return counts
-
 
 def _chain_counters(cfg: Config) -> list[dict]:
     out = []
@@ -96,7 +57,7 @@ def collect(cfg: Config) -> dict:
     g = cfg.globals
     applied = dataplane.applied(g.state_dir)
     bound = workers.bound_queues()
-    marks = conntrack_marks(t.mark for svc in cfg.services for t in cfg.targets_of(svc))
+    marks = conntrack.count_marks(t.mark for svc in cfg.services for t in cfg.targets_of(svc))
     running = {w.queue: w for w in workers.running(g.state_dir)}
     services = []
     for svc in cfg.services:

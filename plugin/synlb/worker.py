@@ -5,8 +5,14 @@ direction) -> keyed hash -> Maglev table of marks -> set the fwmark, accept.
 Only packets that open a connection (or first-seen ones after a failover)
 get here; conntrack carries the mark for everything after.
 
+A packet that does not open a connection (not a TCP SYN: a connection
+picked up mid-stream after a failover or an ECMP change) whose flow is
+pinned (``pins.py``: a running connection the current table would move)
+gets its pinned mark instead of the table's.
+
 SIGHUP re-reads the configuration and the target health file and rebuilds
-the table; SIGTERM/SIGINT stop the loop and unbind the queue.
+the table; SIGUSR1 re-reads the pins; SIGTERM/SIGINT stop the loop and
+unbind the queue.
 """
 
 from __future__ import annotations
@@ -19,9 +25,10 @@ import time
 from hashlib import blake2b
 
 from . import config as config_mod
-from . import health_state
+from . import health_state, pins_state
 from .maglev import FLOW_PERSON, MAX_KEY_BYTES, Maglev
-from .packet import flow_key
+from .packet import flow_key, opens_connection
+from .pins import active_targets, usable
 
 log = logging.getLogger("synlb.worker")
 
@@ -42,8 +49,7 @@ class MarkTable:
     def __init__(self, cfg: config_mod.Config, service_name: str):
         svc = cfg.service(service_name)
         down = health_state.down_targets(cfg.globals.state_dir, svc.name)
-        # sorted: every router and worker must hash over the same ordering
-        targets = sorted((t for t in cfg.targets_of(svc) if t.name not in down), key=lambda t: t.name)
+        targets = active_targets(cfg, svc, down)
         self.names = [t.name for t in targets]
         key = cfg.globals.hash_key.encode()
         self.maglev = Maglev(self.names, svc.table_size, key)
@@ -62,27 +68,40 @@ class Worker:
         self.queue = queue
         self.cfg = config_mod.load(config_path)
         self.table = MarkTable(self.cfg, service_name)
+        self.pins: dict[bytes, int] = {}
+        self.load_pins()
         self.stop = False
         self.reload = False
+        self.reload_pins = False
         self.attention = False  # reload, stop or stats_due is set: on_packet must look
         self.stats_due = False
         self.no_target = 0
+        self.pinned = 0  # packets that followed a pin
         self.picks: dict[int, int] = {}  # counts of the tables a reload replaced
         self.started = time.time()
 
     @property
     def packets(self) -> int:
-        return self.no_target + sum(self.picks.values()) + sum(self.table.picks.values())
+        return self.no_target + self.pinned + sum(self.picks.values()) + sum(self.table.picks.values())
 
     # The hot path: no allocation beyond what netfilterqueue (Packet, payload)
-    # and hashing (hash state, digest, int) force.
-    def on_packet(self, pkt, _from_bytes=int.from_bytes, _flow_key=flow_key) -> None:
+    # and hashing (hash state, digest, int) force. With no pins (the normal
+    # state) a packet costs one extra truth test.
+    def on_packet(self, pkt, _from_bytes=int.from_bytes, _flow_key=flow_key,
+                  _opens=opens_connection) -> None:
         if self.attention:  # before the verdict: a new table must apply to this packet
             self.attend()
         t = self.table
-        if t.size:
+        payload = pkt.get_payload()
+        key = _flow_key(payload)
+        pins = self.pins
+        if pins and key in pins and not _opens(payload):
+            pkt.set_mark(pins[key])
+            pkt.accept()
+            self.pinned += 1
+        elif t.size:
             h = t.keyed.copy()
-            h.update(_flow_key(pkt.get_payload()))
+            h.update(key)
             mark = t.marks[_from_bytes(h.digest(), "big") % t.size]
             pkt.set_mark(mark)
             pkt.accept()
@@ -108,6 +127,21 @@ class Worker:
             self.picks[mark] = self.picks.get(mark, 0) + n
         self.cfg, self.table = cfg, table
         log.info("queue %d: table rebuilt for targets %s", self.queue, ",".join(table.names) or "(none)")
+        self.load_pins()  # the configured targets, and so the usable pins, may have changed
+
+    def load_pins(self) -> None:
+        """This service's pins whose mark is one of its configured targets."""
+        self.reload_pins = False
+        svc = self.cfg.service(self.service_name)
+        try:
+            found = pins_state.load(self.cfg.globals.state_dir).get(svc.name, {})
+        except pins_state.PinsError as e:
+            log.error("queue %d: pins not loaded, keeping %d: %s", self.queue, len(self.pins), e)
+            return
+        self.pins = usable(found, (t.mark for t in self.cfg.targets_of(svc)))
+        if self.pins or found:
+            log.info("queue %d: %d pins (%d for unknown targets left out)", self.queue,
+                     len(self.pins), len(found) - len(self.pins))
 
     def stats_path(self) -> str:
         return stats_file(self.cfg.globals.state_dir, self.queue)
@@ -117,8 +151,9 @@ class Worker:
         for mark, n in self.table.picks.items():
             picks[mark] = picks.get(mark, 0) + n
         data = {"pid": os.getpid(), "queue": self.queue, "service": self.service_name,
-                "packets": self.no_target + sum(picks.values()),
-                "no_target": self.no_target, "targets": self.table.names,
+                "packets": self.no_target + self.pinned + sum(picks.values()),
+                "no_target": self.no_target, "pinned": self.pinned, "pins": len(self.pins),
+                "targets": self.table.names,
                 "picks": {f"{m:#x}": n for m, n in picks.items() if n},
                 "config_digest": self.table.digest, "started": self.started}
         tmp = self.stats_path() + ".tmp"
@@ -133,6 +168,9 @@ class Worker:
         if self.reload:
             self.do_reload()
             self.stats_due = True  # status shows the new targets at once
+        if self.reload_pins:
+            self.load_pins()
+            self.stats_due = True
         if self.stats_due:
             self.stats_due = False
             try:
@@ -164,6 +202,10 @@ class Worker:
             self.reload = True
             wake()
 
+        def on_usr1(signum, frame):
+            self.reload_pins = True
+            wake()
+
         def on_alarm(signum, frame):
             self.stats_due = True
             wake()
@@ -171,11 +213,13 @@ class Worker:
         signal.signal(signal.SIGTERM, on_term)
         signal.signal(signal.SIGINT, on_term)
         signal.signal(signal.SIGHUP, on_hup)
+        signal.signal(signal.SIGUSR1, on_usr1)
         signal.signal(signal.SIGALRM, on_alarm)
         g = self.cfg.globals
         nfq = NetfilterQueue()
         nfq.bind(self.queue, self.on_packet, max_len=g.queue_maxlen, mode=COPY_PACKET, range=g.copy_range)
         self.write_stats()  # tells the starter that this process holds the queue
+        self.load_pins()  # from here on SIGUSR1 reaches us for every later change (workers.reload_pins)
         log.info("queue %d bound (service %s, targets %s)", self.queue, self.service_name,
                  ",".join(self.table.names))
         fd = nfq.get_fd()

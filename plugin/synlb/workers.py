@@ -212,6 +212,29 @@ def reload(info: WorkerInfo, digest: str) -> None:
     _write(info)
 
 
+def reload_pins(state_dir: str) -> int:
+    """Ask every running worker to re-read the pins file; how many were asked.
+
+    Only workers that published their stats file are signalled: they have
+    their SIGUSR1 handler (the default action would kill them), and they
+    read the pins once more right after publishing it, so a worker that is
+    still starting misses no update."""
+    n = 0
+    for w in running(state_dir):
+        try:
+            with open(stats_file(state_dir, w.queue)) as fh:
+                if json.load(fh).get("pid") != w.pid:
+                    continue
+        except (FileNotFoundError, ValueError):
+            continue
+        try:
+            os.kill(w.pid, signal.SIGUSR1)
+            n += 1
+        except ProcessLookupError:
+            pass
+    return n
+
+
 def table_digest(cfg: Config) -> str:
     """What a worker's table is built from: the config and the targets' health."""
     return f"{cfg.digest()}-{health_state.digest(cfg.globals.state_dir)}"

@@ -1,0 +1,399 @@
+"""sync: hand this router's misplaced connections to its peers as pins, and
+follow theirs (see pins.py and docs/STICKINESS.md).
+
+Every ``refresh`` seconds, and at once (then again a second later) when a
+service's table changes or this router becomes active, the plugin reads
+synlb's conntrack entries, keeps those whose mark the current table would
+not give them (``pins.misplaced``) and exchanges them with every peer: one
+TCP connection per peer, our pins one way, theirs the other, each message
+authenticated with HMAC-SHA256 under the key in ``key_file``.  What the
+peers sent is merged into the state dir's pins file and the workers are
+told to re-read it; a worker follows a pin for a packet that does not open
+a connection, so a connection picked up after a failover (or an ECMP
+change) goes back to the target it has been talking to.
+
+A peer's pins are kept until that peer sends new ones: when a router dies,
+the pins it published are exactly what the survivors need.
+
+    [sync]
+    listen = 10.0.2.1        ; this router's address on the link to its peers
+    peers = 10.0.2.2         ; the other routers' listen addresses
+    key_file = /etc/synlb/sync.key
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import select
+import socket
+import stat
+import threading
+import time
+
+from .. import pins as pins_mod
+from ..schema import REQUIRED, Option, OptionError, Schema
+from ..schema import integer as _int
+from ..schema import words as _words
+from . import Plugin, PluginError
+
+log = logging.getLogger("synlb.sync")
+
+DEFAULT_PORT = 9714
+AGAIN_AFTER = 1.0  # a second exchange after a change: catches SYNs the old table marked meanwhile
+ACCEPT_POLL = 0.5  # how often the server thread looks at the stop flag
+
+
+def _address(text: str):
+    try:
+        return ipaddress.ip_address(text.strip())
+    except ValueError:
+        raise OptionError(f"{text!r} is not an IP address") from None
+
+
+def _addresses(text: str) -> tuple:
+    items = _words(text)
+    if not items:
+        raise OptionError("at least one peer address is required")
+    addrs = tuple(_address(i) for i in items)
+    if len(set(addrs)) != len(addrs):
+        raise OptionError("a peer is listed twice")
+    return addrs
+
+
+def _abs_path(text: str) -> str:
+    t = text.strip()
+    if not t.startswith("/"):
+        raise OptionError(f"{text!r} is not an absolute path")
+    return t
+
+
+def _seconds(lo: float, hi: float):
+    def parse(text: str) -> float:
+        try:
+            v = float(text.strip())
+        except ValueError:
+            raise OptionError(f"{text!r} is not a number of seconds") from None
+        if not lo <= v <= hi:
+            raise OptionError(f"{v:g} is out of range {lo:g}..{hi:g} s")
+        return v
+    return parse
+
+
+SYNC_OPTIONS = Schema("sync", [
+    Option("listen", _address, REQUIRED, "this router's address for its peers"),
+    Option("port", _int(1, 65535), DEFAULT_PORT, "TCP port of the exchange, the same on every router"),
+    Option("peers", _addresses, REQUIRED, "the other routers' listen addresses"),
+    Option("key_file", _abs_path, REQUIRED,
+           "file with the shared secret (at least 16 bytes; root-owned, mode 0600)"),
+    Option("refresh", _seconds(0.5, 3600), 5.0,
+           "seconds between two exchanges when nothing changed"),
+    Option("timeout", _seconds(0.1, 30), 1.0, "seconds an exchange with one peer may take"),
+])
+
+
+def _check(parsed: dict) -> list[tuple[str, str]]:
+    out = []
+    listen, peers = parsed.get("listen"), parsed.get("peers")
+    if listen is not None and peers:
+        if listen in peers:
+            out.append(("peers", f"{listen} is this router's own listen address"))
+        if any(p.version != listen.version for p in peers):
+            out.append(("peers", f"every peer must be IPv{listen.version}, like listen"))
+    return out
+
+
+SYNC_OPTIONS.check = _check  # type: ignore[attr-defined]  # cross-key check, see config.load
+SECTIONS = {"sync": SYNC_OPTIONS}
+
+
+def read_key(path: str) -> bytes:
+    """The shared secret; PluginError unless the file is safe to trust."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise PluginError(f"{path}: no such key file ([sync] key_file)") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise PluginError(f"{path}: not a regular file ([sync] key_file)")
+    if os.geteuid() == 0 and st.st_uid != 0:
+        raise PluginError(f"{path}: not owned by root ([sync] key_file)")
+    if st.st_mode & 0o077:
+        raise PluginError(f"{path}: readable or writable by group or others; chmod 600 ([sync] key_file)")
+    with open(path, "rb") as fh:
+        key = fh.read().strip()
+    if len(key) < pins_mod.MIN_KEY_BYTES:
+        raise PluginError(f"{path}: the key has {len(key)} bytes, at least {pins_mod.MIN_KEY_BYTES} "
+                          f"are needed ([sync] key_file)")
+    return key
+
+
+def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("peer too slow")
+        sock.settimeout(left)
+        chunk = sock.recv(min(n - len(buf), 1 << 20))
+        if not chunk:
+            raise ConnectionError("peer closed the connection early")
+        buf += chunk
+    return bytes(buf)
+
+
+def read_message(sock: socket.socket, key: bytes, timeout: float) -> tuple[int, dict]:
+    deadline = time.monotonic() + timeout
+    header = _recv_exact(sock, pins_mod.HEADER_BYTES, deadline)
+    n = pins_mod.body_length(header)
+    rest = _recv_exact(sock, n + pins_mod.MAC_BYTES, deadline)
+    return pins_mod.decode(header + rest, key)
+
+
+class PeerState:
+    def __init__(self) -> None:
+        self.pins: pins_mod.Pins = {}
+        self.seq = 0  # the newest seq accepted from this peer
+        self.last_ok: float | None = None
+        self.error: str | None = None
+        self.exchanges = 0
+
+
+class SyncPlugin(Plugin):
+    name = "sync"
+
+    def __init__(self, host):
+        super().__init__(host)
+        self._lock = threading.Lock()  # peers, own pins, the pins file
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._server: socket.socket | None = None
+        self._key = b""
+        self._seq = 0
+        self._own: pins_mod.Pins = {}
+        self._own_at: float | None = None
+        self._peers: dict[str, PeerState] = {}
+        self._previous: pins_mod.Pins = {}  # the pins file found at start, until every peer spoke
+        self._written: pins_mod.Pins | None = None
+        self._due: list[float] = []  # monotonic times of exchanges asked for
+        self._opts: dict = {}
+        self._signature = None
+        self._active = False
+
+    # ------------------------------------------------------------ host API
+    def start(self) -> None:
+        opts = self._opts = self._options(self.host.cfg)
+        self._key = read_key(opts["key_file"])
+        listen = opts["listen"]
+        family = socket.AF_INET6 if listen.version == 6 else socket.AF_INET
+        srv = socket.socket(family, socket.SOCK_STREAM)
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            srv.bind((str(listen), opts["port"]))
+        except OSError as e:
+            srv.close()
+            raise PluginError(f"[sync] listen = {listen} port {opts['port']}: {e.strerror}") from None
+        srv.listen(16)
+        self._server = srv
+        from .. import pins_state
+        try:
+            self._previous = pins_state.load(self.host.cfg.globals.state_dir)
+        except pins_state.PinsError as e:
+            log.warning("sync: old pins file ignored: %s", e)
+        self._peers = {str(p): PeerState() for p in opts["peers"]}
+        self._due = [time.monotonic()]  # a first exchange at once: peers' pins reach us at start
+        for target in (self._serve, self._publish_loop):
+            t = threading.Thread(target=target, name=f"sync-{target.__name__.strip('_')}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        log.info("sync: listening on %s port %d, peers %s", listen, opts["port"],
+                 ", ".join(self._peers))
+
+    def reconcile(self, cfg, node) -> list[str]:
+        from .. import health_state
+        state_dir = cfg.globals.state_dir
+        signature = (cfg.digest(), tuple(sorted(
+            (s.name, tuple(sorted(health_state.down_targets(state_dir, s.name)))) for s in cfg.services)))
+        changes = []
+        with self._lock:
+            self._opts = self._options(cfg)
+            peers = {str(p) for p in self._opts["peers"]}
+            for p in peers - set(self._peers):
+                self._peers[p] = PeerState()
+            for p in set(self._peers) - peers:
+                del self._peers[p]
+            changed = signature != self._signature or node.active != self._active
+            self._signature, self._active = signature, node.active
+            if changed:
+                now = time.monotonic()
+                self._due = sorted(self._due + [now, now + AGAIN_AFTER])
+                changes.append("tables or state changed: exchanging pins with peers")
+        self._wake.set()
+        # the workers may have been restarted by the lb plugin: they read the
+        # pins file themselves at start, so nothing more to do for them here
+        return changes
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        for t in self._threads:
+            t.join(2.0)
+        if self._server is not None:
+            self._server.close()
+
+    def status(self) -> dict:
+        with self._lock:
+            return {"own_pins": pins_mod.count(self._own), "own_at": self._own_at,
+                    "held_pins": pins_mod.count(self._written or {}),
+                    "peers": {p: {"pins": pins_mod.count(s.pins), "last_ok": s.last_ok,
+                                  "exchanges": s.exchanges, "error": s.error}
+                              for p, s in sorted(self._peers.items())}}
+
+    # ------------------------------------------------------------ our pins
+    @staticmethod
+    def _options(cfg) -> dict:
+        opts = cfg.extra.get("sync")
+        if opts is None:
+            raise PluginError("the sync plugin needs a [sync] section")
+        return opts
+
+    def _compute_own(self) -> pins_mod.Pins:
+        from .. import conntrack, health_state
+        cfg = self.host.cfg
+        marks = {t.mark for s in cfg.services for t in cfg.targets_of(s)}
+        down = {s.name: health_state.down_targets(cfg.globals.state_dir, s.name) for s in cfg.services}
+        return pins_mod.misplaced(cfg, conntrack.dump(marks), down)
+
+    def _next_seq(self) -> int:
+        self._seq = max(time.time_ns(), self._seq + 1)
+        return self._seq
+
+    def _publish_loop(self) -> None:
+        next_refresh = 0.0
+        while not self._stop.is_set():
+            with self._lock:
+                now = time.monotonic()
+                run = now >= next_refresh or any(t <= now for t in self._due)
+                if run:
+                    self._due = [t for t in self._due if t > now]
+                    next_refresh = now + self._opts["refresh"]
+                wait = min([next_refresh - now] + [t - now for t in self._due])
+            if run:
+                self.exchange_all()
+                continue
+            self._wake.wait(max(0.0, wait))
+            self._wake.clear()
+
+    def exchange_all(self) -> None:
+        """Work out our pins, and trade them with every peer."""
+        try:
+            own = self._compute_own()
+        except Exception as e:  # noqa: BLE001 - a failed dump must not stop the exchange loop
+            log.error("sync: conntrack not read, sending the last pins: %s", e)
+            own = self._own
+        with self._lock:
+            self._own, self._own_at = own, time.time()
+            peers = list(self._peers)
+        for peer in peers:
+            self._exchange(peer)
+        self._apply()
+
+    def _exchange(self, peer: str) -> None:
+        with self._lock:
+            opts = self._opts
+            message = pins_mod.encode(self._own, self._next_seq(), self._key)
+        try:
+            with socket.create_connection((peer, opts["port"]), timeout=opts["timeout"],
+                                          source_address=(str(opts["listen"]), 0)) as sock:
+                sock.sendall(message)
+                seq, theirs = read_message(sock, self._key, opts["timeout"])
+        except (OSError, pins_mod.PinsError) as e:
+            self._record_error(peer, e)
+            return
+        self._accept(peer, seq, theirs)
+
+    # ------------------------------------------------------------ their pins
+    def _serve(self) -> None:
+        srv = self._server
+        while not self._stop.is_set():
+            r, _, _ = select.select([srv], [], [], ACCEPT_POLL)
+            if not r:
+                continue
+            try:
+                sock, addr = srv.accept()
+            except OSError:
+                continue
+            with sock:
+                self._handle(sock, addr[0])
+
+    def _handle(self, sock: socket.socket, addr: str) -> None:
+        peer = _canonical(addr)
+        with self._lock:
+            known = peer in self._peers
+        if not known:
+            log.warning("sync: connection from %s refused: not a [sync] peer", addr)
+            return
+        opts = self._opts
+        try:
+            seq, theirs = read_message(sock, self._key, opts["timeout"])
+        except (OSError, pins_mod.PinsError) as e:
+            self._record_error(peer, e)
+            return
+        if self._accept(peer, seq, theirs):
+            with self._lock:
+                reply = pins_mod.encode(self._own, self._next_seq(), self._key)
+            try:
+                sock.settimeout(opts["timeout"])
+                sock.sendall(reply)
+            except OSError as e:
+                self._record_error(peer, e)
+        self._apply()
+
+    def _accept(self, peer: str, seq: int, theirs: pins_mod.Pins) -> bool:
+        with self._lock:
+            st = self._peers.get(peer)
+            if st is None:
+                return False
+            if seq <= st.seq:
+                st.error = f"message {seq} refused: not newer than {st.seq} (replayed?)"
+                log.warning("sync: %s: %s", peer, st.error)
+                return False
+            st.seq, st.pins, st.last_ok, st.error = seq, theirs, time.time(), None
+            st.exchanges += 1
+            if all(s.last_ok is not None for s in self._peers.values()):
+                self._previous = {}
+            return True
+
+    def _record_error(self, peer: str, e: Exception) -> None:
+        with self._lock:
+            st = self._peers.get(peer)
+            if st is not None:
+                if st.error != str(e):
+                    log.warning("sync: exchange with %s failed: %s", peer, e)
+                st.error = str(e) or type(e).__name__
+
+    def _apply(self) -> None:
+        """Write the merged pins and tell the workers, when they changed."""
+        from .. import pins_state, workers
+        state_dir = self.host.cfg.globals.state_dir
+        with self._lock:
+            merged = pins_mod.merge(self._previous, *(s.pins for _, s in sorted(self._peers.items())))
+            if merged == self._written:
+                return
+            os.makedirs(state_dir, mode=0o700, exist_ok=True)
+            pins_state.write(state_dir, merged)
+            self._written = merged
+        n = workers.reload_pins(state_dir)
+        log.info("sync: %d pins held from peers, %d workers told", pins_mod.count(merged), n)
+
+
+def _canonical(addr: str) -> str:
+    a = ipaddress.ip_address(addr.split("%", 1)[0])
+    if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped:
+        a = a.ipv4_mapped
+    return str(a)
+
+
+def create(host) -> SyncPlugin:
+    return SyncPlugin(host)

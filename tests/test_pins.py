@@ -1,0 +1,291 @@
+"""Pins (pure): which running connections a table change would move, the
+peer message, and the worker following pins for picked-up connections
+only."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from synlb import config as config_mod
+from synlb import pins as P
+from synlb import pins_state
+from synlb.conntrack import Entry, parse
+from synlb.packet import flow_key, is_flow_key, key_of, opens_connection
+from synlb.worker import Worker
+
+VIP4, VIP6 = "10.64.100.1", "fd64:100::1"
+SYN, ACK, PSH = 0x02, 0x10, 0x08
+KEY = b"k" * 32
+
+
+def tcp(sport: int, dport: int, flags: int) -> bytes:
+    return struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 0x50, flags, 64240, 0, 0)
+
+
+def packet(client: str, server: str, proto: int, sport: int, dport: int, flags: int = SYN,
+           v6_hop_by_hop: bool = False) -> bytes:
+    l4 = tcp(sport, dport, flags) if proto == 6 else struct.pack("!HHHH", sport, dport, 8, 0)
+    if ":" not in client:
+        return struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), 1, 0x4000, 64, proto, 0,
+                           socket.inet_aton(client), socket.inet_aton(server)) + l4
+    ext = b""
+    nh = proto
+    if v6_hop_by_hop:
+        ext, nh = bytes([proto, 0]) + bytes(6), 0
+    return struct.pack("!IHBB16s16s", 0x60000000, len(ext) + len(l4), nh, 64,
+                       socket.inet_pton(socket.AF_INET6, client),
+                       socket.inet_pton(socket.AF_INET6, server)) + ext + l4
+
+
+def write_config(tmp_path, targets=("t1", "t2"), extra_service: str = "") -> str:
+    text = f"""[synlb]
+state_dir = {tmp_path / 'state'}
+
+[service:web]
+vips = {VIP4}/32, {VIP6}/128
+ingress = front
+egress = back
+protocols = tcp, udp
+ports = 80
+targets = {', '.join(targets)}
+table_size = 1009
+{extra_service}
+"""
+    for k in (1, 2, 3):
+        text += f"\n[target:t{k}]\naddress = 10.64.2.1{k}, fd64:2::1{k}\n"
+    path = tmp_path / "synlb.ini"
+    path.write_text(text)
+    (tmp_path / "state").mkdir(exist_ok=True)
+    return str(path)
+
+
+# ------------------------------------------------------------------ flow keys
+
+v4_addr = st.ip_addresses(v=4).map(str)
+v6_addr = st.ip_addresses(v=6).map(str)
+port = st.integers(0, 65535)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.tuples(v4_addr, v4_addr), st.tuples(v6_addr, v6_addr)),
+       st.sampled_from([6, 17]), port, port, st.booleans())
+def test_key_of_equals_the_packets_flow_key(addrs, proto, sport, dport, hop):
+    client, server = addrs
+    key = key_of(proto, client, server, sport, dport)
+    assert key == flow_key(packet(client, server, proto, sport, dport, v6_hop_by_hop=hop))
+    assert is_flow_key(key)
+
+
+@pytest.mark.parametrize("flags,opens", [(SYN, True), (SYN | ACK, False), (ACK, False),
+                                         (ACK | PSH, False), (SYN | 0x01, True)])
+@pytest.mark.parametrize("client,server", [("10.64.1.10", VIP4), ("fd64:1::10", VIP6)])
+def test_opens_connection_is_a_syn_without_ack(flags, opens, client, server):
+    assert opens_connection(packet(client, server, 6, 4000, 80, flags)) is opens
+    assert opens_connection(packet(client, server, 6, 4000, 80, flags, v6_hop_by_hop=True)) is opens
+
+
+def test_opens_connection_never_for_udp_fragments_or_garbage():
+    assert not opens_connection(packet("10.64.1.10", VIP4, 17, 4000, 80))
+    syn = packet("10.64.1.10", VIP4, 6, 4000, 80, SYN)
+    frag = syn[:6] + b"\x20\x00" + syn[8:]  # MF set
+    assert not opens_connection(frag)
+    for cut in range(len(syn)):
+        opens_connection(syn[:cut])  # never raises
+    assert not opens_connection(b"")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=80))
+def test_opens_connection_never_raises(data):
+    assert opens_connection(data) in (True, False)
+
+
+# ------------------------------------------------------------------ conntrack text
+
+def test_conntrack_lines_parse():
+    text = """tcp      6 431999 ESTABLISHED src=10.64.1.10 dst=10.64.100.1 sport=43210 dport=80 src=10.64.100.1 dst=10.64.1.10 sport=80 dport=43210 [ASSURED] mark=98631234 use=1
+udp      17 29 src=fd64:1::10 dst=fd64:100::1 sport=5000 dport=80 [UNREPLIED] src=fd64:100::1 dst=fd64:1::10 sport=80 dport=5000 mark=7 use=1
+icmp     1 29 src=10.64.1.10 dst=10.64.100.1 type=8 code=0 id=1 src=10.64.100.1 dst=10.64.1.10 type=0 code=0 id=1 mark=3 use=1
+conntrack v1.4.7 (conntrack-tools): 3 flow entries have been shown.
+"""
+    assert parse(text) == [Entry(6, "10.64.1.10", "10.64.100.1", 43210, 80, 98631234),
+                           Entry(17, "fd64:1::10", "fd64:100::1", 5000, 80, 7),
+                           Entry(1, "10.64.1.10", "10.64.100.1", None, None, 3)]
+
+
+# ------------------------------------------------------------------ misplaced
+
+def flows(n: int, family: int = 4):
+    client = ipaddress.ip_address("10.64.1.10" if family == 4 else "fd64:1::10")
+    vip = VIP4 if family == 4 else VIP6
+    return [(str(client + i // 1000), vip, 1024 + i) for i in range(n)]
+
+
+def test_misplaced_is_exactly_what_a_target_join_moves(tmp_path):
+    before = config_mod.load(write_config(tmp_path, ("t1", "t2")))
+    after = config_mod.load(write_config(tmp_path, ("t1", "t2", "t3")))
+    old = {s.name: P.ServiceTable.build(before, s) for s in before.services}["web"]
+    new = {s.name: P.ServiceTable.build(after, s) for s in after.services}["web"]
+    entries, moved = [], set()
+    for fam in (4, 6):
+        for client, vip, sport in flows(600, fam):
+            key = key_of(6, client, vip, sport, 80)
+            mark = old.pick(key)  # the connection started under the old table
+            entries.append(Entry(6, client, vip, sport, 80, mark))
+            if new.pick(key) != mark:
+                moved.add((key, mark))
+    got = P.misplaced(after, entries)
+    assert set(got["web"].items()) == moved
+    # about a third of the flows move to the new target; none of them is t3's
+    assert 0.25 < len(moved) / len(entries) < 0.42
+    assert after.targets["t3"].mark not in set(got["web"].values())
+    # nothing moves while the table is the one the connections started with
+    assert P.misplaced(before, entries) == {}
+
+
+def test_misplaced_reads_reply_side_entries_and_ignores_others(tmp_path):
+    cfg = config_mod.load(write_config(tmp_path, ("t1", "t2", "t3")))
+    t1 = cfg.targets["t1"].mark
+    table = P.ServiceTable.build(cfg, cfg.service("web"))
+    # flows the current table sends elsewhere than t1
+    wrong = [(c, v, s) for c, v, s in flows(60) if table.pick(key_of(6, c, v, s, 80)) != t1][:5]
+    entries = []
+    for client, vip, sport in wrong:
+        entries.append(Entry(6, vip, client, 80, sport, t1))  # created from the target's side
+    entries += [Entry(6, "10.64.1.10", "10.64.200.9", 1000, 80, t1),  # not a VIP
+                Entry(6, "10.64.1.10", VIP4, 1001, 443, t1),  # not the service's port
+                Entry(6, "10.64.1.10", VIP4, 1002, 80, 0x77),  # not a mark of the service
+                Entry(132, "10.64.1.10", VIP4, 1003, 80, t1),  # not a protocol of the service
+                Entry(6, "10.64.1.10", VIP4, 1004, 80, 0)]
+    got = P.misplaced(cfg, entries)
+    assert got == {"web": {key_of(6, c, v, s, 80): t1 for c, v, s in wrong}}
+
+
+def test_a_down_target_makes_its_connections_misplaced(tmp_path):
+    cfg = config_mod.load(write_config(tmp_path, ("t1", "t2", "t3")))
+    t3 = cfg.targets["t3"].mark
+    table = P.ServiceTable.build(cfg, cfg.service("web"))
+    on_t3 = [(c, v, s) for c, v, s in flows(200) if table.pick(key_of(6, c, v, s, 80)) == t3]
+    entries = [Entry(6, c, v, s, 80, t3) for c, v, s in on_t3]
+    assert P.misplaced(cfg, entries) == {}
+    got = P.misplaced(cfg, entries, {"web": {"t3"}})
+    assert len(got["web"]) == len(on_t3) and set(got["web"].values()) == {t3}
+
+
+# ------------------------------------------------------------------ messages
+
+pins_strategy = st.dictionaries(
+    st.sampled_from(["web", "dns", "x_1"]),
+    st.dictionaries(st.one_of(
+        st.tuples(v4_addr, v4_addr, port, port).map(lambda t: key_of(6, *t)),
+        st.tuples(v6_addr, v6_addr, port, port).map(lambda t: key_of(17, *t))),
+        st.integers(1, 0xFFFFFFFF), max_size=20), max_size=3)
+
+
+@settings(max_examples=200, deadline=None)
+@given(pins_strategy, st.integers(0, 2**63))
+def test_messages_round_trip(pins, seq):
+    msg = P.encode(pins, seq, KEY)
+    got_seq, got = P.decode(msg, KEY)
+    assert got_seq == seq
+    assert {s: k for s, k in got.items() if k} == {s: k for s, k in pins.items() if k}
+
+
+def test_messages_must_be_authentic_and_whole():
+    pins = {"web": {key_of(6, "10.64.1.10", VIP4, 4000, 80): 0x5E10001}}
+    msg = P.encode(pins, 7, KEY)
+    with pytest.raises(P.PinsError, match="authentication"):
+        P.decode(msg, b"another key of 32 bytes........")
+    tampered = bytearray(msg)
+    tampered[20] ^= 1
+    with pytest.raises(P.PinsError):
+        P.decode(bytes(tampered), KEY)
+    with pytest.raises(P.PinsError, match="length"):
+        P.decode(msg[:-1], KEY)
+    with pytest.raises(P.PinsError, match="not a synlb"):
+        P.decode(b"HTTP" + msg[4:], KEY)
+    with pytest.raises(P.PinsError, match="over"):
+        P.body_length(P.MAGIC + (P.MAX_BODY + 1).to_bytes(4, "big"))
+
+
+@pytest.mark.parametrize("bad", [
+    [], {"web": {}}, {"web": [["zz", 1]]}, {"web": [["0a0b", 1]]},
+    {"web": [[key_of(6, "10.0.0.1", VIP4, 1, 80).hex(), True]]},
+    {"web": [[key_of(6, "10.0.0.1", VIP4, 1, 80).hex(), 0]]},
+    {"web": [[key_of(6, "10.0.0.1", VIP4, 1, 80).hex(), 2**32]]},
+    {"web": [[key_of(6, "10.0.0.1", VIP4, 1, 80).hex()]]},
+    {1: []},
+])
+def test_pin_documents_of_the_wrong_shape_are_refused(bad):
+    with pytest.raises(P.PinsError):
+        P.from_json(bad)
+
+
+def test_pins_file_round_trip_and_bad_file(tmp_path):
+    pins = {"web": {key_of(6, "10.64.1.10", VIP4, 4000, 80): 5}}
+    pins_state.write(str(tmp_path), pins)
+    assert pins_state.load(str(tmp_path)) == pins
+    assert [p.name for p in tmp_path.iterdir()] == ["pins.json"]  # no temp file left
+    (tmp_path / "pins.json").write_text('{"web": [["00", 1]]}')
+    with pytest.raises(P.PinsError):
+        pins_state.load(str(tmp_path))
+    pins_state.clear(str(tmp_path))
+    assert pins_state.load(str(tmp_path)) == {}
+
+
+# ------------------------------------------------------------------ the worker
+
+class Pkt:
+    def __init__(self, payload: bytes):
+        self.payload, self.mark, self.verdict = payload, 0, None
+
+    def get_payload(self) -> bytes:
+        return self.payload
+
+    def set_mark(self, mark: int) -> None:
+        self.mark = mark
+
+    def accept(self) -> None:
+        self.verdict = "accept"
+
+    def drop(self) -> None:
+        self.verdict = "drop"
+
+
+def test_worker_follows_pins_only_for_picked_up_connections(tmp_path):
+    path = write_config(tmp_path, ("t1", "t2", "t3"))
+    cfg = config_mod.load(path)
+    state = cfg.globals.state_dir
+    table = P.ServiceTable.build(cfg, cfg.service("web"))
+    t1 = cfg.targets["t1"].mark
+    pinned = [(c, v, s) for c, v, s in flows(100) if table.pick(key_of(6, c, v, s, 80)) != t1][:10]
+    pins = {"web": {key_of(6, c, v, s, 80): t1 for c, v, s in pinned}}
+    pins["web"][key_of(6, "10.64.1.99", VIP4, 999, 80)] = 0x12345  # not a target: left out
+    pins_state.write(state, pins)
+    w = Worker(path, "web", 0)
+    assert len(w.pins) == 10
+    for c, v, s in pinned:
+        syn, ack = Pkt(packet(c, v, 6, s, 80, SYN)), Pkt(packet(c, v, 6, s, 80, ACK))
+        w.on_packet(syn)
+        w.on_packet(ack)
+        assert syn.mark == table.pick(key_of(6, c, v, s, 80))  # a new connection: the table
+        assert ack.mark == t1  # a picked-up one: its pin
+        assert syn.verdict == ack.verdict == "accept"
+    assert w.pinned == 10 and w.packets == 20
+    # unpinned flows follow the table whatever their flags
+    for c, v, s in flows(50)[60:]:
+        if key_of(6, c, v, s, 80) in w.pins:
+            continue
+        p = Pkt(packet(c, v, 6, s, 80, ACK))
+        w.on_packet(p)
+        assert p.mark == table.pick(key_of(6, c, v, s, 80))
+    # SIGUSR1's work: the file is read again
+    pins_state.clear(state)
+    w.load_pins()
+    assert w.pins == {}
