@@ -25,6 +25,7 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -121,7 +122,9 @@ class Pair:
     keepalived: ``notify`` (hook), ``fifo`` (notify_fifo) or ``dbus``."""
 
     def __init__(self, lab: Lab, *, source: str = "notify", standby: str = "hot",
-                 pickup: bool = True, firewall: bool = True, dbus_in_host: bool = False):
+                 pickup: bool = True, firewall: bool = True, dbus_in_host: bool = False,
+                 targets: Iterable[str] | None = None, plugins: str | None = None,
+                 extra: Callable[[str], str] | None = None):
         if lab.nrouters != 2:
             raise LabError("a Pair needs a 2-router lab")
         if source not in ("notify", "fifo", "dbus"):
@@ -132,6 +135,10 @@ class Pair:
         self.pickup = pickup
         self.firewall = firewall
         self.dbus_in_host = dbus_in_host  # `synlb run` with the dbus plugin, not `synlb dbus`
+        self.targets = list(targets or lab.targets)  # the targets the configs list
+        self.plugins = plugins  # [synlb] plugins of the routers' `synlb run` (see start_hosts)
+        self.extra = extra  # router -> more INI text (sections of those plugins)
+        self.hosts: dict[str, object] = {}
         self.hook = ""
         self.listeners: dict[str, object] = {}
         self.baseline: dict[str, dict] = {}  # router -> snapshot before synlb ever ran
@@ -161,15 +168,49 @@ class Pair:
             if self.firewall:
                 for tool in ("iptables", "ip6tables"):
                     lab.run(r, [tool, *FIREWALL])
-            extra = f"pickup = {'yes' if self.pickup else 'no'}"
-            if self.dbus_in_host:
-                extra += "\nplugins = lb, dbus"
-            text = service_config(lab, r, ports="80", extra_synlb=extra)
-            text += f"\n[vrrp]\nsync_group = G1\nstandby = {self.standby}\n"
-            with open(self.config(r), "w") as fh:
-                fh.write(text)
+            self.write_config(r)
             self.baseline[r] = snapshot(lab, r, self.state_dir(r))
         self.hook = install_hook(lab)
+
+    def write_config(self, r: str) -> None:
+        extra = f"pickup = {'yes' if self.pickup else 'no'}"
+        if self.dbus_in_host:
+            extra += "\nplugins = lb, dbus"
+        elif self.plugins:
+            extra += f"\nplugins = {self.plugins}"
+        text = service_config(self.lab, r, self.targets, ports="80", extra_synlb=extra)
+        text += f"\n[vrrp]\nsync_group = G1\nstandby = {self.standby}\n"
+        if self.extra:
+            text += self.extra(r)
+        with open(self.config(r), "w") as fh:
+            fh.write(text)
+
+    def start_hosts(self, timeout: float = 20.0) -> None:
+        """``synlb run`` on both routers; returns once their control sockets exist."""
+        for r in self.lab.routers:
+            self.hosts[r] = self.lab.popen(r, [synlb_exe(), "--config", self.config(r), "run"],
+                                           name="synlb-run")
+        deadline = time.monotonic() + timeout
+        while not all(os.path.exists(os.path.join(self.state_dir(r), "control.sock")) for r in self.lab.routers):
+            dead = [r for r, h in self.hosts.items() if h.poll() is not None]
+            if dead or time.monotonic() > deadline:
+                raise LabError(f"synlb run did not come up on {dead or 'every router'}; "
+                               f"see {[self.lab.log_path(h) for h in self.hosts.values()]}")
+            time.sleep(0.1)
+
+    def set_targets(self, targets: Iterable[str], timeout: float = 20.0) -> None:
+        """Rewrite both routers' configs for ``targets`` and reload their hosts
+        (SIGHUP); returns once both data planes carry them."""
+        self.targets = list(targets)
+        for r in self.lab.routers:
+            self.write_config(r)
+            self.hosts[r].send_signal(signal.SIGHUP)
+        for r in self.lab.routers:
+            self.wait_settled(r, self.expected_active(r), timeout)
+
+    def host_status(self, r: str) -> dict:
+        """The router's ``synlb status --json``."""
+        return json.loads(self.lab.run(r, [synlb_exe(), "--config", self.config(r), "status", "--json"]).stdout)
 
     def keepalived_text(self, r: str) -> str:
         n = self.lab.routers.index(r) + 1
@@ -207,6 +248,8 @@ class Pair:
     def close(self) -> None:
         """synlb down on both routers (the lab's teardown kills the rest)."""
         for r, p in self.listeners.items():
+            self.lab.stop_process(p)
+        for r, p in self.hosts.items():
             self.lab.stop_process(p)
         for r in self.lab.routers:
             if keepalived_running(self.lab, r):
@@ -249,7 +292,7 @@ class Pair:
         while True:
             quiet = not self.busy(r) and not _notify_running(self.lab, r)
             snap = snapshot(self.lab, r, self.state_dir(r))
-            ok = quiet and shape_ok(snap, active, len(self.lab.targets))
+            ok = quiet and shape_ok(snap, active, len(self.targets))
             stable = stable + 1 if ok else 0
             if stable >= 2:
                 return snap

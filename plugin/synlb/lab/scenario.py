@@ -42,9 +42,10 @@ targets = {names}
     return text + extra
 
 
-def service_config(lab, router: str, **kw: Any) -> str:
-    """render_service_config for a router of ``lab`` (its state dir, the lab's targets)."""
-    targets = [(t, lab.addr(t, 4), lab.addr(t, 6)) for t in lab.targets]
+def service_config(lab, router: str, targets=None, **kw: Any) -> str:
+    """render_service_config for a router of ``lab`` (its state dir; the
+    lab's targets, or only those named in ``targets``)."""
+    targets = [(t, lab.addr(t, 4), lab.addr(t, 6)) for t in (targets or lab.targets)]
     return render_service_config(os.path.join(lab.role_dir(router), "synlb-state"), targets, **kw)
 
 
