@@ -13,6 +13,18 @@ Pure data and helpers; nothing here touches the kernel.
 | back VRRP address (targets' gateway)   | 10.64.2.254     | fd64:2::254    |
 | target K (1..)                         | 10.64.2.1K      | fd64:2::1K     |
 | service VIP (targets' lo, route mode)  | 10.64.100.1     | fd64:100::1    |
+
+ECMP lab (synlb.lab.ecmp): the client sits behind an upstream router ``up``
+on a net of its own; ``up`` reaches the routers on the front net and has a
+multipath route to the VIP through them. lb1 owns the back VRRP address
+statically (targets' replies go through it only); routers 1..4.
+
+| what                                   | IPv4            | IPv6           |
+|----------------------------------------|-----------------|----------------|
+| client net (client, up)                | 10.64.0.0/24    | fd64::/64      |
+| client (ECMP lab)                      | 10.64.0.10      | fd64::10       |
+| up, client side (client's gateway)     | 10.64.0.1       | fd64::1        |
+| up, front side (routers' gateway)      | 10.64.1.250     | fd64:1::250    |
 """
 
 from __future__ import annotations
@@ -31,6 +43,15 @@ VIP4, VIP6 = VIP[4], VIP[6]
 
 MAX_ROUTERS = 2
 MAX_TARGETS = 9
+
+#: ECMP lab (synlb.lab.ecmp)
+ECMP_CLIENT_NET = {4: "10.64.0.0/24", 6: "fd64::/64"}
+ECMP_CLIENT = {4: "10.64.0.10", 6: "fd64::10"}
+UPSTREAM_CLIENT = {4: "10.64.0.1", 6: "fd64::1"}
+UPSTREAM_FRONT = {4: "10.64.1.250", 6: "fd64:1::250"}
+ECMP_MAX_ROUTERS = 4
+UPSTREAM_CLIENT_IF = "client"  # up's link to the client
+UPSTREAM_FRONT_IF = "front"  # up's link to the front bridge
 
 #: interface names inside the lab namespaces
 ROUTER_FRONT_IF = "front"
