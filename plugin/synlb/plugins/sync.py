@@ -155,7 +155,8 @@ class PeerState:
         self.pins: pins_mod.Pins = {}
         self.seq = 0  # the newest seq accepted from this peer
         self.last_ok: float | None = None
-        self.error: str | None = None
+        self.error: str | None = None  # why our last exchange with it failed
+        self.refused: str | None = None  # why we last refused a message from it
         self.exchanges = 0
 
 
@@ -247,7 +248,7 @@ class SyncPlugin(Plugin):
             return {"own_pins": pins_mod.count(self._own), "own_at": self._own_at,
                     "held_pins": pins_mod.count(self._written or {}),
                     "peers": {p: {"pins": pins_mod.count(s.pins), "last_ok": s.last_ok,
-                                  "exchanges": s.exchanges, "error": s.error}
+                                  "exchanges": s.exchanges, "error": s.error, "refused": s.refused}
                               for p, s in sorted(self._peers.items())}}
 
     # ------------------------------------------------------------ our pins
@@ -338,7 +339,7 @@ class SyncPlugin(Plugin):
         try:
             seq, theirs = read_message(sock, self._key, opts["timeout"])
         except (OSError, pins_mod.PinsError) as e:
-            self._record_error(peer, e)
+            self._record_refusal(peer, e)
             return
         if self._accept(peer, seq, theirs):
             with self._lock:
@@ -356,14 +357,21 @@ class SyncPlugin(Plugin):
             if st is None:
                 return False
             if seq <= st.seq:
-                st.error = f"message {seq} refused: not newer than {st.seq} (replayed?)"
-                log.warning("sync: %s: %s", peer, st.error)
+                st.refused = f"message {seq} is not newer than {st.seq} (replayed?)"
+                log.warning("sync: %s: message refused: %s", peer, st.refused)
                 return False
             st.seq, st.pins, st.last_ok, st.error = seq, theirs, time.time(), None
             st.exchanges += 1
             if all(s.last_ok is not None for s in self._peers.values()):
                 self._previous = {}
             return True
+
+    def _record_refusal(self, peer: str, e: Exception) -> None:
+        with self._lock:
+            st = self._peers.get(peer)
+            if st is not None:
+                st.refused = str(e) or type(e).__name__
+        log.warning("sync: message from %s refused: %s", peer, e)
 
     def _record_error(self, peer: str, e: Exception) -> None:
         with self._lock:
