@@ -5,6 +5,9 @@ direction of the flows ECMP gives them."""
 
 from __future__ import annotations
 
+import json
+import os
+import secrets
 import time
 
 import pytest
@@ -13,13 +16,22 @@ from synlb.lab.demo_failover import start_sessions, stop_sessions, summarize
 from synlb.lab.ecmp import (
     EcmpLab,
     flows_by_router,
+    reload_router,
+    run_target_added_then_router_leaves,
+    start_host,
+    state_dir,
+    status,
+    stop_host,
     synlb_down,
     synlb_up,
     vip_chain_packets,
+    wait_targets_installed,
+    write_config,
     write_configs,
 )
 from synlb.lab.netns import list_netns
 from synlb.lab.scenario import kernel_snapshot
+from synlb.plugins.sync import AGAIN_AFTER
 
 pytestmark = pytest.mark.lab
 
@@ -141,3 +153,127 @@ def test_router_leave_and_join_keep_every_session(lab):
 
     for r in lab.routers:
         synlb_down(lab, r, confs[r])
+
+
+# ---------------------------------------------------------------- a target added, then a router leaves
+
+def sync_configs(lab, targets=("t1", "t2")):
+    """Every router: `synlb run` with the sync plugin (peers: the other
+    routers' back addresses) and track_syn = no, since lb2 and lb3 see only
+    the client's direction."""
+    key = os.path.join(lab.dir, "sync.key")
+    fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secrets.token_hex(32) + "\n")
+    confs = {}
+    for i, r in enumerate(lab.routers, 1):
+        peers = ", ".join(A.router_back(j) for j in range(1, len(lab.routers) + 1) if j != i)
+        confs[r] = write_config(lab, r, targets, extra_synlb="plugins = lb, sync",
+                                extra_service="track_syn = no",
+                                extra=f"\n[sync]\nlisten = {A.router_back(i)}\npeers = {peers}\n"
+                                      f"key_file = {key}\nrefresh = 2\n")
+    return confs
+
+
+def sync_of(lab, r, conf) -> dict:
+    return status(lab, r, conf)["host"]["plugins"]["sync"]
+
+
+def worker_pins(r_state_dir: str) -> int:
+    try:
+        with open(os.path.join(r_state_dir, "worker-0.stats.json")) as fh:
+            return json.load(fh).get("pins", -1)
+    except (FileNotFoundError, ValueError):
+        return -1
+
+
+def wait_pins_everywhere(lab, confs, since: float, timeout: float = 20.0) -> dict:
+    """Until every router computed its pins after ``since`` (its second
+    exchange included), received every peer's latest, and its worker holds
+    the merged set; returns {router: own pins}."""
+    deadline = time.monotonic() + timeout
+    while True:
+        st = {r: sync_of(lab, r, confs[r]) for r in lab.routers}
+        backs = {A.router_back(i): r for i, r in enumerate(lab.routers, 1)}
+        fresh = all(s["own_at"] and s["own_at"] >= since + AGAIN_AFTER for s in st.values())
+        received = all(p["last_ok"] and p["last_ok"] >= st[backs[addr]]["own_at"]
+                       for s in st.values() for addr, p in s["peers"].items())
+        loaded = all(worker_pins(state_dir(lab, r)) == st[r]["held_pins"] for r in lab.routers)
+        if fresh and received and loaded:
+            return {r: s["own_pins"] for r, s in st.items()}
+        if time.monotonic() > deadline:
+            raise AssertionError(f"pins not exchanged within {timeout}s: {st}")
+        time.sleep(0.2)
+
+
+def shortcut_counters(lab, r, fam) -> tuple[int, int]:
+    """Packets of synlb-VIP-web short-cut in the kernel and queued, in router ``r``."""
+    text = lab.run(r, ["iptables-save" if fam == 4 else "ip6tables-save", "-c", "-t", "mangle"]).stdout
+    kept = queued = 0
+    for line in text.splitlines():
+        if line.startswith("[") and "-A synlb-VIP-web " in line:
+            pkts = int(line[1:].split(":", 1)[0])
+            if "-j synlb-ESTABLISHED" in line:
+                kept += pkts
+            elif "-j NFQUEUE" in line:
+                queued += pkts
+    return kept, queued
+
+
+def test_target_added_then_a_router_leaves_keeps_every_session(lab):
+    """Sessions through all three routers; t3 added on every router (the
+    routers that see one direction keep the running connections' marks in
+    conntrack, thanks to track_syn = no); every router hands its misplaced
+    connections to the others; then lb2 leaves and ECMP gives its flows to
+    lb1 and lb3: every session kept, none moved."""
+    confs = sync_configs(lab)
+    for r in lab.routers:
+        start_host(lab, r, confs[r])
+    own: dict = {}
+    changed: list[float] = []
+
+    def reload(lab_, r, conf):
+        changed.append(time.time())
+        reload_router(lab_, r, conf)
+
+    def ready(lab_, new_confs):
+        wait_targets_installed(lab_, new_confs)
+        own.update(wait_pins_everywhere(lab_, new_confs, min(changed)))
+
+    res = run_target_added_then_router_leaves(lab, confs, count=COUNT, leaver="lb2", patterns=PATTERNS,
+                                              families=FAMILIES, reload=reload, ready=ready)
+    print(f"\nt3 added, pins per router {own}, then lb2 left: {res['kept']}/{res['sessions']} kept, "
+          f"{res['moved']} moved, steps {res['steps']}, established {res['established']}, "
+          f"data held up at most {res['max_delay']:.3f} s")
+    for k, v in res["per"].items():
+        print(f"  {k:<8} kept {v['kept']}/{v['sessions']} moved {v['moved']} {v['errors']}")
+    bad = {k: v for k, v in res["per"].items() if v["kept"] != v["sessions"] or v["moved"]}
+    assert not bad, bad
+    assert res["sessions"] == COUNT * len(PATTERNS) * len(FAMILIES)
+    # the change moved running connections in the table: pins did the work
+    assert own["lb2"] > 0 and sum(own.values()) >= 0.15 * res["sessions"], own
+    # and the routers that see one direction keep their connections' marks in
+    # conntrack (track_syn = no): most of their packets stay in the kernel
+    for r in ("lb3",):  # lb2 left; lb3 carried flows all along
+        for fam in FAMILIES:
+            kept, queued = shortcut_counters(lab, r, fam)
+            print(f"  {r} IPv{fam}: {kept} packets kept in the kernel, {queued} queued")
+            assert kept > 5 * queued > 0, (r, fam, kept, queued)
+    for r in lab.routers:
+        stop_host(lab, r)
+
+
+def test_without_sync_a_router_leaving_resets_the_moved_sessions(lab):
+    """The same with track_syn = no but no sync: adding t3 resets nothing
+    (the one-direction routers keep the marks in conntrack), but when lb2
+    leaves, the routers taking its flows hash the moved ones to t3."""
+    confs = write_configs(lab, targets=("t1", "t2"), extra_service="track_syn = no")
+    for r in lab.routers:
+        start_host(lab, r, confs[r])
+    res = run_target_added_then_router_leaves(lab, confs, count=COUNT, leaver="lb2",
+                                              patterns=PATTERNS, families=FAMILIES)
+    print(f"\nno sync: {res['kept']}/{res['sessions']} kept, established {res['established']}")
+    assert res["established"]["after_reload"] == res["established"]["start"] == res["sessions"]
+    assert res["kept"] < res["sessions"] and res["established"]["after_leave"] < res["sessions"]
+    for r in lab.routers:
+        stop_host(lab, r)
