@@ -72,9 +72,16 @@ def test_quick_bench_writes_a_sane_report(tmp_path):
     assert res["failover_gap_s"] == fo["max_delay_s"]
     assert set(res["maglev"]["build_ms"]) == {"10", "100", "1000"}
     assert res["hotpath"]["current_us_per_packet"] > 0
+    # pins: measured in the same run, real conntrack entries read back whole
+    pn = res["pins"]
+    assert all(v > 0 for v in pn["hotpath"]["us_per_packet"].values())
+    assert res["pins_normal_path_ratio"] == pn["hotpath"]["no_pins_vs_before"] > 0
+    assert pn["conntrack"]["entries"] == 2000 and 0 < pn["conntrack"]["pins"] < 2000
+    assert pn["unreachable_peer"]["silent_peer_error"] and \
+        pn["unreachable_peer"]["reachable_peer_answered_after_s"] < pn["unreachable_peer"]["round_s"]
 
     md = (tmp_path / "latest.md").read_text()
-    assert "## Headline" in md and "Failover" in md and "HMARK" in md
+    assert "## Headline" in md and "Failover" in md and "HMARK" in md and "## Pins" in md
     if res.get("chart"):
         png = (tmp_path / "latest.png").read_bytes()
         assert png.startswith(b"\x89PNG")

@@ -37,6 +37,11 @@ Sections (see bench/README.md for how to read the report):
 ``maglev``      table build time for 10, 100, 1000 targets at M = 65537.
 ``hotpath``     the worker's per-packet Python path with a stub packet
                 (no kernel): the current ``Worker.on_packet`` and the seed's.
+``pins``        what keeping sessions across target changes costs
+                (bench_pins.py): the hot path with and without pins against
+                the callback before pins, the sync plugin's conntrack read
+                and misplaced computation per entry, memory and wire bytes
+                per pin, an exchange round with an unreachable peer.
 """
 
 from __future__ import annotations
@@ -86,6 +91,8 @@ TARGETS = {
     "maglev_build_ms_100": ("<", 200.0),
     "failover_gap_s": ("<=", 3 * ADVERT_INT + 0.3),
     "sessions_kept_ratio": (">=", 1.0),
+    # pins cost nothing while there are none: the same per-packet cost as before them, within noise
+    "pins_normal_path_ratio": ("<=", 1.05),
 }
 
 
@@ -1013,6 +1020,8 @@ def headline(results: dict) -> dict:
         # the longest time between two deliveries: also counts each pattern's own pause
         "failover_longest_interarrival_s": fo.get("max_gap_s"),
         "sessions_kept_ratio": fo.get("kept_ratio"),
+        "pins_normal_path_ratio": results.get("pins", {}).get("hotpath", {}).get("no_pins_vs_before"),
+        "pins_us_per_conntrack_entry": results.get("pins", {}).get("conntrack", {}).get("us_per_entry"),
     }
 
 
@@ -1034,14 +1043,15 @@ def check_targets(h: dict) -> dict:
 
 
 def run(plan: Plan, out_dir: str, sections: list[str] | None = None) -> dict:
-    sections = sections or ["maglev", "hotpath", "single_router", "failover"]
+    sections = sections or ["maglev", "hotpath", "pins", "single_router", "failover"]
     started = time.time()
     t0 = time.monotonic()
     results: dict[str, Any] = {"schema": SCHEMA, "quick": plan.quick,
                                "date": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
                                "machine": machine_info(), "plan": dataclasses.asdict(plan)}
     timings = {}
-    for name, fn in (("maglev", bench_maglev), ("hotpath", bench_hotpath),
+    from .bench_pins import bench_pins
+    for name, fn in (("maglev", bench_maglev), ("hotpath", bench_hotpath), ("pins", bench_pins),
                      ("single_router", bench_single_router), ("failover", bench_failover)):
         if name not in sections:
             continue

@@ -24,6 +24,8 @@ LABELS = {
     "failover_gap_s": "Failover gap: data held up at most, all sessions (s)",
     "failover_longest_interarrival_s": "Longest time between two deliveries, incl. the sessions' own pauses (s)",
     "sessions_kept_ratio": "Sessions kept over the failovers",
+    "pins_normal_path_ratio": "Worker per-packet cost with no pins / before pins existed",
+    "pins_us_per_conntrack_entry": "Sync: conntrack read + misplaced check per entry (us)",
 }
 
 
@@ -397,6 +399,31 @@ def render_markdown(res: dict) -> str:
         add(f"`Worker.on_packet` on {hp['packets']} stub packets ({hp['mix']}), best of 10 batches "
             f"alternating with the seed's callback: **{hp['current_us_per_packet']} us** per packet; "
             f"the seed's: {hp['seed_us_per_packet']} us. Both give the same mark for every packet checked.")
+        add("")
+    pn = res.get("pins")
+    if pn:
+        hp2, ct, up = pn["hotpath"], pn["conntrack"], pn["unreachable_peer"]
+        us = hp2["us_per_packet"]
+        add("## Pins (sessions kept across target changes)")
+        add("")
+        add(f"Worker callback per packet (stub packets, {hp2['packets_per_arm']} per arm, rounds alternating): "
+            f"before pins {us['before']} us, with no pins **{us['no_pins']} us** (median ratio "
+            f"{hp2['no_pins_vs_before']}, rounds {hp2['no_pins_vs_before_spread'][0]}-"
+            f"{hp2['no_pins_vs_before_spread'][1]}), 10 000 pins none matching {us['10k_pins_miss']} us, "
+            f"a packet following its pin {us['pinned_hit']} us.")
+        add("")
+        add("| what | figure |")
+        add("|---|---:|")
+        for n, v in pn["misplaced"].items():
+            add(f"| misplaced check, {n} entries (two thirds move) | {v['us_per_entry']} us/entry, "
+                f"{v['seconds']} s |")
+        add(f"| conntrack read + check, {ct['entries']} real entries | {ct['us_per_entry']} us/entry "
+            f"(dump {ct['dump_s']} s, check {ct['misplaced_s']} s) |")
+        add(f"| worker memory | {pn['memory']['bytes_per_pin']} bytes/pin |")
+        add(f"| on the wire | {pn['message']['bytes_per_pin']} bytes/pin; 10 000 pins encode "
+            f"{pn['message']['encode_ms']} ms, decode {pn['message']['decode_ms']} ms |")
+        add(f"| a round with one silent peer (timeout {up['timeout_s']} s) | {up['round_s']} s; the reachable "
+            f"peer's pins after {up['reachable_peer_answered_after_s']} s |")
         add("")
     add("How to run and read this report, and what was tried to make synlb fast: "
         "[bench/README.md](../README.md).")

@@ -296,8 +296,14 @@ class SyncPlugin(Plugin):
         with self._lock:
             self._own, self._own_at = own, time.time()
             peers = list(self._peers)
-        for peer in peers:
-            self._exchange(peer)
+        # one thread per peer: an unreachable peer costs the others nothing
+        # (each exchange is bounded by [sync] timeout)
+        threads = [threading.Thread(target=self._exchange, args=(p,), name=f"sync-to-{p}", daemon=True)
+                   for p in peers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
         self._apply()
 
     def _exchange(self, peer: str) -> None:
