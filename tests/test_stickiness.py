@@ -30,7 +30,7 @@ from synlb.lab.demo_failover import (
     summarize,
 )
 from synlb.lab.netns import list_netns
-from synlb.lab.scenario import write_config
+from synlb.lab.scenario import synlb_exe, write_config
 from synlb.lab.topology import Lab
 from synlb.plugins.sync import AGAIN_AFTER
 
@@ -71,7 +71,7 @@ def sync_pair(lab: Lab, *, health: bool = False, targets=("t1", "t2")) -> Pair:
             with open(os.path.join(d, "health.ini"), "w") as fh:
                 fh.write("".join(f"[target:{t}]\n{HEALTH}\n" for t in lab.targets))
 
-    plugins = "lb, health, sync" if health else "lb, sync"
+    plugins = "lb, health, sync, metrics" if health else "lb, sync, metrics"
     pair = Pair(lab, targets=targets, plugins=plugins, extra=extra)
     pair.prepare()
     pair.start_hosts()
@@ -138,6 +138,8 @@ def test_target_added_then_failover_keeps_every_session(lab):
         t_change = time.time()
         pair.set_targets(["t1", "t2", "t3"])
         pinned = wait_pins_handed_over(pair, t_change)
+        metrics = lab.run("lb1", ["curl", "-sf", "http://127.0.0.1:9712/metrics"]).stdout
+        text = pair.lab.run("lb2", [synlb_exe(), "--config", pair.config("lb2"), "status"]).stdout
         steps = failover_and_back(pair)
     finally:
         results = stop_sessions(handles)
@@ -152,6 +154,10 @@ def test_target_added_then_failover_keeps_every_session(lab):
     # new connections do use the new target, on the new master too
     got = lab.open_connections(A.VIP[4], count=60, concurrency=10)
     assert got["ok"] == 60 and set(got["per_target"]) == {"t1", "t2", "t3"}, got
+    # what an operator sees: the master's metrics, the backup's status
+    assert f"synlb_pins_own {float(pinned)}" in metrics, metrics
+    assert f'synlb_sync_peer_ok{{peer="{A.router_back(2)}"}} 1.0' in metrics
+    assert f"sync: 0 own pins handed to 1 peers, {pinned} held from them" in text, text
     # the backup's view of the exchange
     b = sync_status(pair, "lb2")
     assert b["peers"][A.router_back(1)]["error"] is None and b["peers"][A.router_back(1)]["exchanges"] > 0

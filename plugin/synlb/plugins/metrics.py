@@ -24,6 +24,11 @@ Metrics:
   ``synlb_worker_cpu_seconds_total{queue}``, ``synlb_worker_rss_bytes{queue}``
 - ``synlb_host_cpu_seconds_total``, ``synlb_host_rss_bytes``: the host process
 - ``synlb_scrape_ok``: 0 when reading the kernel's counters failed
+- with the sync plugin: ``synlb_pins_own`` (this router's misplaced
+  connections, handed to its peers), ``synlb_pins_held`` (the peers' pins
+  its workers follow), ``synlb_sync_peer_ok{peer}`` (1 when the last
+  exchange with the peer worked), ``synlb_sync_last_exchange_seconds{peer}``
+  (when it last worked, Unix time)
 
 Kernel counters restart from 0 when synlb re-installs its chains, and a
 worker's CPU time when it is restarted: Prometheus' ``rate()`` handles that.
@@ -187,6 +192,25 @@ class Collector:
                 except psutil.Error:
                     continue
         yield from (qdrop, udrop, listening, waiting, wrestarts, wpackets, wcpu, wrss)
+        if "sync" in plugins:
+            yield from _sync_metrics(plugins["sync"].status())
+
+
+def _sync_metrics(st: dict):
+    from prometheus_client.core import GaugeMetricFamily
+    yield GaugeMetricFamily("synlb_pins_own", "this router's misplaced connections, handed to its peers",
+                            value=st["own_pins"])
+    yield GaugeMetricFamily("synlb_pins_held", "pins from the peers that the workers follow",
+                            value=st["held_pins"])
+    ok = GaugeMetricFamily("synlb_sync_peer_ok", "1 when the last exchange with the peer worked", labels=["peer"])
+    last = GaugeMetricFamily("synlb_sync_last_exchange_seconds", "when the last exchange with the peer worked",
+                             labels=["peer"])
+    for peer, p in st["peers"].items():
+        ok.add_metric([peer], 0.0 if p["error"] or not p["last_ok"] else 1.0)
+        if p["last_ok"]:
+            last.add_metric([peer], p["last_ok"])
+    yield ok
+    yield last
 
 
 class MetricsPlugin(Plugin):

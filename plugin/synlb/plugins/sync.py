@@ -245,7 +245,11 @@ class SyncPlugin(Plugin):
 
     def status(self) -> dict:
         with self._lock:
-            return {"own_pins": pins_mod.count(self._own), "own_at": self._own_at,
+            bad = [f"{p}: {st.error}" for p, st in sorted(self._peers.items()) if st.error]
+            summary = (f"{pins_mod.count(self._own)} own pins handed to {len(self._peers)} peers, "
+                       f"{pins_mod.count(self._written or {})} held from them"
+                       + (f"; FAILING {'; '.join(bad)}" if bad else ""))
+            return {"summary": summary, "own_pins": pins_mod.count(self._own), "own_at": self._own_at,
                     "held_pins": pins_mod.count(self._written or {}),
                     "peers": {p: {"pins": pins_mod.count(s.pins), "last_ok": s.last_ok,
                                   "exchanges": s.exchanges, "error": s.error, "refused": s.refused}
