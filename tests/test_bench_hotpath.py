@@ -15,6 +15,7 @@ from synlb.lab import bench
 from synlb.lab.bench_report import render_markdown, summary_lines
 from synlb.maglev import Maglev
 from synlb.packet import FALLBACK_BYTES, FALLBACK_VERSION, _parse_key, flow_key
+from synlb.config import load
 from synlb.worker import Worker
 
 
@@ -47,16 +48,17 @@ def test_fast_path_on_garbage(data):
     assert flow_key(data) == slow_key(data) if data else flow_key(data) == FALLBACK_VERSION
 
 
-def _worker(tmp_path) -> Worker:
+def _worker(tmp_path):
     conf = tmp_path / "synlb.ini"
     conf.write_text(bench.render_config(str(tmp_path / "state"), iperf_service=False))
-    return Worker(str(conf), "web", 0)
+    cfg = load(str(conf))
+    return Worker.from_config(cfg, "web"), cfg
 
 
 def test_worker_marks_equal_maglev_lookup(tmp_path):
-    w = _worker(tmp_path)
-    m = Maglev(["t1", "t2", "t3"], bench.TABLE_SIZE, w.cfg.globals.hash_key.encode())
-    marks = {i: w.cfg.targets[name].mark for i, name in enumerate(m.names)}
+    w, cfg = _worker(tmp_path)
+    m = Maglev(["t1", "t2", "t3"], bench.TABLE_SIZE, cfg.globals.hash_key.encode())
+    marks = {i: cfg.targets[name].mark for i, name in enumerate(m.names)}
     seen = set()
     for i in range(3000):
         p = bench._StubPacket(bench._syn(4 if i % 3 else 6, 1024 + i))

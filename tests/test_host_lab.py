@@ -377,3 +377,47 @@ def test_metrics_follow_traffic_and_scripts_ran(lab, host):
     assert data["state"] == "STANDALONE" and data["services"][0]["targets"] == ["t1", "t2", "t3"]
     sc = h.status()["host"]["plugins"]["scripts"]
     assert sc["runs"][-1]["rc"] == 0 and sc["runs"][-1]["script"].endswith("standalone/10-record"), sc
+
+
+def routed_marks(lab) -> set[int]:
+    """The fwmarks lb1 has an ip rule for and whose table has a route."""
+    out = set()
+    rules = lab.run("lb1", ["ip", "-4", "rule", "show"]).stdout
+    for m in re.finditer(r"fwmark (0x[0-9a-f]+) lookup (\d+)", rules):
+        routes = lab.run("lb1", ["ip", "-4", "route", "show", "table", m.group(2)]).stdout
+        if "default via" in routes:
+            out.add(int(m.group(1), 16))
+    return out
+
+
+def test_workers_never_serve_an_unapplied_target(lab, host):
+    """The INI gains t4 on disk but is not reloaded; t1 fails its check; the
+    worker is killed and restarted: at every step the worker serves only
+    targets the data plane installed routes for (never t4), and t4 gets
+    no connection."""
+    h = host(targets=("t1", "t2", "t3"))
+    marks = {t["name"]: t["mark"] for t in h.status()["services"][0]["targets"]}
+
+    def serving() -> set[int]:
+        with open(os.path.join(h.state_dir, "worker-0.table.json")) as fh:
+            return {m for _, m in json.load(fh)["targets"]}
+
+    write(h.conf, config_text(lab, "workers_never_serve_an_unapplied_target", targets=("t1", "t2", "t3", "t4")))
+    lab.stop_process(lab.servers["t1"])  # t1 out: the reconcile runs on the applied config
+    h.rebuilt_at("t2,t3", time.time() - 5)
+    assert serving() == {marks["t2"], marks["t3"]} and serving() <= routed_marks(lab)
+    pid = h.worker_pid()
+    os.kill(pid, signal.SIGKILL)
+    h.wait(lambda: h.worker_pid() != pid and h.queue()["listening"], "worker restarted", 15)
+    stats_path = os.path.join(h.state_dir, "worker-0.stats.json")
+
+    def stats() -> dict:
+        with open(stats_path) as fh:
+            return json.load(fh)
+    h.wait(lambda: stats().get("pid") == h.worker_pid(), "the new worker's stats", 5)
+    stats = stats()
+    assert stats["targets"] == ["t2", "t3"], stats
+    assert serving() <= routed_marks(lab) and len(routed_marks(lab)) == 3  # t1..t3: no route for t4
+    res = lab.open_connections(VIP, count=60, concurrency=10)
+    assert res["ok"] == 60 and set(res["per_target"]) == {"t2", "t3"}, res
+    assert "t4" not in h.log()

@@ -268,7 +268,7 @@ def test_worker_follows_pins_only_for_picked_up_connections(tmp_path):
     pins = {"web": {key_of(6, c, v, s, 80): t1 for c, v, s in pinned}}
     pins["web"][key_of(6, "10.64.1.99", VIP4, 999, 80)] = 0x12345  # not a target: left out
     pins_state.write(state, pins)
-    w = Worker(path, "web", 0)
+    w = Worker.from_config(cfg, "web")
     assert len(w.pins) == 10
     for c, v, s in pinned:
         syn, ack = Pkt(packet(c, v, 6, s, 80, SYN)), Pkt(packet(c, v, 6, s, 80, ACK))

@@ -63,7 +63,7 @@ def cmd_status(args) -> int:
 
 def cmd_worker(args) -> int:
     from . import worker
-    return worker.main(args.config_file, args.service, args.queue)
+    return worker.main(args.state_dir, args.service, args.queue)
 
 
 def cmd_run(args) -> int:
@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("worker", help=argparse.SUPPRESS)
-    s.add_argument("--config", dest="config_file", required=True)
+    s.add_argument("--state-dir", required=True)
     s.add_argument("--service", required=True)
     s.add_argument("--queue", type=int, required=True)
     s.set_defaults(func=cmd_worker)

@@ -71,7 +71,7 @@ def _apply(config_path: str, cfg: Config, reason: str) -> list[str]:
     changes = []
     # workers first: a queue with a listener before its rules means no
     # packet is ever queued to nobody
-    changes += workers.ensure(config_path, cfg)
+    changes += workers.ensure(cfg)
     changes += netfilter.reconcile(rules.render(cfg), g.state_dir)
     with routing.Routing(g.route_protocol) as rt:
         changes += rt.reconcile(*routing.desired(cfg))

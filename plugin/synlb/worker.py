@@ -10,9 +10,10 @@ picked up mid-stream after a failover or an ECMP change) whose flow is
 pinned (``pins.py``: a running connection the current table would move)
 gets its pinned mark instead of the table's.
 
-SIGHUP re-reads the configuration and the target health file and rebuilds
-the table; SIGUSR1 re-reads the pins; SIGTERM/SIGINT stop the loop and
-unbind the queue.
+A worker never reads the INI files: it serves the table the data plane
+wrote for its queue (worker_table.py), so it can never pick a target the
+kernel has no route or DNAT for.  SIGHUP re-reads that table; SIGUSR1
+re-reads the pins; SIGTERM/SIGINT stop the loop and unbind the queue.
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ import signal
 import time
 from hashlib import blake2b
 
-from . import config as config_mod
-from . import health_state, pins_state
+from . import pins_state, worker_table
 from .maglev import FLOW_PERSON, MAX_KEY_BYTES, Maglev
 from .packet import flow_key, opens_connection
-from .pins import active_targets, usable
+from .pins import usable
+from .worker_table import WorkerTable, WorkerTableError
 
 log = logging.getLogger("synlb.worker")
 
@@ -46,28 +47,26 @@ class MarkTable:
 
     __slots__ = ("names", "maglev", "marks", "size", "keyed", "picks", "verdict_accept", "digest")
 
-    def __init__(self, cfg: config_mod.Config, service_name: str):
-        svc = cfg.service(service_name)
-        down = health_state.down_targets(cfg.globals.state_dir, svc.name)
-        targets = active_targets(cfg, svc, down)
-        self.names = [t.name for t in targets]
-        key = cfg.globals.hash_key.encode()
-        self.maglev = Maglev(self.names, svc.table_size, key)
-        self.marks = [targets[i].mark for i in self.maglev.table]
+    def __init__(self, table: WorkerTable):
+        self.names = table.names
+        key = table.hash_key.encode()
+        self.maglev = Maglev(self.names, table.table_size, key)
+        marks = [m for _, m in table.targets]
+        self.marks = [marks[i] for i in self.maglev.table]
         self.size = len(self.marks)
         self.keyed = blake2b(key=key[:MAX_KEY_BYTES], digest_size=8, person=FLOW_PERSON)
-        self.picks = {t.mark: 0 for t in targets}
-        self.verdict_accept = svc.no_target_verdict == "accept"
-        self.digest = cfg.digest()
+        self.picks = {m: 0 for m in marks}
+        self.verdict_accept = table.no_target_verdict == "accept"
+        self.digest = table.digest()
 
 
 class Worker:
-    def __init__(self, config_path: str, service_name: str, queue: int):
-        self.config_path = config_path
+    def __init__(self, state_dir: str, service_name: str, queue: int):
+        self.state_dir = state_dir
         self.service_name = service_name
         self.queue = queue
-        self.cfg = config_mod.load(config_path)
-        self.table = MarkTable(self.cfg, service_name)
+        self.spec = self.read_table()
+        self.table = MarkTable(self.spec)
         self.pins: dict[bytes, int] = {}
         self.load_pins()
         self.stop = False
@@ -115,36 +114,50 @@ class Worker:
         if self.stop:
             raise LeaveLoop
 
+    @classmethod
+    def from_config(cls, cfg, service_name: str, queue: int = 0) -> "Worker":
+        """A worker on the table the data plane would write for ``cfg`` (for
+        the benchmark and tests, which run a worker without the data plane)."""
+        os.makedirs(cfg.globals.state_dir, exist_ok=True)
+        worker_table.write(cfg.globals.state_dir, worker_table.build(cfg, cfg.service(service_name), queue))
+        return cls(cfg.globals.state_dir, service_name, queue)
+
+    def read_table(self) -> WorkerTable:
+        spec = worker_table.load(self.state_dir, self.queue)
+        if spec.service != self.service_name:
+            raise WorkerTableError(f"{worker_table.path(self.state_dir, self.queue)}: the table of service "
+                                   f"{spec.service}, not {self.service_name}")
+        return spec
+
     def do_reload(self) -> None:
         self.reload = False
         try:
-            cfg = config_mod.load(self.config_path)
-            table = MarkTable(cfg, self.service_name)
-        except (config_mod.ConfigError, KeyError) as e:
+            spec = self.read_table()
+            table = MarkTable(spec)
+        except (WorkerTableError, ValueError) as e:
             log.error("reload refused, keeping the running table: %s", e)
             return
         for mark, n in self.table.picks.items():
             self.picks[mark] = self.picks.get(mark, 0) + n
-        self.cfg, self.table = cfg, table
+        self.spec, self.table = spec, table
         log.info("queue %d: table rebuilt for targets %s", self.queue, ",".join(table.names) or "(none)")
         self.load_pins()  # the configured targets, and so the usable pins, may have changed
 
     def load_pins(self) -> None:
         """This service's pins whose mark is one of its configured targets."""
         self.reload_pins = False
-        svc = self.cfg.service(self.service_name)
         try:
-            found = pins_state.load(self.cfg.globals.state_dir).get(svc.name, {})
+            found = pins_state.load(self.state_dir).get(self.service_name, {})
         except pins_state.PinsError as e:
             log.error("queue %d: pins not loaded, keeping %d: %s", self.queue, len(self.pins), e)
             return
-        self.pins = usable(found, (t.mark for t in self.cfg.targets_of(svc)))
+        self.pins = usable(found, self.spec.target_marks)
         if self.pins or found:
             log.info("queue %d: %d pins (%d for unknown targets left out)", self.queue,
                      len(self.pins), len(found) - len(self.pins))
 
     def stats_path(self) -> str:
-        return stats_file(self.cfg.globals.state_dir, self.queue)
+        return stats_file(self.state_dir, self.queue)
 
     def write_stats(self) -> None:
         picks = dict(self.picks)
@@ -155,7 +168,7 @@ class Worker:
                 "no_target": self.no_target, "pinned": self.pinned, "pins": len(self.pins),
                 "targets": self.table.names,
                 "picks": {f"{m:#x}": n for m, n in picks.items() if n},
-                "config_digest": self.table.digest, "started": self.started}
+                "table_digest": self.table.digest, "started": self.started}
         tmp = self.stats_path() + ".tmp"
         with open(tmp, "w") as fh:
             json.dump(data, fh)
@@ -215,9 +228,9 @@ class Worker:
         signal.signal(signal.SIGHUP, on_hup)
         signal.signal(signal.SIGUSR1, on_usr1)
         signal.signal(signal.SIGALRM, on_alarm)
-        g = self.cfg.globals
         nfq = NetfilterQueue()
-        nfq.bind(self.queue, self.on_packet, max_len=g.queue_maxlen, mode=COPY_PACKET, range=g.copy_range)
+        nfq.bind(self.queue, self.on_packet, max_len=self.spec.queue_maxlen, mode=COPY_PACKET,
+                 range=self.spec.copy_range)
         self.write_stats()  # tells the starter that this process holds the queue
         self.load_pins()  # from here on SIGUSR1 reaches us for every later change (workers.reload_pins)
         log.info("queue %d bound (service %s, targets %s)", self.queue, self.service_name,
@@ -252,7 +265,12 @@ def stats_file(state_dir: str, queue: int) -> str:
     return os.path.join(state_dir, f"worker-{queue}.stats.json")
 
 
-def main(config_path: str, service_name: str, queue: int) -> int:
+def main(state_dir: str, service_name: str, queue: int) -> int:
     # force: cli.main already configured the root logger at WARNING
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s[%(process)d]: %(message)s", force=True)
-    return Worker(config_path, service_name, queue).run()
+    try:
+        w = Worker(state_dir, service_name, queue)
+    except WorkerTableError as e:
+        log.error("queue %d: %s", queue, e)
+        return 1
+    return w.run()

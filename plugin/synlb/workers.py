@@ -18,9 +18,10 @@ from dataclasses import dataclass
 
 import psutil
 
-from . import health_state
+from . import health_state, worker_table
 from .worker import stats_file
-from .config import Config, Service
+from .config import Config
+from .worker_table import WorkerTable
 
 QUEUE_PROC = "/proc/net/netfilter/nfnetlink_queue"
 BIND_TIMEOUT = 5.0
@@ -35,8 +36,7 @@ class WorkerInfo:
     pid: int
     service: str
     queue: int
-    config: str
-    digest: str
+    digest: str  # of the table (worker_table) it was last told to serve
     pidfile: str
 
 
@@ -69,7 +69,7 @@ def read(path: str) -> WorkerInfo | None:
         with open(path) as fh:
             d = json.load(fh)
         return WorkerInfo(pid=int(d["pid"]), service=d["service"], queue=int(d["queue"]),
-                          config=d["config"], digest=d.get("digest", ""), pidfile=path)
+                          digest=d.get("digest", ""), pidfile=path)
     except (FileNotFoundError, ValueError, KeyError, TypeError):
         return None
 
@@ -78,7 +78,7 @@ def _write(info: WorkerInfo) -> None:
     tmp = info.pidfile + ".tmp"
     with open(tmp, "w") as fh:
         json.dump({"pid": info.pid, "service": info.service, "queue": info.queue,
-                   "config": info.config, "digest": info.digest}, fh)
+                   "digest": info.digest}, fh)
     os.replace(tmp, info.pidfile)
 
 
@@ -126,20 +126,21 @@ def bound_queues() -> dict[int, dict]:
     return out
 
 
-def start(config_path: str, cfg: Config, svc: Service, queue: int) -> WorkerInfo:
-    state_dir = cfg.globals.state_dir
+def start(state_dir: str, table: WorkerTable) -> WorkerInfo:
+    """Write the worker's table, then start it on that table."""
+    queue = table.queue
     log_path = os.path.join(state_dir, f"worker-{queue}.log")
     with contextlib.suppress(FileNotFoundError):
         os.unlink(stats_file(state_dir, queue))
-    argv = synlb_command() + ["worker", f"--config={os.path.abspath(config_path)}",
-                              f"--service={svc.name}", f"--queue={queue}"]
+    worker_table.write(state_dir, table)
+    argv = synlb_command() + ["worker", f"--state-dir={state_dir}", f"--service={table.service}",
+                              f"--queue={queue}"]
     with open(log_path, "ab") as log:
         # a new session: keepalived kills a notify script's process group on
         # timeout, and the workers must outlive the script that started them
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 start_new_session=True, close_fds=True)
-    info = WorkerInfo(pid=proc.pid, service=svc.name, queue=queue,
-                      config=os.path.abspath(config_path), digest=table_digest(cfg),
+    info = WorkerInfo(pid=proc.pid, service=table.service, queue=queue, digest=table.digest(),
                       pidfile=pidfile(state_dir, queue))
     _write(info)
     return info
@@ -206,9 +207,11 @@ def stop(info: WorkerInfo, timeout: float = 3.0) -> None:
             pass
 
 
-def reload(info: WorkerInfo, digest: str) -> None:
+def reload(info: WorkerInfo, state_dir: str, table: WorkerTable) -> None:
+    """Write the worker's new table, then tell it (SIGHUP)."""
+    worker_table.write(state_dir, table)
     os.kill(info.pid, signal.SIGHUP)
-    info.digest = digest
+    info.digest = table.digest()
     _write(info)
 
 
@@ -235,31 +238,34 @@ def reload_pins(state_dir: str) -> int:
     return n
 
 
-def table_digest(cfg: Config) -> str:
-    """What a worker's table is built from: the config and the targets' health."""
-    return f"{cfg.digest()}-{health_state.digest(cfg.globals.state_dir)}"
-
-
-def ensure(config_path: str, cfg: Config) -> list[str]:
-    """One worker per configured queue, on the current config; return changes."""
+def desired(cfg: Config) -> dict[int, WorkerTable]:
+    """The table each queue's worker must serve: the config's targets less
+    those the health checks took out (the state dir's down set)."""
     state_dir = cfg.globals.state_dir
-    want = {q: svc for svc in cfg.services for q in svc.queues}
+    return {q: worker_table.build(cfg, svc, q, health_state.down_targets(state_dir, svc.name))
+            for svc in cfg.services for q in svc.queues}
+
+
+def ensure(cfg: Config) -> list[str]:
+    """One worker per configured queue, serving its desired table; return changes."""
+    state_dir = cfg.globals.state_dir
+    want = desired(cfg)
     have = {w.queue: w for w in running(state_dir)}
     changes = []
-    digest = table_digest(cfg)
     for q, w in sorted(have.items()):
-        svc = want.get(q)
-        if svc is None or svc.name != w.service or w.config != os.path.abspath(config_path):
+        table = want.get(q)
+        if table is None or table.service != w.service:
             stop(w)
+            worker_table.remove(state_dir, q)
             changes.append(f"stopped worker queue {q} (pid {w.pid})")
             del have[q]
-        elif w.digest != digest:
-            reload(w, digest)
+        elif w.digest != table.digest():
+            reload(w, state_dir, table)
             changes.append(f"reloaded worker queue {q} (pid {w.pid})")
     started = []
-    for q, svc in sorted(want.items()):
+    for q, table in sorted(want.items()):
         if q not in have:
-            started.append(start(config_path, cfg, svc, q))
+            started.append(start(state_dir, table))
     try:
         wait_bound(started)
     except WorkerError:
@@ -275,4 +281,15 @@ def stop_all(state_dir: str) -> list[str]:
     for w in running(state_dir):
         stop(w)
         changes.append(f"stopped worker queue {w.queue} (pid {w.pid})")
+    for name in _listdir(state_dir):
+        if name.startswith("worker-") and name.endswith(".table.json"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(state_dir, name))
     return changes
+
+
+def _listdir(d: str) -> list[str]:
+    try:
+        return sorted(os.listdir(d))
+    except FileNotFoundError:
+        return []

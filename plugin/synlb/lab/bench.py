@@ -935,12 +935,13 @@ def _seed_on_packet(worker) -> Callable:
 
 def bench_hotpath(plan: Plan) -> dict:
     """Per-packet Python cost of the worker callback, stub packets (no kernel)."""
+    from ..config import load
     from ..worker import Worker
     with tempfile.TemporaryDirectory(prefix="synlb-bench-") as tmp:
         conf = os.path.join(tmp, "synlb.ini")
         with open(conf, "w") as fh:
             fh.write(render_config(os.path.join(tmp, "state"), iperf_service=False))
-        w = Worker(conf, "web", 0)
+        w = Worker.from_config(load(conf), "web")
         n = plan.hotpath_packets
         pkts = [_StubPacket(_syn(4 if i % 4 else 6, 1024 + i % 60000)) for i in range(4096)]
         seed = _seed_on_packet(w)

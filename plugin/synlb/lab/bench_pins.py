@@ -133,7 +133,7 @@ def bench_hotpath(packets: int) -> dict:
         os.makedirs(os.path.join(tmp, "state"))
         with open(conf, "w") as fh:
             fh.write(CONFIG.format(state=os.path.join(tmp, "state")))
-        w = Worker(conf, "web", 0)
+        w = Worker.from_config(load(conf), "web")
         syns = [_Pkt(_tcp4(1024 + i, 0x02)) for i in range(4096)]
         before = _before_on_packet(w)
         for p in syns[:512]:  # the same answer

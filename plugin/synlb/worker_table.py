@@ -1,0 +1,129 @@
+"""What one NFQUEUE worker serves: written by the data plane, read by the worker.
+
+A worker never reads the INI files: a config edited but not reloaded, or
+a reload the host refused, must never reach a worker, or it could pick a
+target whose ip rule or DNAT the data plane never installed.  So the data
+plane, under its lock and in the same pass that installs the rules and
+routes, writes per queue the table the worker must serve
+(``worker-<queue>.table.json``) and signals the worker; the worker reads
+only that file (and the pins file, see pins_state).
+
+The table's ``targets`` are the active ones (configured, less those the
+health checks took out) with their marks, sorted by name as every router
+must hash over the same ordering; ``target_marks`` are every configured
+target's marks, the only ones a pin may name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+from .config import Config, Service
+
+
+class WorkerTableError(ValueError):
+    """A table file that is missing or not what ``write`` writes."""
+
+
+@dataclass(frozen=True)
+class WorkerTable:
+    service: str
+    queue: int
+    targets: tuple  # of (name, mark), the active targets, sorted by name
+    target_marks: tuple  # every configured target's mark
+    table_size: int
+    hash_key: str
+    no_target_verdict: str  # "drop" or "accept"
+    copy_range: int
+    queue_maxlen: int
+
+    @property
+    def names(self) -> list[str]:
+        return [n for n, _ in self.targets]
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["targets"] = [list(t) for t in self.targets]
+        d["target_marks"] = list(self.target_marks)
+        return d
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build(cfg: Config, service: Service, queue: int, down: Iterable[str] = ()) -> WorkerTable:
+    from .pins import active_targets
+    active = active_targets(cfg, service, down)
+    g = cfg.globals
+    return WorkerTable(service=service.name, queue=queue, targets=tuple((t.name, t.mark) for t in active),
+                       target_marks=tuple(t.mark for t in cfg.targets_of(service)),
+                       table_size=service.table_size, hash_key=g.hash_key,
+                       no_target_verdict=service.no_target_verdict, copy_range=g.copy_range,
+                       queue_maxlen=g.queue_maxlen)
+
+
+def from_json(d) -> WorkerTable:
+    try:
+        t = WorkerTable(service=d["service"], queue=d["queue"],
+                        targets=tuple((n, m) for n, m in d["targets"]),
+                        target_marks=tuple(d["target_marks"]), table_size=d["table_size"],
+                        hash_key=d["hash_key"], no_target_verdict=d["no_target_verdict"],
+                        copy_range=d["copy_range"], queue_maxlen=d["queue_maxlen"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise WorkerTableError(f"not a worker table ({type(e).__name__}: {e})") from None
+    ints = [t.queue, t.table_size, t.copy_range, t.queue_maxlen, *t.target_marks, *(m for _, m in t.targets)]
+    if (not isinstance(t.service, str) or not isinstance(t.hash_key, str)
+            or not all(isinstance(n, str) for n, _ in t.targets)
+            or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ints)
+            or t.no_target_verdict not in ("drop", "accept") or t.table_size < 2
+            or not {m for _, m in t.targets} <= set(t.target_marks)):
+        raise WorkerTableError("not a worker table (a field has the wrong type or value)")
+    return t
+
+
+def path(state_dir: str, queue: int) -> str:
+    return os.path.join(state_dir, f"worker-{queue}.table.json")
+
+
+def load(state_dir: str, queue: int) -> WorkerTable:
+    p = path(state_dir, queue)
+    try:
+        with open(p, "rb") as fh:
+            data = json.load(fh)
+    except FileNotFoundError:
+        raise WorkerTableError(f"{p}: no such file (the data plane writes it before starting a worker)") from None
+    except ValueError as e:
+        raise WorkerTableError(f"{p}: not JSON ({e})") from None
+    try:
+        return from_json(data)
+    except WorkerTableError as e:
+        raise WorkerTableError(f"{p}: {e}") from None
+
+
+def write(state_dir: str, table: WorkerTable) -> None:
+    """Replace the file atomically (a worker reads the old table or the new one)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".worker-{table.queue}-", suffix=".tmp", dir=state_dir)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(table.to_json(), fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path(state_dir, table.queue))
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def remove(state_dir: str, queue: int) -> None:
+    try:
+        os.unlink(path(state_dir, queue))
+    except FileNotFoundError:
+        pass
