@@ -1,7 +1,7 @@
 """Which targets are out of the Maglev active set, as a file in the state dir.
 
-The health checker writes it; workers read it on start and on SIGHUP.  A
-missing file means every target is in.
+The health checker writes it; the data plane reads it when it writes the
+workers' tables (worker_table.py).  A missing file means every target is in.
 """
 
 from __future__ import annotations
