@@ -289,3 +289,54 @@ def test_worker_follows_pins_only_for_picked_up_connections(tmp_path):
     pins_state.clear(state)
     w.load_pins()
     assert w.pins == {}
+
+
+def test_a_table_rebuild_never_holds_a_packet(tmp_path, monkeypatch):
+    """SIGHUP's rebuild runs aside: packets keep the running table until the
+    new one is built, then the next packet swaps it in."""
+    import threading
+
+    from synlb import worker as worker_mod
+    from synlb import worker_table
+
+    path = write_config(tmp_path, ("t1", "t2"))
+    cfg = config_mod.load(path)
+    w = Worker.from_config(cfg, "web")
+    old = P.ServiceTable.build(cfg, cfg.service("web"))
+    new_cfg = config_mod.load(write_config(tmp_path, ("t1", "t2", "t3")))
+    new = P.ServiceTable.build(new_cfg, new_cfg.service("web"))
+    worker_table.write(cfg.globals.state_dir, worker_table.build(new_cfg, new_cfg.service("web"), 0))
+    release, building = threading.Event(), threading.Event()
+    real = worker_mod.MarkTable
+
+    class SlowTable(real):
+        def __init__(self, spec):
+            building.set()
+            assert release.wait(10)
+            super().__init__(spec)
+    monkeypatch.setattr(worker_mod, "MarkTable", SlowTable)
+    woken = threading.Event()
+    w.notify_built = woken.set
+
+    moved = [(c, v, s) for c, v, s in flows(300)
+             if old.pick(key_of(6, c, v, s, 80)) != new.pick(key_of(6, c, v, s, 80))]
+    c, v, s = moved[0]
+    w.reload = w.attention = True
+    p = Pkt(packet(c, v, 6, s, 80, SYN))
+    w.on_packet(p)  # starts the build and is not held by it
+    assert building.wait(10) and p.mark == old.pick(key_of(6, c, v, s, 80))
+    release.set()
+    assert woken.wait(10)  # the builder wakes the loop (SIGUSR2 in a real worker)
+    w.attention = True
+    p = Pkt(packet(c, v, 6, s, 80, SYN))
+    w.on_packet(p)
+    assert p.mark == new.pick(key_of(6, c, v, s, 80)) and w.table.names == ["t1", "t2", "t3"]
+
+
+@pytest.mark.parametrize("text", ['["t1"]', '{"web": "t1"}', '{"web": [1]}', "{", '{"web": null}'])
+def test_a_down_set_of_the_wrong_shape_takes_no_target_out(tmp_path, text):
+    from synlb import health_state
+    (tmp_path / "targets-down.json").write_text(text)
+    assert health_state.down_targets(str(tmp_path), "web") == set()
+    (tmp_path / "targets-down.json").write_text('{"web": ["t1"]}')
+    assert health_state.down_targets(str(tmp_path), "web") == {"t1"}

@@ -86,13 +86,27 @@ def _apply(config_path: str, cfg: Config, reason: str) -> list[str]:
 
 
 def _teardown(state_dir: str, route_protocol: int) -> list[str]:
-    changes = []
-    changes += netfilter.remove_all(state_dir)
-    with routing.Routing(route_protocol) as rt:
-        changes += rt.reconcile(set(), set())
-    changes += workers.stop_all(state_dir)
-    health_state.clear(state_dir)
-    changes += sysctl.restore(state_dir)
+    """Every step runs even when one fails (a half-removed data plane is
+    worse than a reported error); the first error is raised at the end."""
+    def routes() -> list[str]:
+        with routing.Routing(route_protocol) as rt:
+            return rt.reconcile(set(), set())
+
+    def health() -> list[str]:
+        health_state.clear(state_dir)
+        return []
+
+    changes: list[str] = []
+    first: Exception | None = None
+    for step in (lambda: netfilter.remove_all(state_dir), routes, lambda: workers.stop_all(state_dir),
+                 health, lambda: sysctl.restore(state_dir)):
+        try:
+            changes += step()
+        except Exception as e:  # noqa: BLE001 - re-raised below, after the other steps
+            log.error("teardown step failed: %s", e)
+            first = first or e
+    if first is not None:
+        raise first
     _write_applied(state_dir, None)
     return changes
 

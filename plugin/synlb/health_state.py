@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+
+log = logging.getLogger("synlb.health")
 
 
 def _path(state_dir: str) -> str:
@@ -16,11 +19,23 @@ def _path(state_dir: str) -> str:
 
 
 def down_targets(state_dir: str, service: str) -> set[str]:
+    """The service's targets out of the active set. A file that is not what
+    ``write_down`` writes counts as none down (logged): the health plugin
+    rewrites it at its next check round, and until then every target stays
+    in rather than the whole data plane failing."""
     try:
         with open(_path(state_dir)) as fh:
-            return set(json.load(fh).get(service, []))
-    except (FileNotFoundError, ValueError):
+            data = json.load(fh)
+    except FileNotFoundError:
         return set()
+    except ValueError as e:
+        log.warning("%s: not JSON, read as no target down: %s", _path(state_dir), e)
+        return set()
+    names = data.get(service, []) if isinstance(data, dict) else None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        log.warning("%s: not a {service: [target, ...]} object, read as no target down", _path(state_dir))
+        return set()
+    return set(names)
 
 
 def write_down(state_dir: str, down: dict[str, list[str]]) -> None:

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import signal
+import threading
 import time
 from hashlib import blake2b
 
@@ -72,6 +73,10 @@ class Worker:
         self.stop = False
         self.reload = False
         self.reload_pins = False
+        self.built: tuple[WorkerTable, MarkTable] | None = None  # a new table, ready to swap in
+        self._builder: threading.Thread | None = None
+        self._build_again = False
+        self.notify_built = lambda: None  # run() sets it: wakes the loop to swap the table in
         self.attention = False  # reload, stop or stats_due is set: on_packet must look
         self.stats_due = False
         self.no_target = 0
@@ -130,13 +135,32 @@ class Worker:
         return spec
 
     def do_reload(self) -> None:
+        """Build the new table aside, in a thread: a Maglev build takes up to
+        seconds (2.5 s at M = 1000003) and no packet may wait for it; packets
+        keep the running table until ``swap_built`` puts the new one in."""
         self.reload = False
-        try:
-            spec = self.read_table()
-            table = MarkTable(spec)
-        except (WorkerTableError, ValueError) as e:
-            log.error("reload refused, keeping the running table: %s", e)
+        if self._builder is not None and self._builder.is_alive():
+            self._build_again = True  # the table file changed again meanwhile
             return
+        self._builder = threading.Thread(target=self._build, name=f"build-{self.queue}", daemon=True)
+        self._builder.start()
+
+    def _build(self) -> None:
+        while True:
+            self._build_again = False
+            try:
+                spec = self.read_table()
+                self.built = (spec, MarkTable(spec))
+            except (WorkerTableError, ValueError) as e:
+                log.error("reload refused, keeping the running table: %s", e)
+            if not self._build_again:
+                break
+        self.notify_built()
+
+    def swap_built(self) -> None:
+        """Put the table the builder finished in place, between two packets."""
+        spec, table = self.built
+        self.built = None
         for mark, n in self.table.picks.items():
             self.picks[mark] = self.picks.get(mark, 0) + n
         self.spec, self.table = spec, table
@@ -178,8 +202,12 @@ class Worker:
         """What signals and the clock ask for, between two packets: a new
         table (SIGHUP), the stats file (every STATS_INTERVAL)."""
         self.attention = False
-        if self.reload:
+        # a SIGHUP that came as the builder was finishing is picked up here
+        # (attend runs at least every STATS_INTERVAL)
+        if self.reload or (self._build_again and not self._builder.is_alive()):
             self.do_reload()
+        if self.built is not None:
+            self.swap_built()
             self.stats_due = True  # status shows the new targets at once
         if self.reload_pins:
             self.load_pins()
@@ -223,10 +251,17 @@ class Worker:
             self.stats_due = True
             wake()
 
+        def on_built(signum, frame):
+            wake()
+
         signal.signal(signal.SIGTERM, on_term)
         signal.signal(signal.SIGINT, on_term)
         signal.signal(signal.SIGHUP, on_hup)
         signal.signal(signal.SIGUSR1, on_usr1)
+        signal.signal(signal.SIGUSR2, on_built)
+        # the builder thread cannot touch the blocked loop; a signal to this
+        # process reaches the main thread, whose handler wakes it
+        self.notify_built = lambda: os.kill(os.getpid(), signal.SIGUSR2)
         signal.signal(signal.SIGALRM, on_alarm)
         nfq = NetfilterQueue()
         nfq.bind(self.queue, self.on_packet, max_len=self.spec.queue_maxlen, mode=COPY_PACKET,

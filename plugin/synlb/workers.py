@@ -142,7 +142,12 @@ def start(state_dir: str, table: WorkerTable) -> WorkerInfo:
                                 start_new_session=True, close_fds=True)
     info = WorkerInfo(pid=proc.pid, service=table.service, queue=queue, digest=table.digest(),
                       pidfile=pidfile(state_dir, queue))
-    _write(info)
+    try:
+        _write(info)
+    except OSError as e:  # a worker nobody can find would hold the queue for good
+        proc.kill()
+        proc.wait(5)
+        raise WorkerError(f"{info.pidfile}: cannot record worker queue {queue}: {e.strerror}") from None
     return info
 
 
