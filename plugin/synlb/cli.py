@@ -1,19 +1,14 @@
-"""``synlb`` command line. User errors end in one message and exit 1, never a traceback."""
+"""``synlb`` command line. User errors end in one message and exit 1, never a
+traceback; any other exception is a bug and keeps its traceback."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import sys
 
 from . import config as config_mod
-
-EXIT_USER = 1
-
-
-class UserError(Exception):
-    """A problem the user can fix; printed as is."""
+from .errors import run_reporting
 
 
 def _load(args) -> config_mod.Config:
@@ -125,26 +120,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s synlb[%(process)d] %(levelname)s: %(message)s"
                         if args.command == "run" else "synlb: %(message)s")
-    from .live import LiveError
-    from .netfilter import NetfilterError
-    from .workers import WorkerError
-    try:
-        return args.func(args)
-    except config_mod.ConfigError as e:
-        for line in e.lines():
-            print(line, file=sys.stderr)
-        return EXIT_USER
-    except LiveError as e:
-        for line in e.problems:
-            print(line, file=sys.stderr)
-        return EXIT_USER
-    except (NetfilterError, WorkerError, UserError) as e:
-        print(f"synlb {args.command}: {e}", file=sys.stderr)
-        return EXIT_USER
-    except PermissionError as e:
-        print(f"synlb {args.command}: permission denied: {e.filename or e} (run as root)", file=sys.stderr)
-        return EXIT_USER
-    except KeyboardInterrupt:
-        return 130
+    return run_reporting(args.command, lambda: args.func(args))
 
 

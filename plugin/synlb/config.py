@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import schema
+from .errors import UserError
 from .maglev import is_prime
 from .schema import Option, OptionError
 from .schema import boolean as _bool
@@ -42,12 +43,15 @@ SERVICE_NAME_RE = re.compile(r"^[A-Za-z0-9_]{1,12}$")
 TARGET_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
-class ConfigError(Exception):
-    """One or more problems, each ``(file, section, key, message)``."""
+class ConfigError(UserError):
+    """One or more problems, each ``(file, section, key, message)``, printed
+    as ``FILE:SECTION:KEY: why``."""
+
+    prefixed = False
 
     def __init__(self, problems: list[tuple[str, str, str, str]]):
         self.problems = problems
-        super().__init__("\n".join(self.lines()))
+        super().__init__(*self.lines())
 
     def lines(self) -> list[str]:
         return [f"{f}:{s}:{k}: {m}" for f, s, k, m in self.problems]

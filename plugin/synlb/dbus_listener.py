@@ -33,6 +33,7 @@ import signal
 import xml.etree.ElementTree as ET
 
 from . import vrrp, vrrp_apply
+from .errors import UserError
 from .vrrp import VrrpEvent
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ RESYNC_RETRY = 0.5  # seconds between reads of State while keepalived is not ans
 RESYNC_TRIES = 10
 
 
-class ListenerError(RuntimeError):
+class ListenerError(UserError):
     """The bus or keepalived cannot be followed; the message says why."""
 
 

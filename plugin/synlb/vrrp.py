@@ -22,6 +22,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from .errors import UserError
 from .schema import Option, OptionError, Schema, words
 
 GROUP = "GROUP"
@@ -38,7 +39,7 @@ DBUS_STATES = {0: "INIT", 1: "BACKUP", 2: "MASTER", 3: "FAULT", 97: "DELETED", 9
 SOURCES = ("notify", "fifo", "dbus")
 
 
-class VrrpArgError(ValueError):
+class VrrpArgError(UserError):
     """Arguments or a line that are not a keepalived notification."""
 
 

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 
 from . import config as config_mod
 from . import schema, vrrp
+from .errors import UserError, run_reporting
 from .vrrp import VrrpConfig, VrrpEvent
 
 log = logging.getLogger(__name__)
@@ -59,12 +60,8 @@ Stamp = tuple  # (boot clock ns, tie-break)
 ENV_STAMP = "SYNLB_NOTIFY_STAMP"
 
 
-class VrrpError(Exception):
-    """A problem the user can fix; lines printed as ``synlb COMMAND: line``."""
-
-    def __init__(self, *lines: str):
-        self.lines = list(lines)
-        super().__init__("; ".join(lines))
+class VrrpError(UserError):
+    """A VRRP event source cannot do its job; the message says why."""
 
 
 # ------------------------------------------------------------------ stamps
@@ -318,7 +315,7 @@ def apply_detached(command: str, config_path: str | None, event: VrrpEvent, stam
         print(f"synlb {command}: {res.summary()}", flush=True)
         return 0
 
-    rc = run_detached(lambda: guarded(command, run))
+    rc = run_detached(lambda: run_reporting(command, run))
     sys.stdout.flush()
     return rc
 
@@ -362,48 +359,6 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
-def error_lines(e: BaseException) -> list[str] | None:
-    """What to print for an error a user can cause; None if it is a bug."""
-    from .dbus_listener import ListenerError
-    from .live import LiveError
-    from .netfilter import NetfilterError
-    from .workers import WorkerError
-    if isinstance(e, config_mod.ConfigError):
-        return e.lines()
-    if isinstance(e, LiveError):
-        return list(e.problems)
-    if isinstance(e, (VrrpError,)):
-        return e.lines
-    if isinstance(e, vrrp.VrrpArgError):
-        return [str(e)]
-    if isinstance(e, (RecursionError, NotImplementedError)):
-        return None
-    if isinstance(e, (NetfilterError, WorkerError, ListenerError, RuntimeError)):
-        return [_one_line(e)]
-    if isinstance(e, PermissionError):
-        return [f"permission denied: {e.filename or e} (run as root)"]
-    if isinstance(e, OSError):
-        return [_one_line(e)]
-    return None
-
-
-def guarded(command: str, fn) -> int:
-    """Run ``fn() -> int``; a user error is printed as ``synlb COMMAND: why``
-    (config problems as FILE:SECTION:KEY lines) and gives exit 1."""
-    try:
-        return fn()
-    except KeyboardInterrupt:
-        return 130
-    except Exception as e:
-        lines = error_lines(e)
-        if lines is None:
-            raise
-        for line in lines:
-            print(line if isinstance(e, config_mod.ConfigError) else f"synlb {command}: {line}",
-                  file=sys.stderr)
-        return 1
-
-
 # ------------------------------------------------------------------ commands
 
 def _config_arg(args) -> str | None:
@@ -423,7 +378,7 @@ def cmd_notify(args) -> int:
             for c in res.changes:
                 print(f"  {c}")
             return 0
-        return guarded("notify", run)
+        return run_reporting("notify", run)
 
     return run_detached(apply)
 
@@ -442,4 +397,4 @@ COMMANDS = {"notify": cmd_notify, "fifo": cmd_fifo, "dbus": cmd_dbus}
 
 
 def main(command: str, args: argparse.Namespace) -> int:
-    return guarded(command, lambda: COMMANDS[command](args))
+    return run_reporting(command, lambda: COMMANDS[command](args))

@@ -18,9 +18,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from ..errors import UserError
 
-class PluginError(Exception):
-    pass
+
+class PluginError(UserError):
+    """A plugin named in [synlb] plugins that does not import or has no create()."""
 
 
 def load_module(name: str):
