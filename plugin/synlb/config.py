@@ -271,6 +271,16 @@ GLOBAL_OPTIONS = schema.Schema("synlb", [
            "plugins `synlb run` hosts: lb, health, scripts, metrics, or a dotted module path"),
 ])
 
+def _check_service(s: dict) -> list[tuple[str, str]]:
+    out = []
+    if "targets" in s and len(set(s["targets"])) != len(s["targets"]):
+        out.append(("targets", "a target is listed twice"))
+    if s.get("targets") and "table_size" in s and s["table_size"] < 100 * len(s["targets"]):
+        out.append(("table_size", f"{s['table_size']} is below 100 x {len(s['targets'])} targets; "
+                                  "balance would be poor"))
+    return out
+
+
 SERVICE_OPTIONS = schema.Schema("service", [
     Option("vips", _vips, schema.REQUIRED, "VIP prefixes, IPv4 and/or IPv6"),
     Option("ingress", _ifname, schema.REQUIRED, "interface the clients' packets arrive on"),
@@ -287,7 +297,7 @@ SERVICE_OPTIONS = schema.Schema("service", [
     Option("shortcut", _bool, True,
            "keep marked established connections in the kernel; no = queue every packet "
            "(nfqlb-style, for comparison only)"),
-])
+], checks=[_check_service])
 
 TARGET_OPTIONS = schema.Schema("target", [
     Option("address", _addresses, schema.REQUIRED, "one address per family"),
@@ -362,8 +372,8 @@ def load(path: str | None = None) -> Config:
     glob_vals = schema.parse_section(GLOBAL_OPTIONS, "synlb", sections.get("synlb", {}), main, problems)
     # plugins add their own sections and keys: resolve them before validating the rest
     mods = _plugin_modules(glob_vals.get("plugins", ()), sections, main, problems)
-    service_schema = SERVICE_OPTIONS.extended(o for m in mods for o in getattr(m, "SERVICE_OPTIONS", ()))
-    target_schema = TARGET_OPTIONS.extended(o for m in mods for o in getattr(m, "TARGET_OPTIONS", ()))
+    service_schema = SERVICE_OPTIONS.extended(*(getattr(m, "SERVICE_OPTIONS", ()) for m in mods))
+    target_schema = TARGET_OPTIONS.extended(*(getattr(m, "TARGET_OPTIONS", ()) for m in mods))
     extra_sections = dict(EXTRA_SECTIONS)
     for m in mods:
         extra_sections.update(getattr(m, "SECTIONS", {}))
@@ -384,17 +394,9 @@ def load(path: str | None = None) -> Config:
                 problems.append((where(sec), sec, "-", "target name must be 1-64 of A-Z a-z 0-9 _ . -"))
                 continue
             targets_raw[name] = schema.parse_section(target_schema, sec, vals, main, problems)
-            # plugins' cross-key checks of their target keys: m.check_target(parsed) -> [(key, why)]
-            for m in mods:
-                for key, why in getattr(m, "check_target", lambda _: [])(targets_raw[name]):
-                    problems.append((vals.get(key, (None, where(sec)))[1], sec, key, why))
         elif kind in extra_sections or sec in extra_sections:
             sch = extra_sections.get(kind) or extra_sections[sec]
-            parsed = schema.parse_section(sch, sec, vals, main, problems)
-            extra_values[sec] = parsed
-            # an optional cross-key check: sch.check(parsed) -> [(key, why)]
-            for key, why in getattr(sch, "check", lambda _: [])(parsed):
-                problems.append((vals.get(key, (None, where(sec)))[1], sec, key, why))
+            extra_values[sec] = schema.parse_section(sch, sec, vals, main, problems)
         else:
             known = ", ".join(["[synlb]", "[service:NAME]", "[target:NAME]"]
                               + [f"[{p}]" for p in sorted(extra_sections)])
@@ -448,11 +450,6 @@ def load(path: str | None = None) -> Config:
                                      f"target {tname} has no IPv{fam} address but the service has IPv{fam} VIPs"))
         if not {"vips", "targets", "queue", "table_size"} <= s.keys():
             continue
-        if len(set(s["targets"])) != len(s["targets"]):
-            problems.append((src("targets"), sec, "targets", "a target is listed twice"))
-        if s["targets"] and s["table_size"] < 100 * len(s["targets"]):
-            problems.append((src("table_size"), sec, "table_size",
-                             f"{s['table_size']} is below 100 x {len(s['targets'])} targets; balance would be poor"))
         q1, q2 = s["queue"]
         for q in range(q1, q2 + 1):
             if q in queues_seen:

@@ -215,8 +215,7 @@ VRRP_SCHEMA = Schema("vrrp", [
     Option("dbus_instances", _dbus_instances, (),
            "synlb dbus: keepalived instance objects to follow, as IFNAME/VRID/IPv4|IPv6; "
            "default: every instance keepalived exposes (sync_group) or the one named by instance"),
-])
-VRRP_SCHEMA.check = _check  # type: ignore[attr-defined]  # cross-key check, see config.load
+], checks=[_check])
 
 
 @dataclass(frozen=True)

@@ -134,7 +134,7 @@ def _teardown_only(main: str, err: config_mod.ConfigError) -> Loaded | None:
     except config_mod.ConfigError:
         return None
     vals = schema.parse_section(vrrp.VRRP_SCHEMA, "vrrp", sections["vrrp"], main, problems)
-    if problems or vrrp._check(vals):
+    if problems:
         return None
     return Loaded(main, vrrp.vrrp_config(vals), g.state_dir, g.route_protocol, None, err)
 

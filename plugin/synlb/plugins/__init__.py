@@ -3,8 +3,9 @@
 A plugin is a module that declares, next to its code:
 
 - ``SECTIONS``: {section name or prefix: Schema} of its own INI sections;
-- ``TARGET_OPTIONS`` / ``SERVICE_OPTIONS``: Options it adds to the
-  ``[target:NAME]`` / ``[service:NAME]`` sections;
+- ``TARGET_OPTIONS`` / ``SERVICE_OPTIONS``: the options it adds to the
+  ``[target:NAME]`` / ``[service:NAME]`` sections, as a Schema (whose
+  ``checks`` are its cross-key checks, see schema.py) or a list of Options;
 - ``create(host) -> Plugin``.
 
 Names without a dot are modules of this package (``lb`` is

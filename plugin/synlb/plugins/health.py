@@ -24,7 +24,8 @@ their target's mark in conntrack.
 
 Cross-key problems (a tcp/http check without ``check_port``, an exec check
 without ``check_command``) are reported by ``synlb check`` as
-``FILE:target:NAME:KEY`` through :func:`check_target`.
+``FILE:target:NAME:KEY`` through :func:`check_target`, the cross-key check of
+:data:`TARGET_OPTIONS`.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import time
 from dataclasses import dataclass
 
 from .. import health_state
-from ..schema import Option, OptionError
+from ..schema import Option, OptionError, Schema
 from ..schema import choice as _choice
 from ..schema import integer as _int
 from . import Plugin
@@ -97,7 +98,18 @@ def _command(text: str) -> tuple:
     return tuple(argv)
 
 
-TARGET_OPTIONS = [
+def check_target(parsed: dict) -> list[tuple[str, str]]:
+    """Cross-key problems of one ``[target:NAME]``: [(key, why)]."""
+    kind = parsed.get("check")
+    out = []
+    if kind in ("tcp", "http") and parsed.get("check_port") is None and "check_port" in parsed:
+        out.append(("check_port", f"a {kind} check needs check_port"))
+    if kind == "exec" and parsed.get("check_command") is None and "check_command" in parsed:
+        out.append(("check_command", "an exec check needs check_command (an absolute path)"))
+    return out
+
+
+TARGET_OPTIONS = Schema("target", [
     Option("check", _choice("none", "tcp", "http", "exec"), "none",
            "health check: none (always up), tcp, http or exec"),
     Option("check_port", _int(1, 65535), None, "tcp/http: port on the target's address (required for them)"),
@@ -109,20 +121,9 @@ TARGET_OPTIONS = [
     Option("check_timeout", _seconds(0.01, 600), 1.0, "seconds before a check counts as failed"),
     Option("rise", _int(1, 1000), 2, "consecutive good checks that bring a down target back"),
     Option("fall", _int(1, 1000), 3, "consecutive failed checks that take an up target out"),
-]
+], checks=[check_target])
 
 SECTIONS: dict = {}
-
-
-def check_target(parsed: dict) -> list[tuple[str, str]]:
-    """Cross-key problems of one ``[target:NAME]``: [(key, why)]."""
-    kind = parsed.get("check")
-    out = []
-    if kind in ("tcp", "http") and parsed.get("check_port") is None and "check_port" in parsed:
-        out.append(("check_port", f"a {kind} check needs check_port"))
-    if kind == "exec" and parsed.get("check_command") is None and "check_command" in parsed:
-        out.append(("check_command", "an exec check needs check_command (an absolute path)"))
-    return out
 
 
 # ------------------------------------------------------------------ checks
