@@ -69,6 +69,21 @@ def cmd_run(args) -> int:
     return host.main(config_mod.config_path(args.config))
 
 
+def cmd_notify(args) -> int:
+    from .vrrp import notify
+    return notify.main(args.config, args.args)
+
+
+def cmd_fifo(args) -> int:
+    from .vrrp import fifo
+    return fifo.follow(args.config, args.path)
+
+
+def cmd_dbus(args) -> int:
+    from .vrrp import dbus
+    return dbus.main(args.config, address=args.address, wait=args.wait)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="synlb", description=__doc__.split("\n")[0])
     p.add_argument("--config", "-c", help=f"INI file (default ${config_mod.ENV_CONFIG} or "
@@ -100,19 +115,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--queue", type=int, required=True)
     s.set_defaults(func=cmd_worker)
 
-    _register_extra(sub)
+    # the VRRP event sources (synlb/vrrp/)
+    def config_opt(s):
+        # also accepted after the command (keepalived-notify --config FILE ...)
+        s.add_argument("--config", "-c", default=argparse.SUPPRESS, help="INI file (same as synlb --config)")
+
+    s = sub.add_parser("notify", help="keepalived notify script: apply a VRRP state change",
+                       description="Called by keepalived (through hooks/keepalived-notify) as "
+                                   "TYPE NAME STATE PRIORITY, e.g. GROUP G1 MASTER 0; or with a "
+                                   "bare STATE for notify_master/backup/fault/stop.")
+    config_opt(s)
+    s.add_argument("args", nargs="*", metavar="ARG", help="GROUP|INSTANCE NAME STATE PRIORITY, or STATE")
+    s.set_defaults(func=cmd_notify)
+
+    s = sub.add_parser("fifo", help="keepalived notify_fifo_script: follow the notify FIFO until EOF")
+    config_opt(s)
+    s.add_argument("path", metavar="PATH", help="the FIFO (keepalived appends it)")
+    s.set_defaults(func=cmd_fifo)
+
+    s = sub.add_parser("dbus", help="follow keepalived's D-Bus signals (org.keepalived.Vrrp1)")
+    config_opt(s)
+    s.add_argument("--address", help="D-Bus address (default: the system bus, $DBUS_SYSTEM_BUS_ADDRESS)")
+    s.add_argument("--wait", action="store_true",
+                   help="if keepalived is not on the bus yet, treat it as stopped and wait")
+    s.set_defaults(func=cmd_dbus)
     return p
-
-
-def _register_extra(sub) -> None:
-    """Commands of other modules (VRRP event sources, the host)."""
-    for name in ("vrrp",):
-        try:
-            mod = __import__(f"synlb.{name}", fromlist=["register_cli"])
-        except ImportError:
-            continue
-        if hasattr(mod, "register_cli"):
-            mod.register_cli(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

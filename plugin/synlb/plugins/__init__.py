@@ -16,29 +16,13 @@ elsewhere.  A name that does not import, or a module without ``create``, makes
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
-from ..errors import UserError
-
-
-class PluginError(UserError):
-    """A plugin named in [synlb] plugins that does not import or has no create()."""
-
-
-def load_module(name: str):
-    modname = name if "." in name else f"{__name__}.{name}"
-    try:
-        mod = importlib.import_module(modname)
-    except ModuleNotFoundError as e:
-        if e.name and modname.startswith(e.name):
-            raise PluginError(f"no plugin {name!r} (module {modname} not found)") from None
-        raise PluginError(f"plugin {name!r} is broken: {e}") from None
-    except Exception as e:  # noqa: BLE001 - a broken plugin must not crash `check`
-        raise PluginError(f"plugin {name!r} is broken: {type(e).__name__}: {e}") from None
-    if not callable(getattr(mod, "create", None)):
-        raise PluginError(f"plugin {name!r} ({modname}) has no create(host)")
-    return mod
+# What plugins and the host use, defined where the config loader and the
+# VRRP journal need them too (lower layers, docs/ARCHITECTURE.md):
+from ..config import PluginError  # noqa: F401  (re-exported)
+from ..config import plugin_module as load_module  # noqa: F401  (re-exported)
+from ..vrrp.events import NodeState  # noqa: F401  (re-exported)
 
 
 class Plugin:
@@ -65,18 +49,3 @@ class Plugin:
 
     def status(self) -> dict:
         return {}
-
-
-class NodeState:
-    """What this router should be doing, derived from the last VRRP event."""
-
-    def __init__(self, vrrp: str, active: bool, reason: str):
-        self.vrrp = vrrp      # MASTER, BACKUP, FAULT, STOP, DELETED, or STANDALONE
-        self.active = active  # data plane installed (master, or hot-standby backup)
-        self.reason = reason
-
-    def __repr__(self) -> str:
-        return f"NodeState({self.vrrp}, active={self.active})"
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, NodeState) and (self.vrrp, self.active) == (other.vrrp, other.active)
