@@ -125,6 +125,21 @@ def choice(*choices: str) -> Callable[[str], str]:
     return parse
 
 
+def seconds(lo: float, hi: float):
+    """A duration in seconds within lo..hi: ``2``, ``0.5``, ``2s``, ``500ms``."""
+    def parse(text: str) -> float:
+        t = text.strip().lower()
+        t = t[:-1] if t.endswith("s") and not t.endswith("ms") else t
+        try:
+            v = float(t[:-2]) / 1000 if t.endswith("ms") else float(t)
+        except ValueError:
+            raise OptionError(f"{text!r} is not a duration in seconds (e.g. 2, 0.5, 500ms)") from None
+        if not lo <= v <= hi:
+            raise OptionError(f"{text.strip()} is out of range {lo:g}..{hi:g} s")
+        return v
+    return parse
+
+
 def nonempty(text: str) -> str:
     t = text.strip()
     if not t:
