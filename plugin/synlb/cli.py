@@ -1,5 +1,7 @@
-"""``synlb`` command line. User errors end in one message and exit 1, never a
-traceback; any other exception is a bug and keeps its traceback."""
+"""``synlb`` command line. User errors end in one message and exit 1, never a traceback.
+
+A user error is an ``errors.UserError``; any other exception is a bug and
+keeps its traceback."""
 
 from __future__ import annotations
 
@@ -84,8 +86,21 @@ def cmd_dbus(args) -> int:
     return dbus.main(args.config, address=args.address, wait=args.wait)
 
 
+class _Version(argparse.Action):
+    """``--version``: the package's version, read only when asked."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import synlb
+        print(f"synlb {synlb.__version__}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="synlb", description=__doc__.split("\n")[0])
+    p.add_argument("--version", action=_Version, help="print the version and exit")
     p.add_argument("--config", "-c", help=f"INI file (default ${config_mod.ENV_CONFIG} or "
                                            f"{config_mod.DEFAULT_CONFIG}), plus synlb.d/*.ini beside it")
     p.add_argument("--verbose", "-v", action="store_true")
@@ -109,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("run", help="the long-running plugin host (foreground)")
     s.set_defaults(func=cmd_run)
 
-    s = sub.add_parser("worker", help=argparse.SUPPRESS)
+    # internal (workers.py starts it): no help=, so --help does not list it
+    s = sub.add_parser("worker")
     s.add_argument("--config", dest="config_file", required=True)
     s.add_argument("--service", required=True)
     s.add_argument("--queue", type=int, required=True)
