@@ -376,22 +376,22 @@ def _cfg_ns(tmp_path, **vrrp_vals):
 
 
 def test_host_node_follows_the_record_not_the_request_order(tmp_path):
-    from synlb import host as vrrp_state  # the host's node state: initial_node, vrrp_node
+    from synlb import host  # the host's node state: initial_node, vrrp_node
     from synlb.plugins import NodeState
     cfg = _cfg_ns(tmp_path)
-    assert vrrp_state.initial_node(cfg) == NodeState("INIT", False, "start")
+    assert host.initial_node(cfg) == NodeState("INIT", False, "start")
     vc = cfg.vrrp
     journal.record(str(tmp_path), vc, VrrpEvent("notify", "GROUP", "G1", "MASTER", 0), (200, 1))
     # a late request about an older event still yields the recorded (newest) state
     stale = {"source": "notify", "kind": "GROUP", "name": "G1", "state": "FAULT", "priority": 0}
-    assert vrrp_state.vrrp_node(cfg, NodeState("INIT", False, ""), stale) == NodeState("MASTER", True, "")
-    assert vrrp_state.initial_node(cfg) == NodeState("MASTER", True, "start")
+    assert host.vrrp_node(cfg, NodeState("INIT", False, ""), stale) == NodeState("MASTER", True, "")
+    assert host.initial_node(cfg) == NodeState("MASTER", True, "start")
     journal.record(str(tmp_path), vc, VrrpEvent("fifo", "GROUP", "G1", "BACKUP", 0), (300, 0))
-    assert vrrp_state.vrrp_node(_cfg_ns(tmp_path, standby="cold"), None, {}) == NodeState("BACKUP", False, "")
+    assert host.vrrp_node(_cfg_ns(tmp_path, standby="cold"), None, {}) == NodeState("BACKUP", False, "")
     # about another group: nothing to follow
-    assert vrrp_state.vrrp_node(_cfg_ns(tmp_path, sync_group="G2"), None, {}) is None
+    assert host.vrrp_node(_cfg_ns(tmp_path, sync_group="G2"), None, {}) is None
     from types import SimpleNamespace
-    assert vrrp_state.vrrp_node(SimpleNamespace(vrrp=None), None, {}) is None  # standalone
+    assert host.vrrp_node(SimpleNamespace(vrrp=None), None, {}) is None  # standalone
 
 
 def test_events_go_to_a_running_host(tmp_path, monkeypatch):
