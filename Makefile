@@ -3,7 +3,7 @@ PYTHON ?= /usr/bin/python3
 VENV   := .venv
 STAMP  := $(VENV)/.installed
 
-.PHONY: deps demo test unit bench deb clean
+.PHONY: deps demo lint-imports test unit bench deb clean
 
 $(STAMP): pyproject.toml packaging/apt-deps.txt
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
@@ -20,10 +20,14 @@ deps: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/synlb-lab demo
 
-test: $(STAMP)
+# the layers of plugin/synlb (pyproject.toml [tool.importlinter]) first
+lint-imports: $(STAMP)
+	$(VENV)/bin/lint-imports --no-cache --no-logo
+
+test: lint-imports
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
-unit: $(STAMP)
+unit: lint-imports
 	$(VENV)/bin/pytest -q -p no:cacheprovider -m 'not lab'
 
 bench: $(STAMP)

@@ -127,8 +127,31 @@ BROKEN = {
 def test_broken_config_names_file_section_key(tmp_path, name):
     text, expected = BROKEN[name]
     path = write(tmp_path, text)
-    extra = "".join(f", [{p}]" for p in sorted(config.EXTRA_SECTIONS))
+    extra = ", [vrrp]"  # known to config.load() itself (config.SECTION_KINDS), whatever was imported
     assert problems(path) == [e.format(f=path, extra=extra) for e in expected]
+
+
+def test_load_alone_accepts_a_full_file_in_a_fresh_interpreter(tmp_path):
+    """Whether a file is valid never depends on what was imported before:
+    config.load() alone, first thing in a new interpreter, accepts every
+    section synlb knows ([vrrp] included) and every plugin's."""
+    path = write(tmp_path, GOOD)
+    write(tmp_path, "[synlb]\nplugins = lb, health, scripts, metrics, dbus\n"
+                    "[target:a]\ncheck = tcp\ncheck_port = 80\n"
+                    "[scripts]\ntimeout = 5\n[metrics]\nlisten = [::1]:9100\n"
+                    "[vrrp]\nsync_group = G1\nstandby = cold\ndbus_instances = front/51/IPv4\n",
+          name="synlb.d/10-full.ini")
+    code = ("import sys; from synlb import config; cfg = config.load(sys.argv[1]); "
+            "print(repr(cfg.vrrp)); print(sorted(cfg.extra)); print(cfg.targets['a'].options['check']); "
+            "print(sorted(m for m in sys.modules if m in ('synlb.cli', 'synlb.host', 'synlb.vrrp.delivery')))")
+    r = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        "VrrpConfig(kind='GROUP', name='G1', standby='cold', dbus_instances=('front/51/IPv4',))",
+        "['metrics', 'scripts']", "tcp", "[]"]
+    # and the same file without [vrrp]: a standalone node
+    os.unlink(tmp_path / "synlb.d" / "10-full.ini")
+    assert config.load(path).vrrp is None
 
 
 def test_every_problem_reported_at_once(tmp_path):

@@ -14,7 +14,7 @@ import subprocess
 import time
 
 import pytest
-from synlb import vrrp
+from synlb.vrrp import events as vrrp
 from synlb.lab.demo_failover import (
     FAMILIES,
     GAP_LIMIT,
@@ -248,8 +248,8 @@ def test_transitions_and_races_end_in_the_clean_state(lab):
         want_active = vrrp.desired_active(last, "hot")
         snap = pair.wait_settled("lb2", want_active, 60)
         assert snap == (active if want_active else inactive)["lb2"], (states, last)
-        from synlb import vrrp_apply
-        assert vrrp_apply.read_state(pair.state_dir("lb2"))["event"].state == last
+        from synlb.vrrp import journal
+        assert journal.read_state(pair.state_dir("lb2"))["event"].state == last
     pair.close()
 
 

@@ -13,11 +13,14 @@ import threading
 import time
 
 import pytest
-from synlb import config, vrrp, vrrp_apply, vrrp_fifo
+from synlb import config
 from synlb.cli import main as cli_main
-from synlb.dbus_listener import _children, instance_path
 from synlb.lab import demo_failover
-from synlb.vrrp import VrrpArgError, VrrpEvent
+from synlb.vrrp import delivery, journal
+from synlb.vrrp import events as vrrp
+from synlb.vrrp import fifo as vrrp_fifo
+from synlb.vrrp.dbus import _children, instance_path
+from synlb.vrrp.events import VrrpArgError, VrrpEvent
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOOK = os.path.join(ROOT, "hooks", "keepalived-notify")
@@ -33,11 +36,6 @@ targets = a
 [target:a]
 address = 10.1.0.1
 """
-
-
-@pytest.fixture(autouse=True)
-def _registered():
-    vrrp.register_config()
 
 
 def write_config(tmp_path, vrrp_section="[vrrp]\nsync_group = G1\n", name="synlb.ini"):
@@ -125,7 +123,7 @@ def test_vrrp_section_loads(tmp_path):
     assert vc == vrrp.VrrpConfig("INSTANCE", "FRONT", "cold", ("front/51/IPv4", "front/51/IPv6"))
     assert vc.matches(VrrpEvent("fifo", "INSTANCE", "FRONT", "MASTER"))
     assert not vc.matches(VrrpEvent("fifo", "GROUP", "FRONT", "MASTER"))
-    ld = vrrp_apply.load(write_config(tmp_path, name="g.ini"))
+    ld = delivery.load(write_config(tmp_path, name="g.ini"))
     assert ld.vcfg == vrrp.VrrpConfig("GROUP", "G1", "hot", ())
 
 
@@ -154,11 +152,11 @@ def test_broken_config_still_allows_teardown(tmp_path):
     path = write_config(tmp_path)
     with open(path, "a") as fh:
         fh.write("\n[target:b]\naddress = not-an-address\n")
-    ld = vrrp_apply.load(path)  # [synlb] and [vrrp] are fine: teardown possible
+    ld = delivery.load(path)  # [synlb] and [vrrp] are fine: teardown possible
     assert ld.cfg is None and ld.error is not None and ld.vcfg.name == "G1"
     path2 = write_config(tmp_path, "[vrrp]\nstandby = cold\n", name="bad.ini")
     with pytest.raises(config.ConfigError):
-        vrrp_apply.load(path2)
+        delivery.load(path2)
 
 
 # ---------------------------------------------------------------- ordering
@@ -167,32 +165,32 @@ def test_record_keeps_the_newest(tmp_path):
     sd = str(tmp_path)
     vc = vrrp.VrrpConfig("GROUP", "G1", "hot")
     ev = lambda s: VrrpEvent("notify", "GROUP", "G1", s, 0)
-    assert vrrp_apply.record(sd, vc, ev("BACKUP"), (100, 7)) == (ev("BACKUP"), True)
-    assert vrrp_apply.record(sd, vc, ev("MASTER"), (200, 3)) == (ev("MASTER"), True)
+    assert journal.record(sd, vc, ev("BACKUP"), (100, 7)) == (ev("BACKUP"), True)
+    assert journal.record(sd, vc, ev("MASTER"), (200, 3)) == (ev("MASTER"), True)
     # a late, stale call (forked before MASTER's) cannot undo it
-    assert vrrp_apply.record(sd, vc, ev("FAULT"), (150, 9)) == (ev("MASTER"), False)
+    assert journal.record(sd, vc, ev("FAULT"), (150, 9)) == (ev("MASTER"), False)
     # same clock tick: the later fork (higher pid) wins
-    assert vrrp_apply.record(sd, vc, ev("STOP"), (200, 2)) == (ev("MASTER"), False)
-    assert vrrp_apply.record(sd, vc, ev("STOP"), (200, 4)) == (ev("STOP"), True)
-    assert vrrp_apply.read_state(sd)["event"] == ev("STOP")
+    assert journal.record(sd, vc, ev("STOP"), (200, 2)) == (ev("MASTER"), False)
+    assert journal.record(sd, vc, ev("STOP"), (200, 4)) == (ev("STOP"), True)
+    assert journal.read_state(sd)["event"] == ev("STOP")
     # a state file from another boot, or about another group, never blocks
-    st = vrrp_apply.read_state(sd)
-    vrrp_apply._write_state(sd, ev("MASTER"), (10**18, 0))
-    state_file = tmp_path / vrrp_apply.STATE_FILE
+    st = journal.read_state(sd)
+    journal._write_state(sd, ev("MASTER"), (10**18, 0))
+    state_file = tmp_path / journal.STATE_FILE
     raw = json.loads(state_file.read_text())
     raw["boot_id"] = "another-boot"
     state_file.write_text(json.dumps(raw))
-    assert vrrp_apply.record(sd, vc, ev("BACKUP"), (5, 0)) == (ev("BACKUP"), True)
+    assert journal.record(sd, vc, ev("BACKUP"), (5, 0)) == (ev("BACKUP"), True)
     other = vrrp.VrrpConfig("GROUP", "G2", "hot")
     g2 = VrrpEvent("notify", "GROUP", "G2", "FAULT", 0)
-    assert vrrp_apply.record(sd, other, g2, (1, 0)) == (g2, True)
+    assert journal.record(sd, other, g2, (1, 0)) == (g2, True)
     assert st is not None
 
 
 def test_stamps_follow_fork_order():
     procs = [subprocess.Popen(["sleep", "2"]) for _ in range(6)]
     try:
-        stamps = [vrrp_apply.process_stamp(p.pid) for p in procs]
+        stamps = [journal.process_stamp(p.pid) for p in procs]
     finally:
         for p in procs:
             p.kill()
@@ -200,16 +198,16 @@ def test_stamps_follow_fork_order():
     assert stamps == sorted(stamps) and len(set(stamps)) == len(stamps)
     t = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
     assert abs(stamps[-1][0] - t) < 5 * 10**9  # boot clock, tick resolution
-    a, b = vrrp_apply.now_stamp(), vrrp_apply.now_stamp()
+    a, b = journal.now_stamp(), journal.now_stamp()
     assert b > a
 
 
 def test_notify_stamp_from_hook_env(monkeypatch):
     hz = os.sysconf("SC_CLK_TCK")
     monkeypatch.setenv("SYNLB_NOTIFY_STAMP", "12345 678")
-    assert vrrp_apply.notify_stamp() == (12345 * (10**9 // hz), 678)
+    assert journal.notify_stamp() == (12345 * (10**9 // hz), 678)
     monkeypatch.setenv("SYNLB_NOTIFY_STAMP", "garbage")
-    assert vrrp_apply.notify_stamp()[1] == os.getpid()
+    assert journal.notify_stamp()[1] == os.getpid()
 
 
 # ---------------------------------------------------------------- the hook
@@ -220,7 +218,7 @@ def test_hook_passes_arguments_and_its_fork_time(tmp_path):
     fake.chmod(0o755)
     p = subprocess.Popen([HOOK, "--config", "/x/synlb.ini", "GROUP", "G1", "MASTER", "0"],
                          env={**os.environ, "SYNLB_BIN": str(fake)}, stdout=subprocess.PIPE, text=True)
-    ticks = vrrp_apply.process_stamp(p.pid)  # the hook's own fork time
+    ticks = journal.process_stamp(p.pid)  # the hook's own fork time
     out = p.communicate(timeout=10)[0].strip()
     assert p.returncode == 0
     args, stamp, sid = out.split(" stamp=")[0], out.split(" stamp=")[1].split(" sid=")[0], out.split("sid=")[1]
@@ -276,10 +274,10 @@ def fifo_env(tmp_path, monkeypatch):
 
     def handle(config_path, ev, stamp):
         applied.append((ev, stamp))
-        return vrrp_apply.Result(ev, stored=True, latest=ev, active=False)
+        return delivery.Result(ev, stored=True, latest=ev, active=False)
 
-    monkeypatch.setattr(vrrp_apply, "handle", handle)
-    monkeypatch.setattr(vrrp_apply, "run_detached", lambda fn: fn())
+    monkeypatch.setattr(delivery, "deliver", handle)
+    monkeypatch.setattr(delivery, "run_detached", lambda fn: fn())
     return path, fifo, applied
 
 
@@ -308,7 +306,7 @@ def test_fifo_in_order_bursts_coalesced_until_eof(fifo_env, capsys):
     states = [ev.state for ev, _ in applied]
     assert states == ["MASTER", "FAULT", "BACKUP"]  # last of the burst, then each in order
     assert [s for _, s in applied] == sorted(s for _, s in applied)
-    log = vrrp_apply.read_log(str(os.path.dirname(path) + "/state"))
+    log = journal.read_log(str(os.path.dirname(path) + "/state"))
     assert [e["event"]["state"] for e in log if e.get("superseded")] == ["BACKUP"]
     assert sum(1 for e in log if e.get("ignored")) == 2  # the two INSTANCE lines
 
@@ -364,8 +362,8 @@ def test_notify_about_another_group_is_ignored(tmp_path):
     path = write_config(tmp_path)
     r = _run_cli(["notify", "--config", path, "INSTANCE", "FRONT", "MASTER", "150"])
     assert r.returncode == 0 and "ignored" in r.stdout, r.stderr
-    assert not os.path.exists(tmp_path / "state" / vrrp_apply.STATE_FILE)
-    log = vrrp_apply.read_log(str(tmp_path / "state"))
+    assert not os.path.exists(tmp_path / "state" / journal.STATE_FILE)
+    log = journal.read_log(str(tmp_path / "state"))
     assert log[-1]["ignored"] and log[-1]["event"]["name"] == "FRONT"
 
 
@@ -374,26 +372,26 @@ def test_notify_about_another_group_is_ignored(tmp_path):
 def _cfg_ns(tmp_path, **vrrp_vals):
     from types import SimpleNamespace
     vals = {"sync_group": "G1", "instance": None, "standby": "hot", "dbus_instances": (), **vrrp_vals}
-    return SimpleNamespace(extra={"vrrp": vals}, globals=SimpleNamespace(state_dir=str(tmp_path)))
+    return SimpleNamespace(vrrp=vrrp.vrrp_config(vals), globals=SimpleNamespace(state_dir=str(tmp_path)))
 
 
 def test_host_node_follows_the_record_not_the_request_order(tmp_path):
-    from synlb import vrrp_state
+    from synlb import host  # the host's node state: initial_node, vrrp_node
     from synlb.plugins import NodeState
     cfg = _cfg_ns(tmp_path)
-    assert vrrp_state.initial(cfg) == NodeState("INIT", False, "start")
-    vc = vrrp.vrrp_config(cfg.extra["vrrp"])
-    vrrp_apply.record(str(tmp_path), vc, VrrpEvent("notify", "GROUP", "G1", "MASTER", 0), (200, 1))
+    assert host.initial_node(cfg) == NodeState("INIT", False, "start")
+    vc = cfg.vrrp
+    journal.record(str(tmp_path), vc, VrrpEvent("notify", "GROUP", "G1", "MASTER", 0), (200, 1))
     # a late request about an older event still yields the recorded (newest) state
     stale = {"source": "notify", "kind": "GROUP", "name": "G1", "state": "FAULT", "priority": 0}
-    assert vrrp_state.apply(cfg, NodeState("INIT", False, ""), stale) == NodeState("MASTER", True, "")
-    assert vrrp_state.initial(cfg) == NodeState("MASTER", True, "start")
-    vrrp_apply.record(str(tmp_path), vc, VrrpEvent("fifo", "GROUP", "G1", "BACKUP", 0), (300, 0))
-    assert vrrp_state.apply(_cfg_ns(tmp_path, standby="cold"), None, {}) == NodeState("BACKUP", False, "")
+    assert host.vrrp_node(cfg, NodeState("INIT", False, ""), stale) == NodeState("MASTER", True, "")
+    assert host.initial_node(cfg) == NodeState("MASTER", True, "start")
+    journal.record(str(tmp_path), vc, VrrpEvent("fifo", "GROUP", "G1", "BACKUP", 0), (300, 0))
+    assert host.vrrp_node(_cfg_ns(tmp_path, standby="cold"), None, {}) == NodeState("BACKUP", False, "")
     # about another group: nothing to follow
-    assert vrrp_state.apply(_cfg_ns(tmp_path, sync_group="G2"), None, {}) is None
+    assert host.vrrp_node(_cfg_ns(tmp_path, sync_group="G2"), None, {}) is None
     from types import SimpleNamespace
-    assert vrrp_state.apply(SimpleNamespace(extra={}), None, {}) is None  # standalone
+    assert host.vrrp_node(SimpleNamespace(vrrp=None), None, {}) is None  # standalone
 
 
 def test_events_go_to_a_running_host(tmp_path, monkeypatch):
@@ -416,13 +414,13 @@ def test_events_go_to_a_running_host(tmp_path, monkeypatch):
     srv = control.ControlServer(control.socket_path(state_dir), answer)
     srv.start()
     try:
-        res = vrrp_apply.handle(path, VrrpEvent("notify", "GROUP", "G1", "MASTER", 0), (5, 1))
+        res = delivery.deliver(path, VrrpEvent("notify", "GROUP", "G1", "MASTER", 0), (5, 1))
     finally:
         srv.stop()
     assert requests == [{"cmd": "vrrp", "event": {"source": "notify", "kind": "GROUP", "name": "G1",
                                                   "state": "MASTER", "priority": 0}}]
     assert res.host == {"ok": True, "node": "MASTER"} and "passed to synlb run" in res.summary()
-    assert vrrp_apply.read_state(state_dir)["event"].state == "MASTER"
+    assert journal.read_state(state_dir)["event"].state == "MASTER"
 
     # a socket left by a host that died: reconcile here, to the latest record
     import socket
@@ -430,5 +428,5 @@ def test_events_go_to_a_running_host(tmp_path, monkeypatch):
         s.bind(control.socket_path(state_dir))  # exists, nobody listens
     downs = []
     monkeypatch.setattr(dataplane, "down_locked", lambda sd, rp: downs.append(sd) or ["removed"])
-    res = vrrp_apply.handle(path, VrrpEvent("notify", "GROUP", "G1", "FAULT", 0), (6, 1))
+    res = delivery.deliver(path, VrrpEvent("notify", "GROUP", "G1", "FAULT", 0), (6, 1))
     assert downs == [state_dir] and res.changes == ["removed"] and res.host is None

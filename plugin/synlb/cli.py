@@ -1,19 +1,16 @@
-"""``synlb`` command line. User errors end in one message and exit 1, never a traceback."""
+"""``synlb`` command line. User errors end in one message and exit 1, never a traceback.
+
+A user error is an ``errors.UserError``; any other exception is a bug and
+keeps its traceback."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import sys
 
 from . import config as config_mod
-
-EXIT_USER = 1
-
-
-class UserError(Exception):
-    """A problem the user can fix; printed as is."""
+from .errors import run_reporting
 
 
 def _load(args) -> config_mod.Config:
@@ -74,8 +71,36 @@ def cmd_run(args) -> int:
     return host.main(config_mod.config_path(args.config))
 
 
+def cmd_notify(args) -> int:
+    from .vrrp import notify
+    return notify.main(args.config, args.args)
+
+
+def cmd_fifo(args) -> int:
+    from .vrrp import fifo
+    return fifo.follow(args.config, args.path)
+
+
+def cmd_dbus(args) -> int:
+    from .vrrp import dbus
+    return dbus.main(args.config, address=args.address, wait=args.wait)
+
+
+class _Version(argparse.Action):
+    """``--version``: the package's version, read only when asked."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import synlb
+        print(f"synlb {synlb.__version__}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="synlb", description=__doc__.split("\n")[0])
+    p.add_argument("--version", action=_Version, help="print the version and exit")
     p.add_argument("--config", "-c", help=f"INI file (default ${config_mod.ENV_CONFIG} or "
                                            f"{config_mod.DEFAULT_CONFIG}), plus synlb.d/*.ini beside it")
     p.add_argument("--verbose", "-v", action="store_true")
@@ -99,25 +124,38 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("run", help="the long-running plugin host (foreground)")
     s.set_defaults(func=cmd_run)
 
-    s = sub.add_parser("worker", help=argparse.SUPPRESS)
+    # internal (workers.py starts it): no help=, so --help does not list it
+    s = sub.add_parser("worker")
     s.add_argument("--state-dir", required=True)
     s.add_argument("--service", required=True)
     s.add_argument("--queue", type=int, required=True)
     s.set_defaults(func=cmd_worker)
 
-    _register_extra(sub)
+    # the VRRP event sources (synlb/vrrp/)
+    def config_opt(s):
+        # also accepted after the command (keepalived-notify --config FILE ...)
+        s.add_argument("--config", "-c", default=argparse.SUPPRESS, help="INI file (same as synlb --config)")
+
+    s = sub.add_parser("notify", help="keepalived notify script: apply a VRRP state change",
+                       description="Called by keepalived (through hooks/keepalived-notify) as "
+                                   "TYPE NAME STATE PRIORITY, e.g. GROUP G1 MASTER 0; or with a "
+                                   "bare STATE for notify_master/backup/fault/stop.")
+    config_opt(s)
+    s.add_argument("args", nargs="*", metavar="ARG", help="GROUP|INSTANCE NAME STATE PRIORITY, or STATE")
+    s.set_defaults(func=cmd_notify)
+
+    s = sub.add_parser("fifo", help="keepalived notify_fifo_script: follow the notify FIFO until EOF")
+    config_opt(s)
+    s.add_argument("path", metavar="PATH", help="the FIFO (keepalived appends it)")
+    s.set_defaults(func=cmd_fifo)
+
+    s = sub.add_parser("dbus", help="follow keepalived's D-Bus signals (org.keepalived.Vrrp1)")
+    config_opt(s)
+    s.add_argument("--address", help="D-Bus address (default: the system bus, $DBUS_SYSTEM_BUS_ADDRESS)")
+    s.add_argument("--wait", action="store_true",
+                   help="if keepalived is not on the bus yet, treat it as stopped and wait")
+    s.set_defaults(func=cmd_dbus)
     return p
-
-
-def _register_extra(sub) -> None:
-    """Commands of other modules (VRRP event sources, the host)."""
-    for name in ("vrrp",):
-        try:
-            mod = __import__(f"synlb.{name}", fromlist=["register_cli"])
-        except ImportError:
-            continue
-        if hasattr(mod, "register_cli"):
-            mod.register_cli(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,26 +163,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s synlb[%(process)d] %(levelname)s: %(message)s"
                         if args.command == "run" else "synlb: %(message)s")
-    from .live import LiveError
-    from .netfilter import NetfilterError
-    from .workers import WorkerError
-    try:
-        return args.func(args)
-    except config_mod.ConfigError as e:
-        for line in e.lines():
-            print(line, file=sys.stderr)
-        return EXIT_USER
-    except LiveError as e:
-        for line in e.problems:
-            print(line, file=sys.stderr)
-        return EXIT_USER
-    except (NetfilterError, WorkerError, UserError) as e:
-        print(f"synlb {args.command}: {e}", file=sys.stderr)
-        return EXIT_USER
-    except PermissionError as e:
-        print(f"synlb {args.command}: permission denied: {e.filename or e} (run as root)", file=sys.stderr)
-        return EXIT_USER
-    except KeyboardInterrupt:
-        return 130
+    return run_reporting(args.command, lambda: args.func(args))
 
 

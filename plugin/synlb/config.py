@@ -5,6 +5,12 @@ ones (fail2ban style): the main file, then ``<dir>/synlb.d/*.ini`` in sorted
 order.  Every problem is collected and reported at once as
 ``FILE:SECTION:KEY: why``; a bad value is never replaced by a default.
 
+Which sections a file may have is fixed here (:data:`SECTION_KINDS`:
+``[synlb]``, ``[service:NAME]``, ``[target:NAME]``, ``[vrrp]``), plus what the
+plugins named in ``[synlb] plugins`` declare (their ``SECTIONS``,
+``SERVICE_OPTIONS``, ``TARGET_OPTIONS``, see plugins/__init__.py); nothing is
+registered at import time, so :func:`load` alone accepts every valid file.
+
 This module is pure: it reads files but never looks at the kernel.  What only
 the live system can tell (interfaces, local addresses) is in ``live.py``.
 """
@@ -14,6 +20,7 @@ from __future__ import annotations
 import configparser
 import glob
 import hashlib
+import importlib
 import ipaddress
 import os
 import re
@@ -21,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import schema
+from .errors import UserError
 from .maglev import is_prime
 from .schema import Option, OptionError
 from .schema import boolean as _bool
@@ -28,6 +36,7 @@ from .schema import choice as _choice
 from .schema import integer as _int
 from .schema import nonempty as _nonempty
 from .schema import words as _list
+from .vrrp.events import VRRP_SCHEMA, VrrpConfig, vrrp_config
 
 DEFAULT_CONFIG = "/etc/synlb/synlb.ini"
 ENV_CONFIG = "SYNLB_CONFIG"
@@ -40,14 +49,22 @@ AUTO_MARK_SPAN = 0x10000
 
 SERVICE_NAME_RE = re.compile(r"^[A-Za-z0-9_]{1,12}$")
 TARGET_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# the NAME of [kind:NAME]: pattern, and what a name that does not match is told
+NAME_RULES = {
+    "service": (SERVICE_NAME_RE, "service name must be 1-12 of A-Z a-z 0-9 _"),
+    "target": (TARGET_NAME_RE, "target name must be 1-64 of A-Z a-z 0-9 _ . -"),
+}
 
 
-class ConfigError(Exception):
-    """One or more problems, each ``(file, section, key, message)``."""
+class ConfigError(UserError):
+    """One or more problems, each ``(file, section, key, message)``, printed
+    as ``FILE:SECTION:KEY: why``."""
+
+    prefixed = False
 
     def __init__(self, problems: list[tuple[str, str, str, str]]):
         self.problems = problems
-        super().__init__("\n".join(self.lines()))
+        super().__init__(*self.lines())
 
     def lines(self) -> list[str]:
         return [f"{f}:{s}:{k}: {m}" for f, s, k, m in self.problems]
@@ -116,7 +133,9 @@ class Config:
     sections: dict = field(default_factory=dict, compare=False, hash=False)
     # every section as read: name -> {key: (value, file)}
     extra: dict = field(default_factory=dict, compare=False, hash=False)
-    # parsed values of the sections that plugins and other modules declare: name -> {key: value}
+    # parsed values of the sections that plugins declare: name -> {key: value}
+    vrrp: VrrpConfig | None = field(default=None, compare=False, hash=False)
+    # the [vrrp] section: which keepalived group/instance drives this node; None: standalone
 
     def service(self, name: str) -> Service:
         for s in self.services:
@@ -268,6 +287,18 @@ GLOBAL_OPTIONS = schema.Schema("synlb", [
            "plugins `synlb run` hosts: lb, health, scripts, metrics, or a dotted module path"),
 ])
 
+def _check_service(s: dict) -> list[tuple[str, str]]:
+    out = []
+    if "targets" in s and len(set(s["targets"])) != len(s["targets"]):
+        out.append(("targets", "a target is listed twice"))
+    if s.get("targets") and "table_size" in s and s["table_size"] < 100 * len(s["targets"]):
+        out.append(("table_size", f"{s['table_size']} is below 100 x {len(s['targets'])} targets; "
+                                  "balance would be poor"))
+    if s.get("track_syn") is False and s.get("mode") == "nat":
+        out.append(("track_syn", "no needs mode = route (DNAT needs the connection tracked from its SYN)"))
+    return out
+
+
 SERVICE_OPTIONS = schema.Schema("service", [
     Option("vips", _vips, schema.REQUIRED, "VIP prefixes, IPv4 and/or IPv6"),
     Option("ingress", _ifname, schema.REQUIRED, "interface the clients' packets arrive on"),
@@ -288,7 +319,7 @@ SERVICE_OPTIONS = schema.Schema("service", [
            "conntrack the opening SYN; no = leave it untracked (route mode only), for routers "
            "that see only the client's direction (behind ECMP): the connection's first ACK "
            "then makes the conntrack entry that keeps its mark"),
-])
+], checks=[_check_service])
 
 TARGET_OPTIONS = schema.Schema("target", [
     Option("address", _addresses, schema.REQUIRED, "one address per family"),
@@ -296,12 +327,15 @@ TARGET_OPTIONS = schema.Schema("target", [
     Option("table", _table_id, None, "route mode routing table; default = mark"),
 ])
 
-# Section types other modules (vrrp, plugins) add: prefix -> Schema
-EXTRA_SECTIONS: dict[str, schema.Schema] = {}
-
-
-def register_section(prefix: str, sch: schema.Schema) -> None:
-    EXTRA_SECTIONS[prefix] = sch
+# The sections config.load() knows itself: kind -> (schema, named). A named
+# kind is written [kind:NAME], any number of times; the others are one [kind].
+# Plugins add sections of their own (SECTIONS, see plugins/__init__.py).
+SECTION_KINDS: dict[str, tuple[schema.Schema, bool]] = {
+    "synlb": (GLOBAL_OPTIONS, False),
+    "service": (SERVICE_OPTIONS, True),
+    "target": (TARGET_OPTIONS, True),
+    "vrrp": (VRRP_SCHEMA, False),
+}
 
 
 def auto_mark(name: str) -> int:
@@ -363,43 +397,34 @@ def load(path: str | None = None) -> Config:
     glob_vals = schema.parse_section(GLOBAL_OPTIONS, "synlb", sections.get("synlb", {}), main, problems)
     # plugins add their own sections and keys: resolve them before validating the rest
     mods = _plugin_modules(glob_vals.get("plugins", ()), sections, main, problems)
-    service_schema = SERVICE_OPTIONS.extended(o for m in mods for o in getattr(m, "SERVICE_OPTIONS", ()))
-    target_schema = TARGET_OPTIONS.extended(o for m in mods for o in getattr(m, "TARGET_OPTIONS", ()))
-    extra_sections = dict(EXTRA_SECTIONS)
+    schemas = {kind: sch for kind, (sch, _) in SECTION_KINDS.items()}
+    for kind, attr in (("service", "SERVICE_OPTIONS"), ("target", "TARGET_OPTIONS")):
+        schemas[kind] = schemas[kind].extended(*(getattr(m, attr, ()) for m in mods))
+    plugin_sections: dict[str, schema.Schema] = {}
     for m in mods:
-        extra_sections.update(getattr(m, "SECTIONS", {}))
+        plugin_sections.update(getattr(m, "SECTIONS", {}))
     extra_values: dict[str, dict] = {}
-    services_raw: dict[str, dict] = {}
-    targets_raw: dict[str, dict] = {}
+    single: dict[str, dict] = {}  # kind -> parsed values of [kind]
+    named: dict[str, dict[str, dict]] = {"service": {}, "target": {}}  # kind -> NAME -> parsed values
     for sec, vals in sections.items():
         kind, _, name = sec.partition(":")
         if sec == "synlb":
-            continue
-        if kind == "service" and name:
-            if not SERVICE_NAME_RE.match(name):
-                problems.append((where(sec), sec, "-", "service name must be 1-12 of A-Z a-z 0-9 _"))
-                continue
-            services_raw[name] = schema.parse_section(service_schema, sec, vals, main, problems)
-        elif kind == "target" and name:
-            if not TARGET_NAME_RE.match(name):
-                problems.append((where(sec), sec, "-", "target name must be 1-64 of A-Z a-z 0-9 _ . -"))
-                continue
-            targets_raw[name] = schema.parse_section(target_schema, sec, vals, main, problems)
-            # plugins' cross-key checks of their target keys: m.check_target(parsed) -> [(key, why)]
-            for m in mods:
-                for key, why in getattr(m, "check_target", lambda _: [])(targets_raw[name]):
-                    problems.append((vals.get(key, (None, where(sec)))[1], sec, key, why))
-        elif kind in extra_sections or sec in extra_sections:
-            sch = extra_sections.get(kind) or extra_sections[sec]
-            parsed = schema.parse_section(sch, sec, vals, main, problems)
-            extra_values[sec] = parsed
-            # an optional cross-key check: sch.check(parsed) -> [(key, why)]
-            for key, why in getattr(sch, "check", lambda _: [])(parsed):
-                problems.append((vals.get(key, (None, where(sec)))[1], sec, key, why))
+            continue  # parsed first: it names the plugins
+        if kind in SECTION_KINDS and bool(name) == SECTION_KINDS[kind][1]:
+            if name:
+                pattern, why = NAME_RULES[kind]
+                if not pattern.match(name):
+                    problems.append((where(sec), sec, "-", why))
+                    continue
+                named[kind][name] = schema.parse_section(schemas[kind], sec, vals, main, problems)
+            else:
+                single[kind] = schema.parse_section(schemas[kind], sec, vals, main, problems)
+        elif kind in plugin_sections or sec in plugin_sections:
+            sch = plugin_sections.get(kind) or plugin_sections[sec]
+            extra_values[sec] = schema.parse_section(sch, sec, vals, main, problems)
         else:
-            known = ", ".join(["[synlb]", "[service:NAME]", "[target:NAME]"]
-                              + [f"[{p}]" for p in sorted(extra_sections)])
-            problems.append((where(sec), sec, "-", f"unknown section (known: {known})"))
+            problems.append((where(sec), sec, "-", f"unknown section (known: {_known(plugin_sections)})"))
+    services_raw, targets_raw = named["service"], named["target"]
 
     if not services_raw and not any(p[1].startswith("service:") for p in problems):
         problems.append((main, "-", "-", "no [service:NAME] section"))
@@ -449,14 +474,6 @@ def load(path: str | None = None) -> Config:
                                      f"target {tname} has no IPv{fam} address but the service has IPv{fam} VIPs"))
         if not {"vips", "targets", "queue", "table_size"} <= s.keys():
             continue
-        if len(set(s["targets"])) != len(s["targets"]):
-            problems.append((src("targets"), sec, "targets", "a target is listed twice"))
-        if s["targets"] and s["table_size"] < 100 * len(s["targets"]):
-            problems.append((src("table_size"), sec, "table_size",
-                             f"{s['table_size']} is below 100 x {len(s['targets'])} targets; balance would be poor"))
-        if not s.get("track_syn", True) and s.get("mode") == "nat":
-            problems.append((src("track_syn"), sec, "track_syn",
-                             "no needs mode = route (DNAT needs the connection tracked from its SYN)"))
         q1, q2 = s["queue"]
         for q in range(q1, q2 + 1):
             if q in queues_seen:
@@ -483,17 +500,50 @@ def load(path: str | None = None) -> Config:
         raise ConfigError(problems)
     g = Globals(**{**glob_vals, "plugins": tuple(glob_vals["plugins"])})
     return Config(files=tuple(files), globals=g, services=tuple(services), targets=targets,
-                  sections=sections, extra=extra_values)
+                  sections=sections, extra=extra_values,
+                  vrrp=vrrp_config(single["vrrp"]) if "vrrp" in single else None)
+
+
+def _known(plugin_sections: dict) -> str:
+    """The known sections, for the message about an unknown one: the core
+    three first, then [vrrp] and the plugins' in name order."""
+    def show(kind: str) -> str:
+        return f"[{kind}:NAME]" if SECTION_KINDS.get(kind, (None, False))[1] else f"[{kind}]"
+    core = ("synlb", "service", "target")
+    rest = sorted((set(SECTION_KINDS) - set(core)) | set(plugin_sections))
+    return ", ".join(show(k) for k in (*core, *rest))
+
+
+class PluginError(UserError):
+    """A plugin named in [synlb] plugins that does not import or has no create()."""
+
+
+def plugin_module(name: str):
+    """The module of the plugin ``name`` (``[synlb] plugins``): names without
+    a dot are modules of ``synlb.plugins`` (``lb`` is ``synlb.plugins.lb``); a
+    dotted name is imported as is, for plugins shipped elsewhere. Raises
+    PluginError naming the plugin when it does not import or has no create()."""
+    modname = name if "." in name else f"synlb.plugins.{name}"
+    try:
+        mod = importlib.import_module(modname)
+    except ModuleNotFoundError as e:
+        if e.name and modname.startswith(e.name):
+            raise PluginError(f"no plugin {name!r} (module {modname} not found)") from None
+        raise PluginError(f"plugin {name!r} is broken: {e}") from None
+    except Exception as e:  # noqa: BLE001 - a broken plugin must not crash `check`
+        raise PluginError(f"plugin {name!r} is broken: {type(e).__name__}: {e}") from None
+    if not callable(getattr(mod, "create", None)):
+        raise PluginError(f"plugin {name!r} ({modname}) has no create(host)")
+    return mod
 
 
 def _plugin_modules(names, sections: dict, main: str, problems: list) -> list:
-    from . import plugins
     mods = []
     where = sections.get("synlb", {}).get("plugins", (None, main))[1]
     for name in names:
         try:
-            mods.append(plugins.load_module(name))
-        except plugins.PluginError as e:
+            mods.append(plugin_module(name))
+        except PluginError as e:
             problems.append((where, "synlb", "plugins", str(e)))
     return mods
 
@@ -509,7 +559,7 @@ def _services_overlap(a: Service, b: Service) -> bool:
 
 
 def load_section(cfg: Config, section: str, sch: schema.Schema) -> dict[str, Any]:
-    """Parse one already-validated extra section (e.g. [vrrp]) into a dict."""
+    """Parse one already-validated plugin section (e.g. [scripts]) into a dict."""
     problems: list = []
     main = cfg.files[0]
     vals = schema.parse_section(sch, section, cfg.sections.get(section, {}), main, problems)
@@ -526,3 +576,18 @@ def load_globals(path: str | None = None) -> Globals:
     if problems:
         raise ConfigError(problems)
     return Globals(**{**vals, "plugins": tuple(vals["plugins"])})
+
+
+def load_teardown(path: str | None = None) -> tuple[Globals, VrrpConfig | None]:
+    """Only [synlb] and [vrrp] (None when there is no [vrrp]): enough to tear
+    down on a VRRP event even when the rest of the file is broken. Raises
+    ConfigError when a file does not parse or either section is broken."""
+    main = config_path(path)
+    _, sections, problems = read_layers(main)
+    vals = schema.parse_section(GLOBAL_OPTIONS, "synlb", sections.get("synlb", {}), main, problems)
+    vrrp_vals = (schema.parse_section(VRRP_SCHEMA, "vrrp", sections["vrrp"], main, problems)
+                 if "vrrp" in sections else None)
+    if problems:
+        raise ConfigError(problems)
+    g = Globals(**{**vals, "plugins": tuple(vals["plugins"])})
+    return g, None if vrrp_vals is None else vrrp_config(vrrp_vals)

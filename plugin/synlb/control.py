@@ -9,8 +9,14 @@ import socket
 import socketserver
 import threading
 
+from .errors import UserError
+
 SOCKET_NAME = "control.sock"
 TIMEOUT = 15.0
+
+
+class HostRunning(UserError):
+    """Another ``synlb run`` already listens on the state dir's control socket."""
 
 
 def socket_path(state_dir: str) -> str:
@@ -34,7 +40,7 @@ class ControlServer:
 
         if os.path.exists(path):
             if _alive(path):
-                raise RuntimeError(f"{path}: another synlb host is running")
+                raise HostRunning(f"{path}: another synlb host is running (one host per state_dir)")
             os.unlink(path)  # stale: left by a host that died
         old = os.umask(0o177)
         try:

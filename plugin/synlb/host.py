@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 from . import config as config_mod
 from . import control, plugins
-from .plugins import NodeState
+from .vrrp import journal
+from .vrrp.events import NodeState, standalone
 
 log = logging.getLogger("synlb.host")
 
@@ -56,8 +57,7 @@ class Host:
         return None
 
     def initial_node_state(self, cfg) -> NodeState:
-        from . import vrrp_state
-        return vrrp_state.initial(cfg)
+        return initial_node(cfg)
 
     # ------------------------------------------------------------ main loop
     def run(self) -> int:
@@ -111,8 +111,7 @@ class Host:
                     if self.reload():
                         reasons.append("reload")
                 elif e.kind == "vrrp":
-                    from . import vrrp_state
-                    node = vrrp_state.apply(self.cfg, self.node, e.data)
+                    node = vrrp_node(self.cfg, self.node, e.data)
                     if node is not None:
                         self.node = node
                         reasons.append(node.reason)
@@ -170,6 +169,30 @@ class Host:
             done = self.submit("reload", wait=True)
             return {"ok": bool(done)}
         return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+
+# ------------------------------------------------------------ node state
+# Without a [vrrp] section the node is standalone and always active. With
+# one, the VRRP event sources record the latest event in the journal,
+# ordered by their stamps, and then tell the host "vrrp". The host does not
+# trust the order in which those requests arrive: it follows the record
+# (journal.node, the same test and the same state as `synlb notify`'s), so
+# the node always ends on the last event delivered.
+
+def initial_node(cfg) -> NodeState:
+    if cfg.vrrp is None:
+        return standalone("start")
+    # keepalived may have spoken before the host started
+    return journal.node(cfg.globals.state_dir, cfg.vrrp, "start") or NodeState("INIT", False, "start")
+
+
+def vrrp_node(cfg, node: NodeState, event: dict) -> NodeState | None:
+    """A source recorded a VRRP event (``event``, as the request carried
+    it): the node follows the latest record, whatever ``event`` says (None:
+    standalone, or nothing about this node's group/instance is recorded)."""
+    if cfg.vrrp is None:
+        return None
+    return journal.node(cfg.globals.state_dir, cfg.vrrp)
 
 
 def main(config_path: str) -> int:

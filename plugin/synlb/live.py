@@ -7,14 +7,20 @@ import os
 import shutil
 
 from .config import Config
+from .errors import UserError
 
 
-class LiveError(RuntimeError):
+class LiveError(UserError):
     """Problems with the live system, one per line: ``FILE:SECTION:KEY: why``."""
+
+    prefixed = False
 
     def __init__(self, problems: list[str]):
         self.problems = problems
-        super().__init__("\n".join(problems))
+        super().__init__(*problems)
+
+    def lines(self) -> list[str]:
+        return list(self.problems)
 
 
 def problems(cfg: Config) -> list[str]:

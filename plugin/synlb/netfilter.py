@@ -13,6 +13,7 @@ import os
 import subprocess
 
 from . import rules
+from .errors import UserError
 from .rules import Table
 
 SAVE = {4: "iptables-save", 6: "ip6tables-save"}
@@ -20,8 +21,8 @@ RESTORE = {4: "iptables-restore", 6: "ip6tables-restore"}
 STATE_FILE = "netfilter.json"
 
 
-class NetfilterError(RuntimeError):
-    pass
+class NetfilterError(UserError):
+    """iptables missing, or refusing what synlb asked; the message says which."""
 
 
 def _run(argv: list[str], stdin: str | None = None) -> str:

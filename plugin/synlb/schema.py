@@ -1,11 +1,19 @@
 """Typed option schemas: each section type (and each plugin) declares its
-options next to its code; parsing reports ``FILE:SECTION:KEY: why``."""
+options next to its code; parsing reports ``FILE:SECTION:KEY: why``.
+
+A cross-key check (a rule about several keys of one section) is written one
+way: a function ``check(parsed: dict) -> [(key, why)]`` given to the
+:class:`Schema`; :func:`parse_section` runs it on the values that parsed (a
+key whose value did not parse is absent: the check skips what it needs and
+that problem is already reported)."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
+
+Check = Callable[[dict], list[tuple[str, str]]]
 
 
 class OptionError(ValueError):
@@ -29,25 +37,32 @@ class Option:
 
 
 class Schema:
-    def __init__(self, kind: str, options: list[Option]):
+    def __init__(self, kind: str, options: Iterable[Option], checks: Iterable[Check] = ()):
         self.kind = kind
         self.options = {o.name: o for o in options}
+        self.checks = tuple(checks)
 
     def __iter__(self):
         return iter(self.options.values())
 
-    def extended(self, options) -> "Schema":
-        """A copy with more options (plugins add keys to core sections)."""
-        return Schema(self.kind, [*self.options.values(), *options])
+    def extended(self, *more: "Schema | Iterable[Option]") -> "Schema":
+        """A copy with more options and their checks (plugins add keys to
+        core sections: a Schema of their own, or a list of Options)."""
+        options, checks = list(self.options.values()), list(self.checks)
+        for m in more:
+            options += list(m)
+            checks += list(getattr(m, "checks", ()))
+        return Schema(self.kind, options, checks)
 
 
 def parse_section(sch: Schema, section: str, values: dict[str, tuple[str, str]],
                   default_file: str, problems: list) -> dict[str, Any]:
     """Parse ``values`` ({key: (raw, file)}) against ``sch``.
 
-    Appends (file, section, key, why) to ``problems``; returns the values
-    that parsed (a key whose value is bad is absent), so that callers can
-    still cross-check the rest and report every problem at once.
+    Appends (file, section, key, why) to ``problems``, those of the
+    schema's cross-key checks included; returns the values that parsed (a
+    key whose value is bad is absent), so that callers can still
+    cross-check the rest and report every problem at once.
     """
     out: dict[str, Any] = {}
     section_file = next(iter(values.values()))[1] if values else default_file
@@ -66,6 +81,9 @@ def parse_section(sch: Schema, section: str, values: dict[str, tuple[str, str]],
             problems.append((section_file, section, opt.name, "required key is missing"))
         else:
             out[opt.name] = opt.default
+    for check in sch.checks:
+        for key, why in check(out):
+            problems.append((values.get(key, (None, section_file))[1], section, key, why))
     return out
 
 
@@ -104,6 +122,21 @@ def choice(*choices: str) -> Callable[[str], str]:
         if t not in choices:
             raise OptionError(f"{text!r} is not one of {', '.join(choices)}")
         return t
+    return parse
+
+
+def seconds(lo: float, hi: float):
+    """A duration in seconds within lo..hi: ``2``, ``0.5``, ``2s``, ``500ms``."""
+    def parse(text: str) -> float:
+        t = text.strip().lower()
+        t = t[:-1] if t.endswith("s") and not t.endswith("ms") else t
+        try:
+            v = float(t[:-2]) / 1000 if t.endswith("ms") else float(t)
+        except ValueError:
+            raise OptionError(f"{text!r} is not a duration in seconds (e.g. 2, 0.5, 500ms)") from None
+        if not lo <= v <= hi:
+            raise OptionError(f"{text.strip()} is out of range {lo:g}..{hi:g} s")
+        return v
     return parse
 
 

@@ -42,10 +42,10 @@ def _worker_stats(state_dir: str, queue: int) -> dict:
 
 def _vrrp(cfg: Config) -> dict | None:
     """The last VRRP event recorded for this node, if a [vrrp] section drives it."""
-    if "vrrp" not in cfg.extra:
+    if cfg.vrrp is None:
         return None
-    from . import vrrp_apply
-    rec = vrrp_apply.read_state(cfg.globals.state_dir)
+    from .vrrp import journal
+    rec = journal.read_state(cfg.globals.state_dir)
     if rec is None:
         return {"state": "UNKNOWN", "source": None, "recorded": None}
     ev = rec["event"]

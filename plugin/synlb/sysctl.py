@@ -12,11 +12,17 @@ from __future__ import annotations
 import json
 import os
 
+from .errors import UserError
+
 PICKUP = {
     "net/netfilter/nf_conntrack_tcp_loose": "1",
     "net/netfilter/nf_conntrack_tcp_be_liberal": "1",
 }
 SAVED = "sysctl-saved.json"
+
+
+class SysctlError(UserError):
+    """The pickup sysctls cannot be set (conntrack not loaded here)."""
 
 
 def _path(name: str) -> str:
@@ -36,7 +42,7 @@ def write(name: str, value: str) -> None:
 def ensure_conntrack() -> None:
     """The nf_conntrack sysctls exist only once conntrack is loaded in this namespace."""
     if not os.path.exists(_path(next(iter(PICKUP)))):
-        raise RuntimeError("conntrack sysctls missing: is nf_conntrack loaded? (modprobe nf_conntrack)")
+        raise SysctlError("conntrack sysctls missing: is nf_conntrack loaded? (modprobe nf_conntrack)")
 
 
 def activate(state_dir: str) -> list[str]:

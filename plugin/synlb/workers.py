@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import psutil
 
 from . import health_state, worker_table
+from .errors import UserError
 from .worker import stats_file
 from .config import Config
 from .worker_table import WorkerTable
@@ -27,8 +28,8 @@ QUEUE_PROC = "/proc/net/netfilter/nfnetlink_queue"
 BIND_TIMEOUT = 5.0
 
 
-class WorkerError(RuntimeError):
-    pass
+class WorkerError(UserError):
+    """A worker that cannot start or bind its queue; the message says why."""
 
 
 @dataclass

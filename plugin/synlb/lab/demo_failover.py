@@ -266,8 +266,8 @@ class Pair:
         return st == "MASTER" or (st == "BACKUP" and self.standby == "hot")
 
     def vrrp_log(self, r: str) -> list[dict]:
-        from synlb import vrrp_apply
-        return vrrp_apply.read_log(self.state_dir(r))
+        from synlb.vrrp import journal
+        return journal.read_log(self.state_dir(r))
 
     def busy(self, r: str) -> bool:
         """An apply holds synlb's lock in this router right now."""

@@ -3,8 +3,9 @@
 A plugin is a module that declares, next to its code:
 
 - ``SECTIONS``: {section name or prefix: Schema} of its own INI sections;
-- ``TARGET_OPTIONS`` / ``SERVICE_OPTIONS``: Options it adds to the
-  ``[target:NAME]`` / ``[service:NAME]`` sections;
+- ``TARGET_OPTIONS`` / ``SERVICE_OPTIONS``: the options it adds to the
+  ``[target:NAME]`` / ``[service:NAME]`` sections, as a Schema (whose
+  ``checks`` are its cross-key checks, see schema.py) or a list of Options;
 - ``create(host) -> Plugin``.
 
 Names without a dot are modules of this package (``lb`` is
@@ -15,27 +16,13 @@ elsewhere.  A name that does not import, or a module without ``create``, makes
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
-
-class PluginError(Exception):
-    pass
-
-
-def load_module(name: str):
-    modname = name if "." in name else f"{__name__}.{name}"
-    try:
-        mod = importlib.import_module(modname)
-    except ModuleNotFoundError as e:
-        if e.name and modname.startswith(e.name):
-            raise PluginError(f"no plugin {name!r} (module {modname} not found)") from None
-        raise PluginError(f"plugin {name!r} is broken: {e}") from None
-    except Exception as e:  # noqa: BLE001 - a broken plugin must not crash `check`
-        raise PluginError(f"plugin {name!r} is broken: {type(e).__name__}: {e}") from None
-    if not callable(getattr(mod, "create", None)):
-        raise PluginError(f"plugin {name!r} ({modname}) has no create(host)")
-    return mod
+# What plugins and the host use, defined where the config loader and the
+# VRRP journal need them too (lower layers, docs/ARCHITECTURE.md):
+from ..config import PluginError  # noqa: F401  (re-exported)
+from ..config import plugin_module as load_module  # noqa: F401  (re-exported)
+from ..vrrp.events import NodeState  # noqa: F401  (re-exported)
 
 
 class Plugin:
@@ -62,18 +49,3 @@ class Plugin:
 
     def status(self) -> dict:
         return {}
-
-
-class NodeState:
-    """What this router should be doing, derived from the last VRRP event."""
-
-    def __init__(self, vrrp: str, active: bool, reason: str):
-        self.vrrp = vrrp      # MASTER, BACKUP, FAULT, STOP, DELETED, or STANDALONE
-        self.active = active  # data plane installed (master, or hot-standby backup)
-        self.reason = reason
-
-    def __repr__(self) -> str:
-        return f"NodeState({self.vrrp}, active={self.active})"
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, NodeState) and (self.vrrp, self.active) == (other.vrrp, other.active)

@@ -3,8 +3,8 @@
 names the sync group or instance, as for every VRRP event source).
 
 The listener runs GLib's main loop in its own thread; each change of the
-derived VRRP state is recorded (ordered like every other source, see
-vrrp_apply) and handed to the host, which reconciles every plugin.  The bus is
+derived VRRP state is delivered like every other source's (vrrp/delivery.py):
+recorded, then handed to the host, which reconciles every plugin.  The bus is
 the system bus, or ``$DBUS_SYSTEM_BUS_ADDRESS``.
 """
 
@@ -33,7 +33,7 @@ class DbusPlugin(Plugin):
         self.following: int = 0
 
     def start(self) -> None:
-        if "vrrp" not in self.host.cfg.extra:
+        if self.host.cfg.vrrp is None:
             self.error = "no [vrrp] section: nothing to follow"
             log.error("dbus: %s", self.error)
             return
@@ -41,20 +41,21 @@ class DbusPlugin(Plugin):
         self._thread.start()
 
     def _run(self) -> None:
-        from .. import dbus_listener, vrrp_apply
+        from ..vrrp import dbus as dbus_source
+        from ..vrrp import delivery
 
         plugin = self
 
-        class InHost(dbus_listener.Listener):
+        class InHost(dbus_source.Listener):
             def apply(self, ev, stamp) -> None:
                 # record, then the host's control socket: the host thread applies it
-                res = vrrp_apply.handle(plugin.host.config_path, ev, stamp)
+                res = delivery.deliver(plugin.host.config_path, ev, stamp)
                 log.info("dbus: %s", res.summary())
 
         while not self._stop.is_set():
             try:
-                loop = dbus_listener.GLibLoop()
-                bus = dbus_listener.connect()
+                loop = dbus_source.GLibLoop()
+                bus = dbus_source.connect()
                 lst = InHost(self.host.config_path, bus, loop, wait=True)
                 lst.subscribe()
                 lst.resync("start")

@@ -25,24 +25,22 @@ mark in conntrack.
 
 Cross-key problems (a tcp/http check without ``check_port``, an exec check
 without ``check_command``) are reported by ``synlb check`` as
-``FILE:target:NAME:KEY`` through :func:`check_target`.
+``FILE:target:NAME:KEY`` through :func:`check_target`, the cross-key check of
+:data:`TARGET_OPTIONS`.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
-import os
 import shlex
-import signal
 import socket
-import subprocess
 import threading
 import time
 from dataclasses import dataclass
 
-from .. import health_state
-from ..schema import Option, OptionError
+from .. import health_state, proc
+from ..schema import Option, OptionError, Schema, seconds
 from ..schema import choice as _choice
 from ..schema import integer as _int
 from . import Plugin
@@ -56,28 +54,9 @@ log = logging.getLogger("synlb.health")
 HISTORY = 20        # transitions kept per target
 RECENT = 10         # last check results kept per target (the "+-" string)
 POOL = 8            # checks running at once
-KILL_GRACE = 0.5    # exec check: SIGTERM, then SIGKILL after this
 
 
 # ------------------------------------------------------------------ options
-
-
-
-
-
-def _seconds(lo: float, hi: float):
-    def parse(text: str) -> float:
-        t = text.strip().lower()
-        t = t[:-1] if t.endswith("s") and not t.endswith("ms") else t
-        try:
-            v = float(t[:-2]) / 1000 if t.endswith("ms") else float(t)
-        except ValueError:
-            raise OptionError(f"{text!r} is not a duration in seconds (e.g. 2, 0.5, 500ms)") from None
-        if not lo <= v <= hi:
-            raise OptionError(f"{text.strip()} is out of range {lo:g}..{hi:g} s")
-        return v
-    return parse
-
 
 def _path(text: str) -> str:
     t = text.strip()
@@ -98,23 +77,6 @@ def _command(text: str) -> tuple:
     return tuple(argv)
 
 
-TARGET_OPTIONS = [
-    Option("check", _choice("none", "tcp", "http", "exec"), "none",
-           "health check: none (always up), tcp, http or exec"),
-    Option("check_port", _int(1, 65535), None, "tcp/http: port on the target's address (required for them)"),
-    Option("check_path", _path, "/", "http: path of the GET request"),
-    Option("check_status", _int(100, 599), 200, "http: the status code that means healthy"),
-    Option("check_command", _command, None,
-           "exec: absolute path of an executable, then arguments (no shell); exit 0 = healthy"),
-    Option("check_interval", _seconds(0.05, 3600), 2.0, "seconds between the starts of two checks"),
-    Option("check_timeout", _seconds(0.01, 600), 1.0, "seconds before a check counts as failed"),
-    Option("rise", _int(1, 1000), 2, "consecutive good checks that bring a down target back"),
-    Option("fall", _int(1, 1000), 3, "consecutive failed checks that take an up target out"),
-]
-
-SECTIONS: dict = {}
-
-
 def check_target(parsed: dict) -> list[tuple[str, str]]:
     """Cross-key problems of one ``[target:NAME]``: [(key, why)]."""
     kind = parsed.get("check")
@@ -124,6 +86,23 @@ def check_target(parsed: dict) -> list[tuple[str, str]]:
     if kind == "exec" and parsed.get("check_command") is None and "check_command" in parsed:
         out.append(("check_command", "an exec check needs check_command (an absolute path)"))
     return out
+
+
+TARGET_OPTIONS = Schema("target", [
+    Option("check", _choice("none", "tcp", "http", "exec"), "none",
+           "health check: none (always up), tcp, http or exec"),
+    Option("check_port", _int(1, 65535), None, "tcp/http: port on the target's address (required for them)"),
+    Option("check_path", _path, "/", "http: path of the GET request"),
+    Option("check_status", _int(100, 599), 200, "http: the status code that means healthy"),
+    Option("check_command", _command, None,
+           "exec: absolute path of an executable, then arguments (no shell); exit 0 = healthy"),
+    Option("check_interval", seconds(0.05, 3600), 2.0, "seconds between the starts of two checks"),
+    Option("check_timeout", seconds(0.01, 600), 1.0, "seconds before a check counts as failed"),
+    Option("rise", _int(1, 1000), 2, "consecutive good checks that bring a down target back"),
+    Option("fall", _int(1, 1000), 3, "consecutive failed checks that take an up target out"),
+], checks=[check_target])
+
+SECTIONS: dict = {}
 
 
 # ------------------------------------------------------------------ checks
@@ -230,42 +209,17 @@ def _http(c: Check, address: str) -> tuple[bool, str]:
 
 
 def _exec(c: Check, target: str) -> tuple[bool, str]:
-    from .scripts import insecure  # the same rule as the admin's transition scripts
-    why = insecure(c.command[0])
+    why = proc.insecure(c.command[0])  # the same rule as the admin's transition scripts
     if why:
         return False, f"refused: {why}"
-    import tempfile
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "SYNLB_TARGET": target,
            "SYNLB_TARGET_ADDRESS": c.address or "", "SYNLB_CHECK_PORT": str(c.port or "")}
-    with tempfile.TemporaryFile() as out:
-        proc = subprocess.Popen(list(c.command), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                env=env, cwd="/", start_new_session=True, close_fds=True)
-        rc = wait_or_kill(proc, c.timeout)
-        out.seek(0)
-        tail = out.read()[-200:].decode("utf-8", "replace").strip().splitlines()
+    done = proc.run(list(c.command), env, c.timeout, keep=200)
+    tail = done.output.decode("utf-8", "replace").strip().splitlines()
     last = f": {tail[-1]}" if tail else ""
-    if rc is None:
+    if done.rc is None:
         return False, f"timeout after {c.timeout:g} s (killed){last}"
-    return rc == 0, f"exit {rc}{last}"
-
-
-def wait_or_kill(proc: subprocess.Popen, timeout: float) -> int | None:
-    """The exit code, or None after killing the process group on timeout."""
-    try:
-        return proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        pass
-    for sig, grace in ((signal.SIGTERM, KILL_GRACE), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)  # its own session: the group is the check's
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            proc.wait(grace)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    return None
+    return done.rc == 0, f"exit {done.rc}{last}"
 
 
 # ------------------------------------------------------------------ state

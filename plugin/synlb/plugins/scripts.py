@@ -36,15 +36,14 @@ import os
 import queue
 import re
 import stat
-import subprocess
 import threading
 import time
 
 from .. import config as config_mod
-from .. import health_state
-from ..schema import Option, OptionError, Schema
+from .. import health_state, proc
+from ..proc import insecure  # noqa: F401  (the rule, also this plugin's API)
+from ..schema import Option, OptionError, Schema, seconds
 from . import Plugin
-from .health import _seconds, wait_or_kill
 
 log = logging.getLogger("synlb.scripts")
 
@@ -64,36 +63,9 @@ def _abspath(text: str) -> str:
 
 SCHEMA = Schema("scripts", [
     Option("dir", _abspath, DEFAULT_DIR, "directory holding one sub-directory per state (master/, backup/...)"),
-    Option("timeout", _seconds(0.1, 3600), 10.0, "seconds a script may run before its process group is killed"),
+    Option("timeout", seconds(0.1, 3600), 10.0, "seconds a script may run before its process group is killed"),
 ])
 SECTIONS = {"scripts": SCHEMA}
-
-
-def insecure(path: str) -> str | None:
-    """Why ``path`` must not be run as root, or None when it may.
-
-    Every component of its real path (the file and each directory above it)
-    must be owned by root and not writable by group or others; a directory
-    with the sticky bit may be writable by others (nobody but root can
-    replace root's entries in it).
-    """
-    real = os.path.realpath(path)
-    parts = real.split("/")[1:]
-    chain = ["/"] + ["/" + "/".join(parts[:i]) for i in range(1, len(parts) + 1)]
-    for p in chain:
-        try:
-            st = os.stat(p)
-        except OSError as e:
-            return f"{p}: {e.strerror}"
-        if st.st_uid != 0:
-            return f"{p} is owned by uid {st.st_uid}, not root"
-        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            if p != real and stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX:
-                continue
-            who = "group and others" if st.st_mode & stat.S_IWGRP and st.st_mode & stat.S_IWOTH \
-                else "group" if st.st_mode & stat.S_IWGRP else "others"
-            return f"{p} is writable by {who} (mode {stat.S_IMODE(st.st_mode):04o})"
-    return None
 
 
 def event_json(cfg, state: str, previous: str, reason: str, active: bool) -> dict:
@@ -125,26 +97,19 @@ def scripts_of(directory: str) -> list[str]:
 
 def run_one(path: str, env: dict, timeout: float) -> dict:
     """Run one script (already vetted); its record for status."""
-    import tempfile
     t0 = time.monotonic()
     rec: dict = {"script": path, "time": time.time()}
-    with tempfile.TemporaryFile() as out:
-        try:
-            proc = subprocess.Popen([path], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    env=env, cwd="/", start_new_session=True, close_fds=True)
-        except OSError as e:
-            rec.update(rc=None, error=f"cannot start: {e.strerror or e}", duration=0.0, output="")
-            return rec
-        rc = wait_or_kill(proc, timeout)
-        out.seek(0, os.SEEK_END)
-        size = out.tell()
-        out.seek(max(0, size - OUTPUT_KEPT))
-        rec["output"] = out.read().decode("utf-8", "replace")
+    try:
+        done = proc.run([path], env, timeout, keep=OUTPUT_KEPT)
+    except OSError as e:
+        rec.update(rc=None, error=f"cannot start: {e.strerror or e}", duration=0.0, output="")
+        return rec
+    rec["output"] = done.output.decode("utf-8", "replace")
     rec["duration"] = round(time.monotonic() - t0, 4)
-    if rc is None:
+    if done.rc is None:
         rec.update(rc=None, error=f"timed out after {timeout:g} s; process group killed")
     else:
-        rec["rc"] = rc
+        rec["rc"] = done.rc
     return rec
 
 

@@ -35,6 +35,7 @@ import time
 from .. import pins as pins_mod
 from ..schema import REQUIRED, Option, OptionError, Schema
 from ..schema import integer as _int
+from ..schema import seconds
 from ..schema import words as _words
 from . import Plugin, PluginError
 
@@ -69,30 +70,6 @@ def _abs_path(text: str) -> str:
     return t
 
 
-def _seconds(lo: float, hi: float):
-    def parse(text: str) -> float:
-        try:
-            v = float(text.strip())
-        except ValueError:
-            raise OptionError(f"{text!r} is not a number of seconds") from None
-        if not lo <= v <= hi:
-            raise OptionError(f"{v:g} is out of range {lo:g}..{hi:g} s")
-        return v
-    return parse
-
-
-SYNC_OPTIONS = Schema("sync", [
-    Option("listen", _address, REQUIRED, "this router's address for its peers"),
-    Option("port", _int(1, 65535), DEFAULT_PORT, "TCP port of the exchange, the same on every router"),
-    Option("peers", _addresses, REQUIRED, "the other routers' listen addresses"),
-    Option("key_file", _abs_path, REQUIRED,
-           "file with the shared secret (at least 16 bytes; root-owned, mode 0600)"),
-    Option("refresh", _seconds(0.5, 3600), 5.0,
-           "seconds between two exchanges when nothing changed"),
-    Option("timeout", _seconds(0.1, 30), 1.0, "seconds an exchange with one peer may take"),
-])
-
-
 def _check(parsed: dict) -> list[tuple[str, str]]:
     out = []
     listen, peers = parsed.get("listen"), parsed.get("peers")
@@ -104,7 +81,16 @@ def _check(parsed: dict) -> list[tuple[str, str]]:
     return out
 
 
-SYNC_OPTIONS.check = _check  # type: ignore[attr-defined]  # cross-key check, see config.load
+SYNC_OPTIONS = Schema("sync", [
+    Option("listen", _address, REQUIRED, "this router's address for its peers"),
+    Option("port", _int(1, 65535), DEFAULT_PORT, "TCP port of the exchange, the same on every router"),
+    Option("peers", _addresses, REQUIRED, "the other routers' listen addresses"),
+    Option("key_file", _abs_path, REQUIRED,
+           "file with the shared secret (at least 16 bytes; root-owned, mode 0600)"),
+    Option("refresh", seconds(0.5, 3600), 5.0,
+           "seconds between two exchanges when nothing changed"),
+    Option("timeout", seconds(0.1, 30), 1.0, "seconds an exchange with one peer may take"),
+], checks=[_check])
 SECTIONS = {"sync": SYNC_OPTIONS}
 
 

@@ -7,14 +7,14 @@ property ``Name``, signal ``VrrpStatusChange(u code)``), and
 ``/org/keepalived/Vrrp1/Vrrp`` with the signals ``VrrpStarted``,
 ``VrrpReloaded`` and ``VrrpStopped``. Codes: 0 Init, 1 Backup, 2 Master,
 3 Fault, 97 Deleted, 98 Stop. There are no sync-group objects: a group's
-state is derived from its members' (:func:`synlb.vrrp.group_state`).
+state is derived from its members' (:func:`synlb.vrrp.events.group_state`).
 
 Transitions made before a listener subscribed are never signalled, so the
 listener reads ``State`` of every followed instance at start, after
 ``VrrpStarted``/``VrrpReloaded`` and when keepalived's bus name reappears;
 ``VrrpStopped`` or the name vanishing means STOP. Each change of the derived
-state is applied by :func:`synlb.vrrp_apply.handle` (in a detached child, so
-the listener's own state never mixes with the data plane's).
+state is delivered by :func:`synlb.vrrp.delivery.deliver` (in a detached
+child, so the listener's own state never mixes with the data plane's).
 
 Which instances: ``[vrrp] dbus_instances`` if set; otherwise, for
 ``instance = NAME`` the exported instance whose ``Name`` is NAME, and for
@@ -32,8 +32,9 @@ import re
 import signal
 import xml.etree.ElementTree as ET
 
-from . import vrrp, vrrp_apply
-from .vrrp import VrrpEvent
+from ..errors import UserError
+from . import delivery, journal
+from .events import INSTANCE, VrrpEvent, group_state, state_from_dbus
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ RESYNC_RETRY = 0.5  # seconds between reads of State while keepalived is not ans
 RESYNC_TRIES = 10
 
 
-class ListenerError(RuntimeError):
+class ListenerError(UserError):
     """The bus or keepalived cannot be followed; the message says why."""
 
 
@@ -119,7 +120,7 @@ class Listener:
         self.bus = bus
         self.loop = loop
         self.wait = wait
-        self.ld = vrrp_apply.load(config_path)
+        self.ld = delivery.load(config_path)
         self.states: dict[str, str] = {}  # object path -> state name
         self.excluded: set[str] = set()  # instances exported but not followed
         self.applied: str | None = None  # derived state last applied
@@ -152,7 +153,7 @@ class Listener:
             for vrid in _children(self._call(f"{ROOT}/{ifname}", "Introspect", iface=intro)):
                 for fam in _children(self._call(f"{ROOT}/{ifname}/{vrid}", "Introspect", iface=intro)):
                     paths.append(f"{ROOT}/{ifname}/{vrid}/{fam}")
-        if self.ld.vcfg.kind == vrrp.INSTANCE:
+        if self.ld.vcfg.kind == INSTANCE:
             mine = [p for p in paths
                     if str(self._call(p, "Get", IFACE_INSTANCE, "Name", iface=PROPS)) == self.ld.vcfg.name]
             self.excluded = set(paths) - set(mine)
@@ -169,7 +170,7 @@ class Listener:
                 log.warning("%s: %s", p, e.get_dbus_message())
                 states[p] = "DELETED"  # configured but not exported: not running here
                 continue
-            states[p] = vrrp.state_from_dbus(int(code)) or "INIT"
+            states[p] = state_from_dbus(int(code)) or "INIT"
         return states
 
     def resync(self, why: str, attempt: int = 0) -> None:
@@ -203,7 +204,7 @@ class Listener:
 
     def _reload(self):
         try:
-            return vrrp_apply.load(self.config_path)
+            return delivery.load(self.config_path)
         except Exception as e:  # noqa: BLE001 - keep following with the config we have
             log.warning("config: %s", e)
             return None
@@ -215,7 +216,7 @@ class Listener:
             if path not in self.excluded and self.owner() is not None:
                 self.resync(f"signal from {path}")  # an instance not seen before
             return
-        state = vrrp.state_from_dbus(int(code))
+        state = state_from_dbus(int(code))
         log.debug("VrrpStatusChange %s %s", path, state)
         if state is None:
             return
@@ -246,7 +247,7 @@ class Listener:
     # --- apply
 
     def derived(self) -> str:
-        return vrrp.group_state(self.states.values())
+        return group_state(self.states.values())
 
     def schedule(self) -> None:
         if not self.scheduled:
@@ -262,10 +263,10 @@ class Listener:
             return
         self.force = False
         self.applied = state
-        self.apply(VrrpEvent("dbus", self.ld.vcfg.kind, self.ld.vcfg.name, state), vrrp_apply.now_stamp())
+        self.apply(VrrpEvent("dbus", self.ld.vcfg.kind, self.ld.vcfg.name, state), journal.now_stamp())
 
     def apply(self, ev: VrrpEvent, stamp) -> None:
-        vrrp_apply.apply_detached("dbus", self.config_path, ev, stamp)
+        delivery.deliver_detached("dbus", self.config_path, ev, stamp)
 
     def subscribe(self) -> None:
         b = self.bus
@@ -299,7 +300,7 @@ def connect(address: str | None = None):
 
 
 def main(config_path: str | None, address: str | None = None, wait: bool = False) -> int:
-    vrrp_apply.load(config_path)  # a config error is reported before touching the bus
+    delivery.load(config_path)  # a config error is reported before touching the bus
     loop = GLibLoop()
     bus = connect(address)
     lst = Listener(config_path, bus, loop, wait)

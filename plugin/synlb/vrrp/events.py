@@ -2,10 +2,10 @@
 state codes become one :class:`VrrpEvent`; the ``[vrrp]`` section says which
 keepalived sync group or instance drives this node and what each state means.
 
-This module is pure (no kernel, no processes) apart from :func:`register_cli`,
-which adds ``synlb notify``, ``synlb fifo`` and ``synlb dbus``; their work is
-in ``vrrp_apply.py`` (record + reconcile under the data plane lock) and
-``dbus_listener.py``.
+Pure: no kernel, no files, no processes. ``config.load()`` parses
+``[vrrp]`` with :data:`VRRP_SCHEMA` into ``Config.vrrp`` (a
+:class:`VrrpConfig`); the journal, the delivery and the event sources are the
+other modules of this package.
 
 States and what they make of the data plane (``standby`` = hot by default)::
 
@@ -22,7 +22,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .schema import Option, OptionError, Schema, words
+from ..errors import UserError
+from ..schema import Option, OptionError, Schema, words
 
 GROUP = "GROUP"
 INSTANCE = "INSTANCE"
@@ -38,8 +39,12 @@ DBUS_STATES = {0: "INIT", 1: "BACKUP", 2: "MASTER", 3: "FAULT", 97: "DELETED", 9
 SOURCES = ("notify", "fifo", "dbus")
 
 
-class VrrpArgError(ValueError):
+class VrrpArgError(UserError):
     """Arguments or a line that are not a keepalived notification."""
+
+
+class VrrpError(UserError):
+    """A VRRP event source cannot do its job; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -166,6 +171,26 @@ def desired_active(state: str, standby: str) -> bool:
     return False
 
 
+class NodeState:
+    """What this router should be doing, derived from the last VRRP event."""
+
+    def __init__(self, vrrp: str, active: bool, reason: str):
+        self.vrrp = vrrp      # MASTER, BACKUP, FAULT, STOP, DELETED, INIT, or STANDALONE
+        self.active = active  # data plane installed (master, or hot-standby backup)
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"NodeState({self.vrrp}, active={self.active})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, NodeState) and (self.vrrp, self.active) == (other.vrrp, other.active)
+
+
+def standalone(reason: str) -> NodeState:
+    """The node without a [vrrp] section: always active."""
+    return NodeState("STANDALONE", True, reason)
+
+
 # ------------------------------------------------------------------ config
 
 def _name(text: str) -> str:
@@ -214,8 +239,7 @@ VRRP_SCHEMA = Schema("vrrp", [
     Option("dbus_instances", _dbus_instances, (),
            "synlb dbus: keepalived instance objects to follow, as IFNAME/VRID/IPv4|IPv6; "
            "default: every instance keepalived exposes (sync_group) or the one named by instance"),
-])
-VRRP_SCHEMA.check = _check  # type: ignore[attr-defined]  # cross-key check, see config.load
+], checks=[_check])
 
 
 @dataclass(frozen=True)
@@ -231,6 +255,12 @@ class VrrpConfig:
     def active(self, state: str) -> bool:
         return desired_active(state, self.standby)
 
+    def node(self, latest: VrrpEvent, reason: str | None = None) -> NodeState:
+        """The node state that follows from the latest recorded event (what
+        ``synlb notify`` reconciles to, and what the host follows)."""
+        return NodeState(latest.state, self.active(latest.state),
+                         reason or f"vrrp {latest.state} ({latest.source})")
+
 
 def vrrp_config(vals: dict) -> VrrpConfig:
     """From the parsed ``[vrrp]`` values (already checked)."""
@@ -239,57 +269,3 @@ def vrrp_config(vals: dict) -> VrrpConfig:
     else:
         kind, name = INSTANCE, vals["instance"]
     return VrrpConfig(kind, name, vals.get("standby", "hot"), tuple(vals.get("dbus_instances", ())))
-
-
-_REGISTERED = False
-
-
-def register_config() -> None:
-    """Make ``[vrrp]`` a known section (call before loading a config)."""
-    global _REGISTERED
-    if not _REGISTERED:
-        from . import config
-        config.register_section("vrrp", VRRP_SCHEMA)
-        _REGISTERED = True
-
-
-# ------------------------------------------------------------------ CLI
-
-def register_cli(sub) -> None:
-    """``synlb notify``, ``synlb fifo``, ``synlb dbus`` (called by cli.build_parser)."""
-    import argparse
-
-    register_config()
-
-    def config_opt(p):
-        # also accepted after the command (keepalived-notify --config FILE ...)
-        p.add_argument("--config", "-c", default=argparse.SUPPRESS,
-                       help="INI file (same as synlb --config)")
-
-    p = sub.add_parser("notify", help="keepalived notify script: apply a VRRP state change",
-                       description="Called by keepalived (through hooks/keepalived-notify) as "
-                                   "TYPE NAME STATE PRIORITY, e.g. GROUP G1 MASTER 0; or with a "
-                                   "bare STATE for notify_master/backup/fault/stop.")
-    config_opt(p)
-    p.add_argument("args", nargs="*", metavar="ARG", help="GROUP|INSTANCE NAME STATE PRIORITY, or STATE")
-    p.set_defaults(func=_cmd("notify"))
-
-    p = sub.add_parser("fifo", help="keepalived notify_fifo_script: follow the notify FIFO until EOF")
-    config_opt(p)
-    p.add_argument("path", metavar="PATH", help="the FIFO (keepalived appends it)")
-    p.set_defaults(func=_cmd("fifo"))
-
-    p = sub.add_parser("dbus", help="follow keepalived's D-Bus signals (org.keepalived.Vrrp1)")
-    config_opt(p)
-    p.add_argument("--address", help="D-Bus address (default: the system bus, "
-                                     "$DBUS_SYSTEM_BUS_ADDRESS)")
-    p.add_argument("--wait", action="store_true",
-                   help="if keepalived is not on the bus yet, treat it as stopped and wait")
-    p.set_defaults(func=_cmd("dbus"))
-
-
-def _cmd(name: str):
-    def run(args) -> int:
-        from . import vrrp_apply
-        return vrrp_apply.main(name, args)
-    return run

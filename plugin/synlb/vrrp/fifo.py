@@ -3,7 +3,8 @@
 keepalived creates the FIFO, starts this with the FIFO's path appended, then
 writes one line per transition (``GROUP "G1" MASTER 0``, ``INSTANCE "FRONT"
 BACKUP 150``, ...). Lines arrive in order; each relevant one becomes a
-:class:`~synlb.vrrp.VrrpEvent` applied by :func:`synlb.vrrp_apply.handle`.
+:class:`~synlb.vrrp.events.VrrpEvent`, delivered by
+:func:`synlb.vrrp.delivery.deliver` in a detached child.
 Lines already waiting behind one are read first and only the last relevant
 event of such a burst is applied (the others are logged as superseded): the
 end state is the same, with one reconcile instead of several.
@@ -25,8 +26,8 @@ import signal
 import stat
 import time
 
-from . import vrrp, vrrp_apply
-from .vrrp_apply import VrrpError
+from . import delivery, journal
+from .events import VrrpError, parse_fifo_line
 
 GRACE = 0.5  # seconds to keep reading after SIGTERM (keepalived writes STOP after it)
 
@@ -41,7 +42,7 @@ def _readable(fd: int) -> bool:
 
 
 def follow(config_path: str | None, path: str) -> int:
-    ld = vrrp_apply.load(config_path)  # fail fast on a config that cannot be used
+    ld = delivery.load(config_path)  # fail fast on a config that cannot be used
     try:
         st = os.stat(path)
     except OSError as e:
@@ -122,27 +123,24 @@ def _follow(config_path: str | None, path: str, ld) -> int:
 class _Reader:
     """Turns lines into events; applies the last relevant one of a burst."""
 
-    def __init__(self, config_path: str | None, ld: vrrp_apply.Loaded):
+    def __init__(self, config_path: str | None, ld: delivery.Loaded):
         self.config_path = config_path
         self.ld = ld
         self.pending: tuple | None = None  # (event, stamp)
 
     def lines(self, lines: list[bytes]) -> None:
         with contextlib.suppress(Exception):  # a config broken since start: keep the old view
-            self.ld = vrrp_apply.load(self.config_path)
+            self.ld = delivery.load(self.config_path)
         for raw in lines:
-            ev = vrrp.parse_fifo_line(raw)
+            ev = parse_fifo_line(raw)
             if ev is None:
                 continue
-            stamp = vrrp_apply.now_stamp()
+            stamp = journal.now_stamp()
             if not self.ld.vcfg.matches(ev):
-                vrrp_apply._log_line(self.ld.state_dir, {"event": ev.to_dict(), "stamp": list(stamp),
-                                                         "ignored": True})
+                journal.log_event(self.ld.state_dir, ev, stamp, ignored=True)
                 continue
             if self.pending is not None:
-                old, old_stamp = self.pending
-                vrrp_apply._log_line(self.ld.state_dir, {"event": old.to_dict(), "stamp": list(old_stamp),
-                                                         "superseded": True})
+                journal.log_event(self.ld.state_dir, *self.pending, superseded=True)
             self.pending = (ev, stamp)
 
     def flush(self) -> None:
@@ -150,4 +148,4 @@ class _Reader:
             return
         ev, stamp = self.pending
         self.pending = None
-        vrrp_apply.apply_detached("fifo", self.config_path, ev, stamp)
+        delivery.deliver_detached("fifo", self.config_path, ev, stamp)

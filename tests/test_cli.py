@@ -1,0 +1,110 @@
+"""The command line: --version, --help, and which errors are the user's (one
+message, exit 1) and which are bugs (a traceback). Nothing here changes the
+kernel."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from synlb import cli, config, control, dataplane, errors, live, netfilter, sysctl, workers
+from synlb.vrrp import dbus as vrrp_dbus
+from synlb.vrrp import events
+
+SYNLB = os.path.join(os.path.dirname(sys.executable), "synlb")
+
+CONF = """
+[synlb]
+state_dir = {tmp}/state
+plugins = scripts
+[scripts]
+dir = {tmp}/scripts.d
+[service:web]
+vips = 192.0.2.1/32
+ingress = lo
+protocols = tcp
+targets = a
+[target:a]
+address = 198.51.100.1
+"""
+
+
+def write_config(tmp_path) -> str:
+    p = tmp_path / "synlb.ini"
+    p.write_text(CONF.format(tmp=tmp_path))
+    return str(p)
+
+
+def run(*argv, timeout=30):
+    return subprocess.run([SYNLB, *argv], capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def test_version_from_the_package_metadata():
+    r = run("--version")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"synlb {importlib.metadata.version('synlb')}\n"
+    import synlb
+    assert synlb.__version__ == importlib.metadata.version("synlb")
+
+
+def test_help_lists_no_hidden_command():
+    r = run("--help")
+    assert r.returncode == 0
+    assert not re.search(r"^\s+worker\b|[{,]worker\b", r.stdout, re.M) and "SUPPRESS" not in r.stdout, r.stdout
+    for command in ("check", "up", "down", "status", "run", "notify", "fifo", "dbus"):
+        assert f"    {command} " in r.stdout, command
+    assert run("worker", "--help").returncode == 0  # still there for workers.py
+
+
+@pytest.mark.parametrize("cls", [config.ConfigError, config.PluginError, live.LiveError,
+                                 netfilter.NetfilterError, workers.WorkerError, sysctl.SysctlError,
+                                 control.HostRunning, events.VrrpArgError, events.VrrpError,
+                                 vrrp_dbus.ListenerError])
+def test_every_user_error_has_one_base(cls):
+    assert issubclass(cls, errors.UserError)
+    assert not issubclass(cls, RuntimeError)  # a RuntimeError is a bug, never printed as the user's
+
+
+def test_up_without_conntrack_is_a_user_error(tmp_path, monkeypatch, capsys):
+    path = write_config(tmp_path)
+    monkeypatch.setattr(sysctl, "_path", lambda name: str(tmp_path / "no-proc-sys" / name))
+    # the data plane as far as the pickup sysctls (nothing else is touched)
+    monkeypatch.setattr(dataplane, "up", lambda p, cfg, reason: sysctl.activate(cfg.globals.state_dir))
+    assert cli.main(["-c", path, "up"]) == 1
+    err = capsys.readouterr().err
+    assert err == "synlb up: conntrack sysctls missing: is nf_conntrack loaded? (modprobe nf_conntrack)\n"
+
+
+def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
+    path = write_config(tmp_path)
+
+    def bug(*a, **k):
+        raise RuntimeError("a bug, not the user's")
+
+    monkeypatch.setattr(dataplane, "up", bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(["-c", path, "up"])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="synlb run checks the live system as root")
+def test_run_while_another_host_runs_is_a_user_error(tmp_path):
+    """The second host stops before starting anything. (Its plugins are only
+    `scripts`, with an empty directory: even a host that wrongly started would
+    change nothing; live checks only read the interfaces.)"""
+    path = write_config(tmp_path)
+    state_dir = str(tmp_path / "state")
+    os.makedirs(state_dir)
+    first = control.ControlServer(control.socket_path(state_dir), lambda req: {"ok": True, "node": "STANDALONE"})
+    first.start()
+    try:
+        r = run("-c", path, "run")
+    finally:
+        first.stop()
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert r.stderr == (f"synlb run: {control.socket_path(state_dir)}: another synlb host is running "
+                        "(one host per state_dir)\n"), r.stderr
