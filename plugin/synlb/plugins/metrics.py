@@ -186,8 +186,7 @@ class Collector:
                 wpackets.add_metric(label, w.get("packets", 0))
                 try:  # exact figures; status rounds them for humans
                     p = psutil.Process(w["pid"])
-                    cpu = p.cpu_times()
-                    wcpu.add_metric(label, cpu.user + cpu.system)
+                    wcpu.add_metric(label, status.cpu_seconds(p))
                     wrss.add_metric(label, p.memory_info().rss)
                 except psutil.Error:
                     continue
