@@ -28,7 +28,9 @@ from synlb.lab.demo_failover import (
     stop_sessions,
     summarize,
 )
+from synlb.lab import addresses as A
 from synlb.lab.netns import list_netns, netns_exec_argv
+from synlb.vrrp import dbus as vrrp_dbus
 from synlb.lab.scenario import synlb_exe
 from synlb.lab.topology import Lab
 
@@ -290,4 +292,34 @@ def test_host_follows_dbus_itself(lab):
     for r in lab.routers:
         assert sources(pair, r) == {"dbus"}
         assert all(e.get("host", {}).get("ok") for e in pair.vrrp_log(r) if not e.get("ignored")), r
+    pair.close()
+
+
+def test_dbus_signals_from_anyone_but_keepalived_are_ignored(lab):
+    """Any local user can send signals on the system bus: VrrpStopped, a
+    FAULT VrrpStatusChange or a NameOwnerChanged saying keepalived left,
+    sent by another client (dbus-send), change nothing: lb1 stays MASTER
+    with its data plane, and its listener records no event."""
+    pair = Pair(lab, source="dbus", standby="cold")
+    pair.prepare()
+    pair.start()
+    assert pair.wait_settled("lb1", True) and pair.wait_settled("lb2", False)
+    before = len(pair.vrrp_log("lb1"))
+    env = {"DBUS_SYSTEM_BUS_ADDRESS": lab.dbus_address("lb1")}
+    path = vrrp_dbus.instance_path(f"{A.ROUTER_FRONT_IF}/51/IPv4")
+    fakes = [
+        [vrrp_dbus.VRRP_PATH, f"{vrrp_dbus.IFACE_VRRP}.VrrpStopped"],
+        [path, f"{vrrp_dbus.IFACE_INSTANCE}.VrrpStatusChange", "uint32:3"],
+        ["/org/freedesktop/DBus", "org.freedesktop.DBus.NameOwnerChanged",
+         f"string:{vrrp_dbus.BUS_NAME}", "string::1.1", "string:"],
+    ]
+    for argv in fakes:
+        lab.run("lb1", ["dbus-send", "--system", "--type=signal", *argv], env=env)
+    time.sleep(1.0)  # what a listener that believed them would have needed many times over
+    assert len(pair.vrrp_log("lb1")) == before, pair.vrrp_log("lb1")[before:]
+    assert lab.vrrp_state("lb1") == "MASTER"
+    assert pair.wait_settled("lb1", True)
+    # the genuine article still counts: keepalived stopped -> STOP over D-Bus
+    fail_over(pair, "keepalived")
+    assert pair.vrrp_log("lb1")[-1]["latest"] == "STOP"
     pair.close()
