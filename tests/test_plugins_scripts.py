@@ -10,7 +10,7 @@ import time
 import pytest
 from synlb import config
 from synlb.plugins import NodeState
-from synlb import proc
+from synlb import trust
 from synlb.plugins import scripts as S
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="ownership checks need root")
@@ -144,8 +144,8 @@ def test_what_runs_is_exactly_what_was_checked(tmp_path):
     a = make_script(tmp_path / "d" / "a", "true")
     link = tmp_path / "d" / "link"
     os.symlink(a, link)
-    assert proc.trusted(str(link)) == (os.path.realpath(a), None)
-    assert proc.trusted(str(tmp_path / "d" / ".." / "d" / "a"))[1].endswith("not a plain absolute path")
+    assert trust.trusted(str(link)) == (os.path.realpath(a), None)
+    assert trust.trusted(str(tmp_path / "d" / ".." / "d" / "a"))[1].endswith("not a plain absolute path")
 
 
 def test_missing_file():

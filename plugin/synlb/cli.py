@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 
 from . import config as config_mod
 from .errors import run_reporting
@@ -22,6 +23,8 @@ def cmd_check(args) -> int:
     if args.live:
         from . import live
         live.verify(cfg)
+        for line in live.warnings(cfg):
+            print(f"warning: {line}", file=sys.stderr)
     n = len(cfg.services)
     print(f"{config_mod.config_path(args.config)}: OK ({n} service{'s' * (n != 1)}, "
           f"{len(cfg.targets)} targets, {len(cfg.files)} file{'s' * (len(cfg.files) != 1)})")

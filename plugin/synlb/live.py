@@ -57,6 +57,18 @@ def problems(cfg: Config) -> list[str]:
     return out
 
 
+def warnings(cfg: Config) -> list[str]:
+    """Legal but unwise, as ``FILE:SECTION:KEY: why`` lines (never an error)."""
+    from .config import DEFAULT_HASH_KEY
+    out = []
+    if cfg.globals.hash_key == DEFAULT_HASH_KEY:
+        where = cfg.sections.get("synlb", {}).get("hash_key", (None, cfg.files[0]))[1]
+        out.append(f"{where}:synlb:hash_key: the shipped key is public: anyone can predict which target "
+                   "a flow goes to and pile connections onto one; set a secret, the same on every router "
+                   "(e.g. openssl rand -hex 32)")
+    return out
+
+
 def verify(cfg: Config) -> None:
     found = problems(cfg)
     if found:

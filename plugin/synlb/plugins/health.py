@@ -39,7 +39,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .. import health_state, proc
+from .. import health_state, proc, trust
 from ..schema import Option, OptionError, Schema, seconds
 from ..schema import choice as _choice
 from ..schema import integer as _int
@@ -62,6 +62,8 @@ def _path(text: str) -> str:
     t = text.strip()
     if not t.startswith("/") or any(c.isspace() for c in t):
         raise OptionError(f"{text!r} is not an absolute URL path like /healthz")
+    if not all(33 <= ord(c) <= 126 for c in t):  # what an HTTP request line can carry as is
+        raise OptionError(f"{t!r} is not an absolute URL path of printable ASCII (percent-encode the rest)")
     return t
 
 
@@ -209,7 +211,7 @@ def _http(c: Check, address: str) -> tuple[bool, str]:
 
 
 def _exec(c: Check, target: str) -> tuple[bool, str]:
-    exe, why = proc.trusted(c.command[0])  # the same rule as the admin's transition scripts
+    exe, why = trust.trusted(c.command[0])  # the same rule as the admin's transition scripts
     if why:
         return False, f"refused: {why}"
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "SYNLB_TARGET": target,

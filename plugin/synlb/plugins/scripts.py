@@ -40,8 +40,8 @@ import threading
 import time
 
 from .. import config as config_mod
-from .. import health_state, proc
-from ..proc import insecure  # noqa: F401  (the rule, also this plugin's API)
+from .. import health_state, proc, trust
+from ..trust import insecure  # noqa: F401  (the rule, also this plugin's API)
 from ..schema import Option, OptionError, Schema, seconds
 from . import Plugin
 
@@ -96,7 +96,7 @@ def scripts_of(directory: str) -> list[str]:
 
 
 def run_one(path: str, exe: str, env: dict, timeout: float) -> dict:
-    """Run one script; ``exe`` is what proc.trusted vetted for ``path``. Its record for status."""
+    """Run one script; ``exe`` is what trust.trusted vetted for ``path``. Its record for status."""
     t0 = time.monotonic()
     rec: dict = {"script": path, "time": time.time()}
     try:
@@ -205,7 +205,7 @@ class ScriptsPlugin(Plugin):
             if not st.st_mode & 0o111:
                 log.info("scripts: %s skipped: not executable", path)
                 continue
-            exe, why = proc.trusted(path)
+            exe, why = trust.trusted(path)
             if why:
                 log.error("scripts: %s REFUSED: %s", path, why)
                 rec = {"script": path, "time": time.time(), "rc": None, "refused": why, "duration": 0.0,
