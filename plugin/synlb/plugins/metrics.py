@@ -39,6 +39,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import threading
+import time
 
 from ..schema import Option, OptionError, Schema
 from . import Plugin
@@ -84,6 +85,7 @@ SCHEMA = Schema("metrics", [
            "ADDRESS:PORT or [IPv6]:PORT of the Prometheus endpoint; default loopback only"),
 ])
 SECTIONS = {"metrics": SCHEMA}
+CACHE_SECONDS = 1.0
 
 
 class Collector:
@@ -92,10 +94,18 @@ class Collector:
     def __init__(self, plugin: MetricsPlugin):
         self.plugin = plugin
         self._lock = threading.Lock()  # one scrape at a time: each runs conntrack and iptables
+        self._cached: list = []
+        self._at = float("-inf")
 
     def collect(self):
+        # scrapes within CACHE_SECONDS of each other share one reading of the
+        # kernel: a scraper in a loop costs one conntrack and iptables dump a second
         with self._lock:
-            yield from self._collect()
+            now = time.monotonic()
+            if now - self._at >= CACHE_SECONDS:
+                self._cached = list(self._collect())
+                self._at = time.monotonic()
+            return list(self._cached)
 
     def _collect(self):
         import psutil
@@ -255,16 +265,16 @@ class MetricsPlugin(Plugin):
         # start_http_server does, kept here because Debian 12's 0.16 does not
         # return the server, which stop() and a changed `listen` need
         import socket
-        from socketserver import ThreadingMixIn
         from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
         from prometheus_client import make_wsgi_app
 
+        from ..control import Bounded
+
         addr, port = parse_listen(listen)
         self.listen = listen
 
-        class Server(ThreadingMixIn, WSGIServer):
-            daemon_threads = True
+        class Server(Bounded, WSGIServer):  # at most a few scrapes at once, each bounded in time
             address_family = socket.AF_INET6 if ":" in addr else socket.AF_INET
 
         class QuietHandler(WSGIRequestHandler):
