@@ -77,6 +77,7 @@ class FakeHost:
         self.cfg = cfg
         self.node = NodeState("MASTER", True, "vrrp")
         self.transitions = 7
+        self.failing = None  # as Host: the failing reconcile, if any
         self.plugins = [Stub("lb", {"worker_restarts": {1: 2}}),
                         Stub("health", {"targets": {"a": {"state": "down"}, "b": {"state": "up"}}})]
 
@@ -105,6 +106,7 @@ def test_exposition(tmp_path, monkeypatch):
     lines = set(text.splitlines())
     for want in ('synlb_vrrp_state{state="MASTER"} 1.0', 'synlb_vrrp_state{state="BACKUP"} 0.0',
                  "synlb_active 1.0", "synlb_transitions_total 7.0", "synlb_scrape_ok 1.0",
+                 "synlb_reconcile_failing 0.0",
                  'synlb_target_healthy{service="web",target="a"} 0.0',  # the health plugin's view wins
                  'synlb_target_healthy{service="web",target="b"} 1.0',
                  'synlb_target_connections{service="web",target="b"} 30.0',

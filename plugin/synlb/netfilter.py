@@ -19,6 +19,7 @@ from .rules import Table
 SAVE = {4: "iptables-save", 6: "ip6tables-save"}
 RESTORE = {4: "iptables-restore", 6: "ip6tables-restore"}
 STATE_FILE = "netfilter.json"
+XTABLES_WAIT = 5  # seconds iptables-restore waits for the xtables lock another program holds
 
 
 class NetfilterError(UserError):
@@ -88,7 +89,7 @@ def reconcile(desired: dict[int, dict[str, Table]], state_dir: str) -> list[str]
             continue
         script = rules.restore_script(live, tables)
         if script:
-            _run([RESTORE[fam], "--noflush"], stdin=script)
+            _run([RESTORE[fam], "--wait", str(XTABLES_WAIT), "--noflush"], stdin=script)
             changes.append(f"{'ip6tables' if fam == 6 else 'iptables'}: applied "
                            f"{sum(len(t.rules) for t in tables.values())} rules")
         state[str(fam)] = [want, _fingerprint(live_owned(fam))]
@@ -142,7 +143,7 @@ def remove_all(state_dir: str | None = None) -> list[str]:
         live = live_owned(fam)
         script = rules.restore_script(live, empty)
         if script:
-            _run([RESTORE[fam], "--noflush"], stdin=script)
+            _run([RESTORE[fam], "--wait", str(XTABLES_WAIT), "--noflush"], stdin=script)
             changes.append(f"{'ip6tables' if fam == 6 else 'iptables'}: removed synlb rules")
         before = state.get(f"tables_before_{fam}")
         if before is not None:

@@ -118,6 +118,10 @@ def render_text(st: dict) -> str:
         restarts = host.get("plugins", {}).get("lb", {}).get("worker_restarts", {})
         out.append(f"host: running, node {host['node']}, {host['transitions']} transitions, "
                    f"worker restarts {sum(restarts.values())}")
+        if host.get("failing"):
+            f = host["failing"]
+            out.append(f"  RECONCILE FAILING ({f['attempts']} attempts, retry in {f['retry_in']:g} s): "
+                       + "; ".join(f["errors"]))
         for name, pst in sorted(host.get("plugins", {}).items()):
             if name != "lb" and pst.get("summary"):
                 out.append(f"  {name}: {pst['summary']}")

@@ -24,6 +24,7 @@ Metrics:
   ``synlb_worker_cpu_seconds_total{queue}``, ``synlb_worker_rss_bytes{queue}``
 - ``synlb_host_cpu_seconds_total``, ``synlb_host_rss_bytes``: the host process
 - ``synlb_scrape_ok``: 0 when reading the kernel's counters failed
+- ``synlb_reconcile_failing``: 1 while the last reconcile failed (the host retries with backoff)
 - with the sync plugin: ``synlb_pins_own`` (this router's misplaced
   connections, handed to its peers), ``synlb_pins_held`` (the peers' pins
   its workers follow), ``synlb_sync_peer_ok{peer}`` (1 when the last
@@ -138,6 +139,8 @@ class Collector:
             log.error("metrics: reading the counters failed: %s", e)
             st, ok = None, 0.0
         yield GaugeMetricFamily("synlb_scrape_ok", "1 when the kernel's counters could be read", value=ok)
+        yield GaugeMetricFamily("synlb_reconcile_failing", "1 while the last reconcile failed (it is retried)",
+                                value=1.0 if host.failing else 0.0)
         if st is None:
             return
         yield GaugeMetricFamily("synlb_dataplane_installed", "1 while synlb's chains are installed",
