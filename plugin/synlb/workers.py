@@ -39,6 +39,11 @@ class WorkerInfo:
     queue: int
     digest: str  # of the table (worker_table) it was last told to serve
     pidfile: str
+    # who the process is, recorded when it was started: a pid alone may have
+    # been reused by anything since (see _is_ours)
+    started: float = 0.0  # psutil create_time
+    exe: str = ""
+    uid: int = -1
 
 
 def synlb_command() -> list[str]:
@@ -57,12 +62,17 @@ def pidfile(state_dir: str, queue: int) -> str:
     return os.path.join(state_dir, f"worker-{queue}.pid")
 
 
-def _cmdline_matches(proc: psutil.Process, info: WorkerInfo) -> bool:
+def _is_ours(proc: psutil.Process, info: WorkerInfo) -> bool:
+    """The process is the worker ``info`` records: same start time, same
+    executable, same owner, and a worker's command line for that queue and
+    service. Checked before a pid is signalled or adopted."""
     try:
         cmd = proc.cmdline()
+        same = (abs(proc.create_time() - info.started) < 0.01 and proc.exe() == info.exe
+                and proc.uids().real == info.uid)
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return False
-    return "worker" in cmd and f"--queue={info.queue}" in cmd and f"--service={info.service}" in cmd
+    return same and "worker" in cmd and f"--queue={info.queue}" in cmd and f"--service={info.service}" in cmd
 
 
 def read(path: str) -> WorkerInfo | None:
@@ -70,7 +80,8 @@ def read(path: str) -> WorkerInfo | None:
         with open(path) as fh:
             d = json.load(fh)
         return WorkerInfo(pid=int(d["pid"]), service=d["service"], queue=int(d["queue"]),
-                          digest=d.get("digest", ""), pidfile=path)
+                          digest=d.get("digest", ""), pidfile=path, started=float(d["started"]),
+                          exe=str(d["exe"]), uid=int(d["uid"]))
     except (FileNotFoundError, ValueError, KeyError, TypeError):
         return None
 
@@ -79,7 +90,7 @@ def _write(info: WorkerInfo) -> None:
     tmp = info.pidfile + ".tmp"
     with open(tmp, "w") as fh:
         json.dump({"pid": info.pid, "service": info.service, "queue": info.queue,
-                   "digest": info.digest}, fh)
+                   "digest": info.digest, "started": info.started, "exe": info.exe, "uid": info.uid}, fh)
     os.replace(tmp, info.pidfile)
 
 
@@ -99,7 +110,7 @@ def running(state_dir: str) -> list[WorkerInfo]:
         if info is not None:
             try:
                 proc = psutil.Process(info.pid)
-                alive = proc.status() != psutil.STATUS_ZOMBIE and _cmdline_matches(proc, info)
+                alive = proc.status() != psutil.STATUS_ZOMBIE and _is_ours(proc, info)
             except psutil.NoSuchProcess:
                 alive = False
         if alive:
@@ -144,11 +155,14 @@ def start(state_dir: str, table: WorkerTable) -> WorkerInfo:
     info = WorkerInfo(pid=proc.pid, service=table.service, queue=queue, digest=table.digest(),
                       pidfile=pidfile(state_dir, queue))
     try:
+        me = psutil.Process(proc.pid)  # Popen returns after the exec: this is the worker's own image
+        info.started, info.exe, info.uid = me.create_time(), me.exe(), me.uids().real
         _write(info)
-    except OSError as e:  # a worker nobody can find would hold the queue for good
+    except (OSError, psutil.Error) as e:  # a worker nobody can find would hold the queue for good
         proc.kill()
         proc.wait(5)
-        raise WorkerError(f"{info.pidfile}: cannot record worker queue {queue}: {e.strerror}") from None
+        raise WorkerError(f"{info.pidfile}: cannot record worker queue {queue}: "
+                          f"{getattr(e, 'strerror', None) or e}") from None
     return info
 
 
@@ -197,7 +211,7 @@ def _log_tail(info: WorkerInfo) -> str:
 def stop(info: WorkerInfo, timeout: float = 3.0) -> None:
     try:
         proc = psutil.Process(info.pid)
-        if _cmdline_matches(proc, info):
+        if _is_ours(proc, info):
             proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(timeout)
