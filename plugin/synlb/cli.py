@@ -54,6 +54,17 @@ def cmd_down(args) -> int:
 def cmd_status(args) -> int:
     from . import status
     cfg = _load(args)
+    if args.check:
+        from . import dataplane
+        diffs = dataplane.drift(cfg)
+        for line in diffs:
+            print(line)
+        if diffs:
+            print(f"synlb status --check: {len(diffs)} difference{'s' * (len(diffs) != 1)} from the "
+                  "desired state", file=sys.stderr)
+            return 1
+        print("synlb status --check: the live state is the desired one")
+        return 0
     st = status.collect(cfg)
     from . import control
     st["host"] = control.request(cfg.globals.state_dir, {"cmd": "status"}, timeout=5)
@@ -122,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("status", help="counters, targets, queues, workers")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--check", action="store_true",
+                   help="compare the live kernel with the desired state; exit 1 listing every difference")
     s.set_defaults(func=cmd_status)
 
     s = sub.add_parser("run", help="the long-running plugin host (foreground)")

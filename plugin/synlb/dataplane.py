@@ -154,3 +154,28 @@ def down_locked(state_dir: str, route_protocol: int) -> list[str]:
     if prev:
         route_protocol = prev.get("route_protocol", route_protocol)
     return _teardown(state_dir, route_protocol)
+
+
+def drift(cfg: Config) -> list[str]:
+    """Every way the live kernel differs from what this router should have
+    now: the whole data plane if it is applied (``up``, or the VRRP state
+    says active), nothing of synlb's if it is not. Changes nothing; shared by
+    ``status --check`` and the host, which reconciles when it finds any."""
+    g = cfg.globals
+    active = applied(g.state_dir) is not None
+    if active:
+        rules_want, routes_want = routing.desired(cfg)
+        desired_rules = rules.render(cfg)
+    else:
+        rules_want, routes_want = set(), set()
+        desired_rules = {fam: {n: rules.Table(n) for n in rules.TABLES} for fam in (4, 6)}
+    out = netfilter.drift(desired_rules, g.state_dir)
+    with routing.Routing(g.route_protocol) as rt:
+        out += rt.drift(rules_want, routes_want)
+    out += sysctl.drift(active and g.pickup)
+    if active:
+        out += workers.drift(cfg)
+    else:
+        out += [f"worker queue {w.queue} (pid {w.pid}): running while synlb is not active"
+                for w in workers.running(g.state_dir)]
+    return out

@@ -92,9 +92,48 @@ def reconcile(desired: dict[int, dict[str, Table]], state_dir: str) -> list[str]
             _run([RESTORE[fam], "--wait", str(XTABLES_WAIT), "--noflush"], stdin=script)
             changes.append(f"{'ip6tables' if fam == 6 else 'iptables'}: applied "
                            f"{sum(len(t.rules) for t in tables.values())} rules")
-        state[str(fam)] = [want, _fingerprint(live_owned(fam))]
+        after = live_owned(fam)
+        state[str(fam)] = [want, _fingerprint(after)]
+        state[f"rules_{fam}"] = _rule_lines(after)
     _store_state(state_dir, state)
     return changes
+
+
+def _rule_lines(tables: dict[str, Table]) -> list[str]:
+    return sorted(f"-t {n} {line}" for n, t in tables.items() for line in t.rules) + \
+        sorted(f"-t {n} :{c}" for n, t in tables.items() for c in t.chains)
+
+
+def drift(desired: dict[int, dict[str, Table]], state_dir: str) -> list[str]:
+    """How synlb's live rules differ from ``desired`` (changes nothing).
+
+    The desired rules were applied if their fingerprint is the one recorded
+    at the last apply; the live ones are intact if they are exactly what the
+    kernel showed right after it (iptables-save has its own spelling)."""
+    state = _load_state(state_dir)
+    out = []
+    for fam, tables in desired.items():
+        tool = "ip6tables" if fam == 6 else "iptables"
+        live = live_owned(fam)
+        want_empty = all(t.is_empty() for t in tables.values())
+        live_empty = all(t.is_empty() for t in live.values())
+        if want_empty and live_empty:
+            continue
+        if want_empty:
+            out += [f"{tool}: unexpected {line}" for line in _rule_lines(live)]
+            continue
+        rec = state.get(str(fam))
+        if rec is None or rec[0] != _fingerprint(tables):
+            out.append(f"{tool}: synlb's rules are not the ones the configuration asks for (not applied)")
+            continue
+        if rec[1] == _fingerprint(live):
+            continue
+        seen, now = set(state.get(f"rules_{fam}", [])), set(_rule_lines(live))
+        out += [f"{tool}: missing {line}" for line in sorted(seen - now)]
+        out += [f"{tool}: unexpected {line}" for line in sorted(now - seen)]
+        if seen == now:
+            out.append(f"{tool}: synlb's rules changed since they were applied")
+    return out
 
 
 def _table_names(save_text: str) -> set[str]:

@@ -313,3 +313,23 @@ def _listdir(d: str) -> list[str]:
         return sorted(os.listdir(d))
     except FileNotFoundError:
         return []
+
+
+def drift(cfg: Config) -> list[str]:
+    """Queues without their worker, workers serving another table, queues no worker holds."""
+    state_dir = cfg.globals.state_dir
+    want = desired(cfg)
+    have = {w.queue: w for w in running(state_dir)}
+    bound = bound_queues()
+    out = []
+    for q, table in sorted(want.items()):
+        w = have.get(q)
+        if w is None:
+            out.append(f"worker queue {q}: not running")
+        elif w.digest != table.digest():
+            out.append(f"worker queue {q} (pid {w.pid}): serves another table than the configuration's")
+        elif not _holds_queue(w, bound):
+            out.append(f"worker queue {q} (pid {w.pid}): does not hold its queue")
+    out += [f"worker queue {q} (pid {w.pid}): not in the configuration" for q, w in sorted(have.items())
+            if q not in want]
+    return out
