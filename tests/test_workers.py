@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import psutil
 
@@ -24,6 +25,16 @@ def _pidfile(state_dir, queue, pid, service="web", **who):
     with open(path, "w") as fh:
         json.dump({"pid": pid, "service": service, "queue": queue, "digest": "d", **ident, **who}, fh)
     return path
+
+
+def _past_exec(pid: int) -> None:
+    """Until the process shows its command line (empty for a moment right
+    after the exec, when only its identity can be checked)."""
+    for _ in range(500):
+        if psutil.Process(pid).cmdline():
+            return
+        time.sleep(0.01)
+    raise AssertionError("the stand-in never showed its command line")
 
 
 def test_dead_pid_is_stale(tmp_path):
@@ -46,6 +57,7 @@ def test_live_worker_is_recognised(tmp_path):
     p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "worker",
                           "--service=web", "--queue=5"])
     try:
+        _past_exec(p.pid)
         _pidfile(tmp_path, 5, p.pid)
         (w,) = workers.running(str(tmp_path))
         assert (w.pid, w.queue, w.service) == (p.pid, 5, "web")
@@ -71,6 +83,7 @@ def test_a_pid_reused_by_a_look_alike_is_stale(tmp_path):
     p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "worker",
                           "--service=web", "--queue=7"])
     try:
+        _past_exec(p.pid)
         started = psutil.Process(p.pid).create_time()
         for who in ({"started": started - 5}, {"exe": "/usr/sbin/other"}, {"uid": 4242}):
             _pidfile(tmp_path, 7, p.pid, **who)

@@ -72,6 +72,8 @@ def _is_ours(proc: psutil.Process, info: WorkerInfo) -> bool:
                 and proc.uids().real == info.uid)
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return False
+    if not cmd:  # /proc/PID/cmdline is empty for a moment right after the exec
+        return same
     return same and "worker" in cmd and f"--queue={info.queue}" in cmd and f"--service={info.service}" in cmd
 
 
