@@ -65,6 +65,16 @@ def test_dangerous_values_are_refused(tmp_path, kw, want):
     assert problems(write(tmp_path, **kw)) == [want]
 
 
+def test_marks_stay_out_of_vyos_policy_routes(tmp_path):
+    path = write(tmp_path)
+    with open(path, "a") as fh:
+        fh.write("mark = 0x7ffffffe\n")
+    assert problems(path) == ["target:a:mark: 0x7ffffffe is one of VyOS's policy-route marks "
+                              "(0x7fffff37..0x7ffffffe), whose ip rules VyOS deletes"]
+    assert config_mod.auto_mark("a") not in config_mod.VYOS_MARKS
+
+
+
 def test_a_fifo_among_the_drop_ins_is_refused_not_read(tmp_path):
     path = write(tmp_path)
     os.makedirs(tmp_path / "synlb.d")

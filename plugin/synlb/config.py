@@ -311,6 +311,19 @@ def _hash_key(text: str) -> str:
     return t
 
 
+# VyOS's policy routing marks a table's packets 0x7FFFFFFF - table (tables
+# 1..200) and deletes the ip rules that carry such marks on every commit.
+VYOS_MARKS = range(0x7FFFFFFF - 200, 0x7FFFFFFF)
+
+
+def _mark(text: str) -> int:
+    v = _int(1, 0xFFFFFFFF)(text)
+    if v in VYOS_MARKS:
+        raise OptionError(f"{v:#x} is one of VyOS's policy-route marks ({VYOS_MARKS.start:#x}.."
+                          f"{VYOS_MARKS.stop - 1:#x}), whose ip rules VyOS deletes")
+    return v
+
+
 def _table_id(text: str) -> int:
     v = _int(1, 0xFFFFFFFF)(text)
     if v in (253, 254, 255):
@@ -381,7 +394,7 @@ SERVICE_OPTIONS = schema.Schema("service", [
 
 TARGET_OPTIONS = schema.Schema("target", [
     Option("address", _addresses, schema.REQUIRED, "one address per family"),
-    Option("mark", _int(1, 0xFFFFFFFF), None, "fwmark; default derived from the name"),
+    Option("mark", _mark, None, "fwmark; default derived from the name"),
     Option("table", _table_id, None, "route mode routing table; default = mark"),
 ])
 
