@@ -86,9 +86,15 @@ class Service:
     no_target_verdict: str  # "drop" or "accept"
     shortcut: bool = True
     track_syn: bool = True
+    engine: str = "nfqueue"  # "nfqueue" (iptables + NFQUEUE workers) or "nftables" (Maglev in the kernel)
 
     @property
     def queues(self) -> range:
+        """The NFQUEUE queues of the service's workers; none for the nftables
+        engine, which has no worker (every caller that starts, supervises or
+        reports workers goes through this)."""
+        if self.engine != "nfqueue":
+            return range(0)
         return range(self.queue_first, self.queue_last + 1)
 
     def families(self) -> tuple:
@@ -284,6 +290,9 @@ SERVICE_OPTIONS = schema.Schema("service", [
     Option("shortcut", _bool, True,
            "keep marked established connections in the kernel; no = queue every packet "
            "(nfqlb-style, for comparison only)"),
+    Option("engine", _choice("nfqueue", "nftables"), "nfqueue",
+           "nfqueue: iptables chains and NFQUEUE workers pick the target of each new connection; "
+           "nftables: the Maglev table lives in the kernel (table inet synlb), no worker"),
     Option("track_syn", _bool, True,
            "conntrack the opening SYN; no = leave it untracked (route mode only), for routers "
            "that see only the client's direction (behind ECMP): the connection's first ACK "
@@ -457,8 +466,11 @@ def load(path: str | None = None) -> Config:
         if not s.get("track_syn", True) and s.get("mode") == "nat":
             problems.append((src("track_syn"), sec, "track_syn",
                              "no needs mode = route (DNAT needs the connection tracked from its SYN)"))
+        if s.get("engine") == "nftables" and not s.get("shortcut", True):
+            problems.append((src("shortcut"), sec, "shortcut",
+                             "no is for the nfqueue engine only (the nftables engine has no queue)"))
         q1, q2 = s["queue"]
-        for q in range(q1, q2 + 1):
+        for q in range(q1, q2 + 1) if s.get("engine", "nfqueue") == "nfqueue" else ():
             if q in queues_seen:
                 problems.append((src("queue"), sec, "queue", f"queue {q} is also service {queues_seen[q]}'s"))
                 break
@@ -470,7 +482,7 @@ def load(path: str | None = None) -> Config:
             mode=s["mode"], egress=s["egress"], queue_first=q1, queue_last=q2,
             queue_bypass=s["queue_bypass"], target_names=tuple(s["targets"]),
             table_size=s["table_size"], no_target_verdict=s["no_target_verdict"],
-            shortcut=s["shortcut"], track_syn=s["track_syn"]))
+            shortcut=s["shortcut"], track_syn=s["track_syn"], engine=s["engine"]))
 
     # The same VIP:port in two services would make the first one win silently.
     for i, a in enumerate(services):
