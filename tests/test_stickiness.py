@@ -5,7 +5,9 @@ the master hands its misplaced connections to the backup as pins
 
 Two routers with real keepalived, `synlb run` on both (lb, [health,] sync),
 hot standby, the notify hook; real TCP sessions of every pattern over IPv4
-and IPv6.
+and IPv6. Every test runs on both engines: with the nftables engine the
+pins are in the kernel's pins maps and the kernel's jhash judges which
+connections are misplaced.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from synlb.plugins.sync import AGAIN_AFTER
 pytestmark = pytest.mark.lab
 
 COUNT = 10  # sessions per pattern and family: 80 in all
+ENGINES = ("nfqueue", "nftables")
 HEALTH = "check = tcp\ncheck_port = 8080\ncheck_interval = 0.2\ncheck_timeout = 0.5\nrise = 2\nfall = 2\n"
 
 
@@ -56,7 +59,7 @@ def write_key(lab: Lab) -> str:
     return path
 
 
-def sync_pair(lab: Lab, *, health: bool = False, targets=("t1", "t2")) -> Pair:
+def sync_pair(lab: Lab, *, health: bool = False, targets=("t1", "t2"), engine: str = "nfqueue") -> Pair:
     key = write_key(lab)
 
     def extra(r: str) -> str:
@@ -72,7 +75,7 @@ def sync_pair(lab: Lab, *, health: bool = False, targets=("t1", "t2")) -> Pair:
                 fh.write("".join(f"[target:{t}]\n{HEALTH}\n" for t in lab.targets))
 
     plugins = "lb, health, sync" if health else "lb, sync"
-    pair = Pair(lab, targets=targets, plugins=plugins, extra=extra)
+    pair = Pair(lab, targets=targets, plugins=plugins, extra=extra, engine=engine)
     pair.prepare()
     pair.start_hosts()
     pair.start()
@@ -84,6 +87,16 @@ def sync_status(pair: Pair, r: str) -> dict:
 
 
 def worker_pins(pair: Pair, r: str) -> int:
+    """The pins the router's data plane follows: its worker's (nfqueue), or
+    the elements of the kernel's pins maps (nftables); -1 when not there."""
+    if pair.engines[r] == "nftables":
+        n = 0
+        for fam in (4, 6):
+            r_ = pair.lab.run(r, ["nft", "list", "map", "inet", "synlb", f"pins{fam}_web"], check=False)
+            if r_.returncode != 0:
+                return -1
+            n += r_.stdout.count(" : 0x")
+        return n
     try:
         with open(os.path.join(pair.state_dir(r), "worker-0.stats.json")) as fh:
             return json.load(fh).get("pins", 0)
@@ -130,8 +143,9 @@ def failover_and_back(pair: Pair) -> dict:
     return steps
 
 
-def test_target_added_then_failover_keeps_every_session(lab):
-    pair = sync_pair(lab)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_target_added_then_failover_keeps_every_session(lab, engine):
+    pair = sync_pair(lab, engine=engine)
     handles = start_sessions(lab, COUNT, PATTERNS, FAMILIES)
     try:
         time.sleep(1.0)
@@ -158,11 +172,12 @@ def test_target_added_then_failover_keeps_every_session(lab):
     pair.close()
 
 
-def test_without_sync_the_moved_sessions_are_reset(lab):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_without_sync_the_moved_sessions_are_reset(lab, engine):
     """The same change and failover with only the lb plugin: the sessions
     the new table moves (the pins the master would have handed over) are
     the ones lost, so the tests above can fail."""
-    pair = Pair(lab, targets=("t1", "t2"), plugins="lb")
+    pair = Pair(lab, targets=("t1", "t2"), plugins="lb", engine=engine)
     pair.prepare()
     pair.start_hosts()
     pair.start()
@@ -172,7 +187,7 @@ def test_without_sync_the_moved_sessions_are_reset(lab):
         pair.set_targets(["t1", "t2", "t3"])
         text = "\n".join(lab.run("lb1", ["conntrack", "-L", "-f", f]).stdout for f in ("ipv4", "ipv6"))
         # the service as lb1 has it now (the lab's own file has a [vrrp] section too)
-        plain = write_config(lab, "lb1", name="plain.ini", targets=pair.targets, ports="80")
+        plain = write_config(lab, "lb1", name="plain.ini", targets=pair.targets, ports="80", engine=engine)
         would_pin = pins.count(pins.misplaced(config_mod.load(plain), conntrack.parse(text)))
         fail_over(pair, "links")
         time.sleep(2.0)
@@ -205,10 +220,11 @@ def wait_health(pair: Pair, target: str, state: str, timeout: float = 10.0) -> N
         time.sleep(0.1)
 
 
-def test_target_down_and_back_then_failover_keeps_every_session(lab):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_target_down_and_back_then_failover_keeps_every_session(lab, engine):
     """Sessions started before t3 fails its check, while it is out, and after
     it is back; then a failover and a fail back: all of them kept."""
-    pair = sync_pair(lab, health=True, targets=("t1", "t2", "t3"))
+    pair = sync_pair(lab, health=True, targets=("t1", "t2", "t3"), engine=engine)
     patterns = ("echo", "up")
     handles = {}
     try:
