@@ -84,10 +84,19 @@ def _apply(config_path: str, cfg: Config, reason: str) -> list[str]:
     g = cfg.globals
     changes = []
     # workers first: a queue with a listener before its rules means no
-    # packet is ever queued to nobody
+    # packet is ever queued to nobody (and those no longer wanted stop
+    # after their rules are gone)
+    changes += workers.ensure(config_path, cfg, stop_unwanted=False)
+    # what is added goes in before what is removed: a service switching
+    # engines is never without rules (both engines restore the same marks)
+    nft = nft_plan(cfg)
+    if nft.empty:
+        changes += netfilter.reconcile(rules.render(cfg), g.state_dir)
+        changes += nft_apply.reconcile(nft, g.state_dir)
+    else:
+        changes += nft_apply.reconcile(nft, g.state_dir)
+        changes += netfilter.reconcile(rules.render(cfg), g.state_dir)
     changes += workers.ensure(config_path, cfg)
-    changes += netfilter.reconcile(rules.render(cfg), g.state_dir)
-    changes += nft_apply.reconcile(nft_plan(cfg), g.state_dir)
     with routing.Routing(g.route_protocol) as rt:
         changes += rt.reconcile(*routing.desired(cfg))
     if g.pickup:

@@ -10,7 +10,7 @@ deletes it and nothing else on the router is touched. Per service
       map pins6_<s>  { ... ip6 ... }                                     # pinned flows -> mark
       map picks_<s>  { type mark : counter; }                            # mark -> pick_<s>_<mark>
       counter kept4_<s>, pinned4_<s>, hashed4_<s>, notarget4_<s> (and 6)
-      chain prerouting { type filter hook prerouting priority mangle; comment "synlb <digest>";
+      chain prerouting { type filter hook prerouting priority mangle + 1; comment "synlb <digest>";
         iifname I ip daddr {VIPs} meta l4proto {P} th dport {ports} jump svc4_<s> ... }
       chain svc4_<s> {
         ct mark != 0 meta mark set ct mark counter name kept4_<s> accept
@@ -241,7 +241,10 @@ def skeleton(cfg: Config) -> str:
             for kind in COUNTERS:
                 out.append(f"\tcounter {counter_name(kind, n, fam)} {{ }}")
     out.append(f"\tchain {BASE_CHAIN} {{")
-    out.append("\t\ttype filter hook prerouting priority mangle; policy accept;")
+    # just after iptables' mangle PREROUTING: while a service switches from the
+    # nfqueue engine (both sets of rules for a moment), the kernel's pick is
+    # the one set last, and the one saved in conntrack
+    out.append("\t\ttype filter hook prerouting priority mangle + 1; policy accept;")
     for svc in svcs:
         for fam in svc.families():
             out.append(f"\t\t{_match(svc, fam)} jump {svc_chain(svc.name, fam)}")

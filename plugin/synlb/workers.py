@@ -240,8 +240,12 @@ def table_digest(cfg: Config) -> str:
     return f"{cfg.digest()}-{health_state.digest(cfg.globals.state_dir)}"
 
 
-def ensure(config_path: str, cfg: Config) -> list[str]:
-    """One worker per configured queue, on the current config; return changes."""
+def ensure(config_path: str, cfg: Config, stop_unwanted: bool = True) -> list[str]:
+    """One worker per configured queue, on the current config; return changes.
+
+    ``stop_unwanted=False`` leaves running the workers of queues no service
+    wants any more (the caller stops them with a second call, once their
+    NFQUEUE rules are gone: a queue never loses its listener first)."""
     state_dir = cfg.globals.state_dir
     want = {q: svc for svc in cfg.services for q in svc.queues}
     have = {w.queue: w for w in running(state_dir)}
@@ -249,6 +253,9 @@ def ensure(config_path: str, cfg: Config) -> list[str]:
     digest = table_digest(cfg)
     for q, w in sorted(have.items()):
         svc = want.get(q)
+        if svc is None and not stop_unwanted:
+            del have[q]
+            continue
         if svc is None or svc.name != w.service or w.config != os.path.abspath(config_path):
             stop(w)
             changes.append(f"stopped worker queue {q} (pid {w.pid})")
