@@ -210,6 +210,18 @@ class Pair:
         for r in self.lab.routers:
             self.wait_settled(r, self.expected_active(r), timeout)
 
+    def set_engine(self, engine: str | Mapping[str, str], routers: Iterable[str] | None = None,
+                   timeout: float = 20.0) -> None:
+        """Switch ``routers`` (default both, in the order given) to ``engine``
+        and reload their hosts (SIGHUP); returns once their data planes run it."""
+        routers = list(routers or self.lab.routers)
+        for r in routers:
+            self.engines[r] = engine if isinstance(engine, str) else engine[r]
+            self.write_config(r)
+            self.hosts[r].send_signal(signal.SIGHUP)
+        for r in routers:
+            self.wait_settled(r, self.expected_active(r), timeout)
+
     def host_status(self, r: str) -> dict:
         """The router's ``synlb status --json``."""
         return json.loads(self.lab.run(r, [synlb_exe(), "--config", self.config(r), "status", "--json"]).stdout)
