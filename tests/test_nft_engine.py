@@ -351,3 +351,35 @@ def test_describe(tmp_path):
     assert "table inet synlb {" in text
     assert "# slots_web: 65537 elements slot : mark (a " in text
     assert "# pins4_web: 0 pins" in text
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.integers(0, 30), st.integers(1, 3)), st.dictionaries(st.integers(0, 30), st.integers(1, 3)))
+def test_pins_diff(old, new):
+    deletes, adds = E.pins_diff(old, new)
+    after = {k: m for k, m in old.items() if k not in deletes}
+    assert not set(adds) & set(after)  # an element is never added over a live one
+    after.update(adds)
+    assert after == new
+    assert set(deletes) <= set(old) and all(new.get(k) != old[k] for k in deletes)
+
+
+def test_pins_by_difference_when_the_applied_ones_are_known(tmp_path):
+    cfg = load(tmp_path)
+    a = key_of(6, "192.0.2.9", "10.0.0.1", 40000, 80)
+    b = key_of(6, "192.0.2.9", "10.0.0.1", 40001, 80)
+    c = key_of(17, "192.0.2.9", "10.0.0.1", 40002, 80)
+    before = E.desired(cfg, pins={"web": {a: 0x10, b: 0x10}})
+    after = E.desired(cfg, pins={"web": {a: 0x10, b: 0x11, c: 0x11}})
+    known = {"web": before.services["web"].pins}
+    text = E.pins_script(E.applied_of(before), after, known)
+    assert text.splitlines() == [
+        "delete element inet synlb pins4_web { 6 . 192.0.2.9 . 40001 . 10.0.0.1 . 80 }",
+        "add element inet synlb pins4_web { 6 . 192.0.2.9 . 40001 . 10.0.0.1 . 80 : 0x11, "
+        "17 . 192.0.2.9 . 40002 . 10.0.0.1 . 80 : 0x11 }",
+    ]
+    assert E.update_script(E.applied_of(before), {}, after, {}, known) == text
+    # the digest follows the pins, not the order they came in
+    again = E.desired(cfg, pins={"web": {c: 0x11, b: 0x11, a: 0x10}})
+    assert E.pins_digest(again.services["web"]) == E.pins_digest(after.services["web"])
+    assert E.pins_digest(again.services["web"]) != E.pins_digest(before.services["web"])

@@ -11,7 +11,8 @@ package python3-nftables) or, without it, ``nft -f -``:
   pins replace the old ones (flush + add).
 
 What the live table holds is recorded in the state dir (``nft.json``, and
-the applied slot marks in ``nft-slots-<service>.bin``) and checked against
+the applied slot marks in ``nft-slots-<service>.bin``, the applied pins in
+``nft-pins-<service>.json``) and checked against
 the kernel by the digest in the base chain's comment (``nft list chains``
 answers without reading the 65537 slots). A record written before a
 transaction that did not finish (``pending``) means: rebuild the whole
@@ -153,11 +154,38 @@ def _store_slots(state_dir: str, svc: str, slots: list[int]) -> None:
     os.replace(tmp, path)
 
 
+def _pins_path(state_dir: str, svc: str) -> str:
+    return os.path.join(state_dir, f"nft-pins-{svc}.json")
+
+
+def load_pins(state_dir: str, svc: str, digest: str | None) -> dict | None:
+    """A service's pins as last applied ({family: {key: mark}}), if the record
+    is the one of ``digest`` (the state's); None otherwise."""
+    try:
+        with open(_pins_path(state_dir, svc)) as fh:
+            d = json.load(fh)
+        if d.get("digest") != digest:
+            return None
+        return {int(f): {tuple(item[:5]): item[5] for item in items} for f, items in d["pins"].items()}
+    except (FileNotFoundError, ValueError, KeyError, TypeError, IndexError):
+        return None
+
+
+def _store_pins(state_dir: str, sp: E.ServicePlan) -> None:
+    path = _pins_path(state_dir, sp.name)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump({"digest": E.pins_digest(sp),
+                   "pins": {str(f): [[*k, m] for k, m in p.items()] for f, p in sp.pins.items()}}, fh)
+    os.replace(tmp, path)
+
+
 def clear_state(state_dir: str) -> None:
     paths = [_state_path(state_dir)]
     with contextlib.suppress(FileNotFoundError):
         paths += [os.path.join(state_dir, n) for n in os.listdir(state_dir)
-                  if n.startswith("nft-slots-") and n.endswith(".bin")]
+                  if (n.startswith("nft-slots-") and n.endswith(".bin"))
+                  or (n.startswith("nft-pins-") and n.endswith(".json"))]
     for p in paths:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(p)
@@ -195,6 +223,8 @@ def _install(plan: E.Plan, state_dir: str, replace: bool, t0: float) -> list[str
     took = _ms(t1)
     for n, s in slots.items():
         _store_slots(state_dir, n, s)
+    for sp in plan.services.values():
+        _store_pins(state_dir, sp)
     _store_state(state_dir, applied, pending=False)
     total = sum(len(s) for s in slots.values())
     return [f"nftables: {'replaced' if replace else 'installed'} table {E.QUALIFIED} "
@@ -213,7 +243,9 @@ def _update(plan: E.Plan, old: E.Applied, state_dir: str, t0: float) -> list[str
             raise NftError(f"no record of {n}'s slots")
         old_slots[n] = prev
         new_slots[n] = sp.slots()
-    script = E.update_script(old, old_slots, plan, new_slots)
+    repinned = [sp for n, sp in plan.services.items() if E.pins_digest(sp) != old.pins.get(n)]
+    old_pins = {sp.name: load_pins(state_dir, sp.name, old.pins.get(sp.name)) for sp in repinned}
+    script = E.update_script(old, old_slots, plan, new_slots, old_pins)
     if not script:
         return []
     applied = E.applied_of(plan)
@@ -223,6 +255,8 @@ def _update(plan: E.Plan, old: E.Applied, state_dir: str, t0: float) -> list[str
     took = _ms(t1)
     for n, s in new_slots.items():
         _store_slots(state_dir, n, s)
+    for sp in repinned:
+        _store_pins(state_dir, sp)
     _store_state(state_dir, applied, pending=False)
     changed = {n: E.changed_slots(old_slots[n], new_slots[n]) for n in new_slots}
     what = ", ".join(f"{n}: {c} slots" for n, c in changed.items()) or "targets or pins"
@@ -231,21 +265,30 @@ def _update(plan: E.Plan, old: E.Applied, state_dir: str, t0: float) -> list[str
 
 def replace_pins(plan: E.Plan, state_dir: str) -> list[str]:
     """Only the pins of ``plan`` into the live maps (the sync plugin's
-    update); nothing when the live table is not ``plan``'s (the next
-    reconcile installs the pins with the rest)."""
+    update), by difference from the pins last applied (replacing them whole
+    when that is unknown or refused); nothing when the live table is not
+    ``plan``'s (the next reconcile installs the pins with the rest)."""
     old, pending = load_state(state_dir)
     if old is None or pending or old.digest != plan.digest:
         return []
-    script = E.pins_script(old, plan)
-    if not script:
+    repinned = [sp for n, sp in plan.services.items() if E.pins_digest(sp) != old.pins.get(n)]
+    if not repinned:
         return []
+    old_pins = {sp.name: load_pins(state_dir, sp.name, old.pins.get(sp.name)) for sp in repinned}
     t0 = time.monotonic()
-    run(script)
-    new = E.applied_of(plan)
-    old.pins = new.pins
+    try:
+        run(E.pins_script(old, plan, old_pins))
+    except NftError as e:
+        if all(p is None for p in old_pins.values()):
+            raise
+        log.warning("nftables: pins update refused (%s); replacing them whole", e)
+        run(E.pins_script(old, plan))
+    for sp in repinned:
+        _store_pins(state_dir, sp)
+    old.pins = E.applied_of(plan).pins
     _store_state(state_dir, old, pending=False)
-    n = sum(len(p) for sp in plan.services.values() for p in sp.pins.values())
-    return [f"nftables: {n} pins in the maps: {_ms(t0)}"]
+    n = sum(len(p) for sp in repinned for p in sp.pins.values())
+    return [f"nftables: pins of {', '.join(sp.name for sp in repinned)} in the maps ({n} pins): {_ms(t0)}"]
 
 
 def remove(state_dir: str | None) -> list[str]:

@@ -36,7 +36,7 @@ slot.
 from __future__ import annotations
 
 import hashlib
-import ipaddress
+import socket
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -109,6 +109,7 @@ class ServicePlan:
     targets: dict  # mark -> (IPv4 address or None, IPv6 address or None): every configured target
     pins: dict = field(default_factory=dict)  # family -> {PinKey: mark}, for each of the families
     key: bytes = field(default=b"", repr=False)  # hash_key: the Maglev permutations
+    _pins_digest: str | None = field(default=None, repr=False, compare=False)  # see pins_digest
 
     def slots(self) -> list[int]:
         """Mark of each slot (Maglev over the active targets), [] without one."""
@@ -138,12 +139,13 @@ def pin_key(flow_key: bytes) -> tuple[int, PinKey] | None:
     alen = {4: 4, 6: 16}.get(fam)
     if alen is None or len(flow_key) != 2 + 2 * alen + 4:
         return None
-    client = ipaddress.ip_address(flow_key[2:2 + alen])
-    server = ipaddress.ip_address(flow_key[2 + alen:2 + 2 * alen])
+    af = socket.AF_INET if fam == 4 else socket.AF_INET6
+    client = socket.inet_ntop(af, flow_key[2:2 + alen])
+    server = socket.inet_ntop(af, flow_key[2 + alen:2 + 2 * alen])
     at = 2 + 2 * alen
     cport = int.from_bytes(flow_key[at:at + 2], "big")
     sport = int.from_bytes(flow_key[at + 2:at + 4], "big")
-    return fam, (flow_key[1], str(client), cport, str(server), sport)
+    return fam, (flow_key[1], client, cport, server, sport)
 
 
 def service_pins(pins: Mapping[bytes, int], target_marks: Iterable[int], families: Iterable[int] = (4, 6)
@@ -151,12 +153,21 @@ def service_pins(pins: Mapping[bytes, int], target_marks: Iterable[int], familie
     """A service's pins (flow key -> mark) as map elements per family, only
     those whose mark is a configured target (``pins.usable``) and whose
     family the service has."""
+    return _service_pins(pins, target_marks, families)[0]
+
+
+def _service_pins(pins: Mapping[bytes, int], target_marks: Iterable[int], families: Iterable[int]
+                  ) -> tuple[dict, str]:
+    """(service_pins, their digest): the digest hashes the flow keys in
+    byte order (cheap: 100k pins in a few tens of ms)."""
     out: dict = {f: {} for f in families}
-    for key, mark in usable(pins, target_marks).items():
+    h = hashlib.sha256()
+    for key, mark in sorted(usable(pins, target_marks).items()):
         pk = pin_key(key)
         if pk is not None and pk[0] in out:
             out[pk[0]][pk[1]] = mark
-    return out
+            h.update(len(key).to_bytes(1, "big") + key + mark.to_bytes(4, "big"))
+    return out, h.hexdigest()[:16]
 
 
 def desired(cfg: Config, down: Mapping[str, Iterable[str]] | None = None, pins: Pins | None = None) -> Plan:
@@ -168,9 +179,10 @@ def desired(cfg: Config, down: Mapping[str, Iterable[str]] | None = None, pins: 
     for svc in services(cfg):
         active = tuple((t.name, t.mark) for t in active_targets(cfg, svc, down.get(svc.name, ())))
         targets = {t.mark: (_addr(t, 4), _addr(t, 6)) for t in cfg.targets_of(svc)}
+        spins, pdigest = _service_pins(pins.get(svc.name, {}), targets, svc.families())
         plans[svc.name] = ServicePlan(
             svc.name, svc.table_size, service_seed(cfg.globals.hash_key, svc.name), svc.mode, svc.families(),
-            active, targets, service_pins(pins.get(svc.name, {}), targets, svc.families()), key)
+            active, targets, spins, key, pdigest)
     skel = skeleton(cfg)
     return Plan(skel, digest(skel), plans)
 
@@ -330,12 +342,37 @@ def _has_family(sp: ServicePlan, fam: int) -> bool:
     return fam in sp.families
 
 
+def _pin_element(k: PinKey) -> str:
+    return _pin_item(k, 0).rsplit(" : ", 1)[0]
+
+
 def _pins_replace(sp: ServicePlan, flush: bool) -> list[str]:
     out = []
     for fam, pins in sorted(sp.pins.items()):
         if flush:
             out.append(f"flush map {QUALIFIED} {pins_map(sp.name, fam)}")
         out += _elements("add", pins_map(sp.name, fam), [_pin_item(k, m) for k, m in sorted(pins.items())])
+    return out
+
+
+def pins_diff(old: Mapping, new: Mapping) -> tuple[list, dict]:
+    """(keys to delete, {key: mark} to add) turning one family's pins map
+    ``old`` into ``new``: a pin whose mark changes is deleted and re-added."""
+    deletes = [k for k, m in old.items() if new.get(k) != m]
+    adds = {k: m for k, m in new.items() if old.get(k) != m}
+    return sorted(deletes), adds
+
+
+def _pins_commands(sp: ServicePlan, old: Mapping | None) -> list[str]:
+    """The pins maps from ``old`` (family -> {key: mark}, as last applied) to
+    ``sp``'s by difference; replaced whole (flush + add) when ``old`` is unknown."""
+    if old is None:
+        return _pins_replace(sp, flush=True)
+    out = []
+    for fam, pins in sorted(sp.pins.items()):
+        deletes, adds = pins_diff(old.get(fam, {}), pins)
+        out += _elements("delete", pins_map(sp.name, fam), [_pin_element(k) for k in deletes])
+        out += _elements("add", pins_map(sp.name, fam), [_pin_item(k, m) for k, m in sorted(adds.items())])
     return out
 
 
@@ -364,8 +401,12 @@ def _slot_commands(name: str, deletes: list[int], adds: list[tuple[int, int]]) -
 
 
 def pins_digest(sp: ServicePlan) -> str:
-    data = repr(sorted((f, sorted(p.items())) for f, p in sp.pins.items()))
-    return hashlib.sha256(data.encode()).hexdigest()[:16]
+    """A fingerprint of the service's pins (``desired`` computes it from the
+    flow keys; else once per plan from the map elements)."""
+    if sp._pins_digest is None:
+        data = repr(sorted((f, sorted(p.items())) for f, p in sp.pins.items()))
+        sp._pins_digest = hashlib.sha256(data.encode()).hexdigest()[:16]
+    return sp._pins_digest
 
 
 def full_script(plan: Plan, slots: Mapping[str, Sequence[int]], replace: bool) -> str:
@@ -392,9 +433,10 @@ class Applied:
 
 
 def update_script(old: Applied, old_slots: Mapping[str, Sequence[int]], plan: Plan,
-                  new_slots: Mapping[str, Sequence[int]]) -> str:
+                  new_slots: Mapping[str, Sequence[int]], old_pins: Mapping[str, Mapping] | None = None) -> str:
     """One transaction turning the live elements ``old`` into ``plan``'s, for
-    the same skeleton; "" when nothing differs."""
+    the same skeleton; "" when nothing differs. ``old_pins``: each service's
+    pins as last applied, when known (then only the pins that differ change)."""
     if old.digest != plan.digest:
         raise ValueError("update_script needs the live skeleton (full_script otherwise)")
     out = []
@@ -416,19 +458,20 @@ def update_script(old: Applied, old_slots: Mapping[str, Sequence[int]], plan: Pl
         if [list(a) for a in sp.active] != [list(a) for a in old.active.get(name, [])]:
             out += _slot_commands(name, *slot_diff(old_slots.get(name, []), new_slots[name]))
         if pins_digest(sp) != old.pins.get(name):
-            out += _pins_replace(sp, flush=True)
+            out += _pins_commands(sp, (old_pins or {}).get(name))
     return "\n".join(out) + "\n" if out else ""
 
 
-def pins_script(old: Applied, plan: Plan) -> str:
-    """One transaction replacing the pins of every service whose pins
-    differ from ``old``'s (the skeleton must be the live one); "" if none."""
+def pins_script(old: Applied, plan: Plan, old_pins: Mapping[str, Mapping] | None = None) -> str:
+    """One transaction changing the pins of every service whose pins differ
+    from ``old``'s (the skeleton must be the live one); "" if none. By
+    difference from ``old_pins`` when known, else replacing them whole."""
     if old.digest != plan.digest:
         raise ValueError("pins_script needs the live skeleton")
     out = []
     for name, sp in plan.services.items():
         if pins_digest(sp) != old.pins.get(name):
-            out += _pins_replace(sp, flush=True)
+            out += _pins_commands(sp, (old_pins or {}).get(name))
     return "\n".join(out) + "\n" if out else ""
 
 
