@@ -292,9 +292,18 @@ def replace_pins(plan: E.Plan, state_dir: str) -> list[str]:
 
 
 def remove(state_dir: str | None) -> list[str]:
-    """Delete ``table inet synlb`` (all the engine ever installed), if there is one."""
+    """Delete ``table inet synlb`` (all the engine ever installed), if there is one.
+
+    A system where nft cannot even list (no nftables, no nf_tables in the
+    kernel) has no table, unless the state dir says one was installed."""
     changes = []
-    if available() and live_digest() is not None:
+    try:
+        live = live_digest() if available() else None
+    except NftError:
+        if state_dir and load_state(state_dir)[0] is not None:
+            raise
+        live = None
+    if live is not None:
         run(f"delete table {E.QUALIFIED}")
         changes.append(f"nftables: deleted table {E.QUALIFIED}")
     if state_dir:

@@ -19,7 +19,8 @@ if it has one, else its IPv6 one).
 On every flip the down set is written to the state dir
 (``health_state.write_down``) and the host is asked to reconcile: the lb
 plugin then SIGHUPs the workers, which rebuild their Maglev table without the
-down targets.  Connections already established are untouched: they carry
+down targets (for a service of the nftables engine, the reconcile changes
+the slots of the kernel's map that differ, in one transaction).  Connections already established are untouched: they carry
 their target's mark in conntrack.
 
 Cross-key problems (a tcp/http check without ``check_port``, an exec check
