@@ -227,8 +227,18 @@ def test_worker_follows_signals_with_no_packet_coming(lab, clean):
     # written every second: the load must last well over two; 4000
     # connections took only 1.1 s on this machine)
     seen: list[int] = []
-    load = threading.Thread(target=lab.open_connections, args=(A.VIP[4],),
-                            kwargs={"count": 12000, "concurrency": 8})
+
+    until = time.monotonic() + 3.5
+
+    def busy() -> None:
+        # for a few stats intervals whatever the machine's speed (4000
+        # connections in a row can take less than two intervals)
+        for _ in range(40):
+            if time.monotonic() > until:
+                return
+            lab.open_connections(A.VIP[4], count=400, concurrency=8)
+
+    load = threading.Thread(target=busy)
     load.start()
     try:
         while load.is_alive() and len(seen) < 200:

@@ -67,11 +67,12 @@ def lab():
 
 # ---------------------------------------------------------------- sessions survive
 
-def test_sessions_survive_failover_and_failback(lab):
+@pytest.mark.parametrize("engine", ["nfqueue", "nftables"])
+def test_sessions_survive_failover_and_failback(lab, engine):
     """20 sessions x {echo, push, down, up} x {IPv4, IPv6} through: the
     master's links down + fail back, then its keepalived stopped + fail back
-    (notify hook, hot standby)."""
-    pair = Pair(lab)
+    (notify hook, hot standby); on either engine."""
+    pair = Pair(lab, engine=engine)
     pair.prepare()
     pair.start()
     active_ref = {r: snapshot(lab, r, pair.state_dir(r)) for r in lab.routers}
@@ -116,11 +117,12 @@ def test_failover_without_pickup_loses_sessions(lab):
     pair.close()
 
 
-def test_fault_and_stop_restore_the_router(lab):
+@pytest.mark.parametrize("engine", ["nfqueue", "nftables"])
+def test_fault_and_stop_restore_the_router(lab, engine):
     """After FAULT (links down) and STOP (keepalived stopped) the old master
     is exactly as before synlb ever ran: ruleset (its own firewall rule
-    included), rules, routes, sysctls, no worker."""
-    pair = Pair(lab)
+    included), rules, routes, sysctls, no worker, no nftables table."""
+    pair = Pair(lab, engine=engine)
     pair.prepare()
     pair.start()
     for how in ("links", "keepalived"):

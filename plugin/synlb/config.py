@@ -106,9 +106,15 @@ class Service:
     no_target_verdict: str  # "drop" or "accept"
     shortcut: bool = True
     track_syn: bool = True
+    engine: str = "nfqueue"  # "nfqueue" (iptables + NFQUEUE workers) or "nftables" (Maglev in the kernel)
 
     @property
     def queues(self) -> range:
+        """The NFQUEUE queues of the service's workers; none for the nftables
+        engine, which has no worker (every caller that starts, supervises or
+        reports workers goes through this)."""
+        if self.engine != "nfqueue":
+            return range(0)
         return range(self.queue_first, self.queue_last + 1)
 
     def families(self) -> tuple:
@@ -367,6 +373,8 @@ def _check_service(s: dict) -> list[tuple[str, str]]:
                                   "balance would be poor"))
     if s.get("track_syn") is False and s.get("mode") == "nat":
         out.append(("track_syn", "no needs mode = route (DNAT needs the connection tracked from its SYN)"))
+    if s.get("engine") == "nftables" and s.get("shortcut") is False:
+        out.append(("shortcut", "no is for the nfqueue engine only (the nftables engine has no queue)"))
     return out
 
 
@@ -386,6 +394,9 @@ SERVICE_OPTIONS = schema.Schema("service", [
     Option("shortcut", _bool, True,
            "keep marked established connections in the kernel; no = queue every packet "
            "(nfqlb-style, for comparison only)"),
+    Option("engine", _choice("nfqueue", "nftables"), "nfqueue",
+           "nfqueue: iptables chains and NFQUEUE workers pick the target of each new connection; "
+           "nftables: the Maglev table lives in the kernel (table inet synlb), no worker"),
     Option("track_syn", _bool, True,
            "conntrack the opening SYN; no = leave it untracked (route mode only), for routers "
            "that see only the client's direction (behind ECMP): the connection's first ACK "
@@ -554,7 +565,7 @@ def load(path: str | None = None) -> Config:
         if not {"vips", "targets", "queue", "table_size"} <= s.keys():
             continue
         q1, q2 = s["queue"]
-        for q in range(q1, q2 + 1):
+        for q in range(q1, q2 + 1) if s.get("engine", "nfqueue") == "nfqueue" else ():
             if q in queues_seen:
                 problems.append((src("queue"), sec, "queue", f"queue {q} is also service {queues_seen[q]}'s"))
                 break
@@ -566,7 +577,7 @@ def load(path: str | None = None) -> Config:
             mode=s["mode"], egress=s["egress"], queue_first=q1, queue_last=q2,
             queue_bypass=s["queue_bypass"], target_names=tuple(s["targets"]),
             table_size=s["table_size"], no_target_verdict=s["no_target_verdict"],
-            shortcut=s["shortcut"], track_syn=s["track_syn"]))
+            shortcut=s["shortcut"], track_syn=s["track_syn"], engine=s["engine"]))
 
     # The same VIP:port in two services would make the first one win silently.
     for i, a in enumerate(services):

@@ -79,6 +79,8 @@ def reconcile(desired: dict[int, dict[str, Table]], state_dir: str) -> list[str]
         # remember which tables existed before synlb's first change, so that
         # teardown can leave iptables-save's output exactly as it found it
         state.setdefault(f"tables_before_{fam}", sorted(_table_names(text)))
+        if f"chains_before_{fam}" not in state:
+            state[f"chains_before_{fam}"] = sorted(_nft_chains(fam))
         live = rules.owned_from_save(text)
         want = _fingerprint(tables)
         seen = _fingerprint(live)
@@ -173,6 +175,49 @@ def _drop_created_tables(fam: int, before: list[str]) -> list[str]:
     return changes
 
 
+NFT_FAMILY = {4: "ip", 6: "ip6"}
+
+
+def _nft_chains(fam: int) -> set[str]:
+    """Chains of synlb's tables as nf_tables holds them ("mangle PREROUTING"):
+    iptables-nft creates a built-in chain the first time a rule goes into
+    it, and iptables-save lists every built-in chain whether it exists or
+    not, so only nft tells them apart. Empty without nft (or with the
+    legacy backend, where nft sees none of them)."""
+    from . import nft_apply
+    if not nft_apply.available():
+        return set()
+    try:
+        text = nft_apply.run(f"list chains {NFT_FAMILY[fam]}")
+    except nft_apply.NftError:
+        return set()
+    out, table = set(), None
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) >= 3 and words[0] == "table" and words[1] == NFT_FAMILY[fam]:
+            table = words[2] if words[2] in rules.TABLES else None
+        elif table and len(words) >= 2 and words[0] == "chain":
+            out.add(f"{table} {words[1]}")
+    return out
+
+
+def _drop_created_chains(fam: int, before: list[str]) -> list[str]:
+    """Delete the empty built-in chains synlb's rules made iptables-nft create
+    in tables that existed before (``_drop_created_tables`` takes the others)."""
+    from . import nft_apply
+    changes = []
+    for name in sorted(_nft_chains(fam) - set(before)):
+        table, chain = name.split()
+        if chain.startswith(rules.PREFIX):
+            continue
+        listed = nft_apply.run(f"list chain {NFT_FAMILY[fam]} {table} {chain}")
+        body = [ln.strip() for ln in listed.splitlines()[2:] if ln.strip() not in ("", "}")]
+        if all(ln.startswith("type ") for ln in body):
+            nft_apply.run(f"delete chain {NFT_FAMILY[fam]} {table} {chain}")
+            changes.append(f"{'ip6tables' if fam == 6 else 'iptables'}: deleted empty chain {table} {chain}")
+    return changes
+
+
 def remove_all(state_dir: str | None = None) -> list[str]:
     """Remove every owned chain and rule in both families."""
     empty = {name: Table(name) for name in rules.TABLES}
@@ -187,6 +232,9 @@ def remove_all(state_dir: str | None = None) -> list[str]:
         before = state.get(f"tables_before_{fam}")
         if before is not None:
             changes += _drop_created_tables(fam, before)
+        chains = state.get(f"chains_before_{fam}")
+        if chains is not None:
+            changes += _drop_created_chains(fam, chains)
     if state_dir:
         try:
             os.unlink(os.path.join(state_dir, STATE_FILE))

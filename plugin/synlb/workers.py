@@ -268,14 +268,21 @@ def desired(cfg: Config) -> dict[int, WorkerTable]:
             for svc in cfg.services for q in svc.queues}
 
 
-def ensure(cfg: Config) -> list[str]:
-    """One worker per configured queue, serving its desired table; return changes."""
+def ensure(cfg: Config, stop_unwanted: bool = True) -> list[str]:
+    """One worker per configured queue, serving its desired table; return changes.
+
+    ``stop_unwanted=False`` leaves running the workers of queues no service
+    wants any more (the caller stops them with a second call, once their
+    NFQUEUE rules are gone: a queue never loses its listener first)."""
     state_dir = cfg.globals.state_dir
     want = desired(cfg)
     have = {w.queue: w for w in running(state_dir)}
     changes = []
     for q, w in sorted(have.items()):
         table = want.get(q)
+        if table is None and not stop_unwanted:
+            del have[q]
+            continue
         if table is None or table.service != w.service:
             stop(w)
             worker_table.remove(state_dir, q)

@@ -19,9 +19,10 @@ if it has one, else its IPv6 one).
 On every flip the down set is written to the state dir
 (``health_state.write_down``) and the host is asked to reconcile: the lb
 plugin's data plane then writes the workers' tables without the down
-targets and SIGHUPs the workers, which rebuild their Maglev table.
-Connections already established are untouched: they carry their target's
-mark in conntrack.
+targets and SIGHUPs the workers, which rebuild their Maglev table (for a
+service of the nftables engine, the reconcile changes the slots of the
+kernel's map that differ, in one transaction).  Connections already
+established are untouched: they carry their target's mark in conntrack.
 
 Cross-key problems (a tcp/http check without ``check_port``, an exec check
 without ``check_command``) are reported by ``synlb check`` as

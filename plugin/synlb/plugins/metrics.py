@@ -17,6 +17,10 @@ Metrics:
 - ``synlb_packets_queued_total{service,family}``: packets sent to a worker
   (connection openers); ``synlb_packets_kernel_total{service,family}``:
   packets of established connections kept in the kernel
+- nftables engine: ``synlb_packets_hashed_kernel_total{service,family}``
+  (packets without a conntrack mark the kernel hashed to a target),
+  ``synlb_packets_pinned_kernel_total{service,family}`` (those that followed
+  a pin), ``synlb_target_kernel_picks_total{service,target}``
 - ``synlb_queue_dropped_total{queue}``, ``synlb_user_dropped_total{queue}``
   (kernel NFQUEUE drops: queue full / netlink buffer full),
   ``synlb_queue_listening{queue}``, ``synlb_queue_waiting{queue}``
@@ -167,12 +171,31 @@ class Collector:
                                      labels=["service", "family"])
         kernel = CounterMetricFamily("synlb_packets_kernel", "packets of established connections kept in the kernel",
                                      labels=["service", "family"])
+        hashed = CounterMetricFamily("synlb_packets_hashed_kernel",
+                                     "nftables engine: packets without a conntrack mark hashed in the kernel",
+                                     labels=["service", "family"])
+        pinned = CounterMetricFamily("synlb_packets_pinned_kernel",
+                                     "nftables engine: packets without a conntrack mark that followed a pin",
+                                     labels=["service", "family"])
         for c in st["chains"]:
             fam = str(c["family"])
             queued.add_metric([c["service"], fam], c["queued_pkts"])
             kernel.add_metric([c["service"], fam], c["kept_in_kernel_pkts"])
+            if "hashed_pkts" in c:
+                hashed.add_metric([c["service"], fam], c["hashed_pkts"])
+                pinned.add_metric([c["service"], fam], c["pinned_pkts"])
         yield queued
         yield kernel
+        yield hashed
+        yield pinned
+        picks = CounterMetricFamily("synlb_target_kernel_picks",
+                                    "nftables engine: packets the kernel hashed to the target",
+                                    labels=["service", "target"])
+        for s in st["services"]:
+            for t in s["targets"]:
+                if t.get("kernel_picks") is not None:
+                    picks.add_metric([s["name"], t["name"]], t["kernel_picks"])
+        yield picks
 
         qdrop = CounterMetricFamily("synlb_queue_dropped", "packets dropped by the kernel: queue full", labels=["queue"])
         udrop = CounterMetricFamily("synlb_user_dropped", "packets dropped by the kernel: netlink buffer full",
