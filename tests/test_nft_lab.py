@@ -250,3 +250,16 @@ def test_health_flip_of_100_targets_under_traffic(lab, clean):
     for res in results:
         assert res["summary"]["survived"] == 15 and res["summary"]["moved"] == 0, res["summary"]
     synlb(lab, "lb1", conf, "down", timeout=120)
+
+
+def test_status_check_covers_the_nftables_table(lab, clean):
+    conf = nft_config(lab)
+    synlb(lab, "lb1", conf, "up")
+    assert synlb(lab, "lb1", conf, "status", "--check").returncode == 0
+    lab.run("lb1", ["nft", "delete", "table", "inet", "synlb"])
+    r = synlb(lab, "lb1", conf, "status", "--check", check=False)
+    assert r.returncode == 1 and "nftables: missing table inet synlb" in r.stdout.splitlines(), r.stdout
+    synlb(lab, "lb1", conf, "up")
+    assert synlb(lab, "lb1", conf, "status", "--check").returncode == 0
+    synlb(lab, "lb1", conf, "down")
+    assert synlb(lab, "lb1", conf, "status", "--check").returncode == 0

@@ -208,6 +208,7 @@ def drift(cfg: Config) -> list[str]:
         rules_want, routes_want = set(), set()
         desired_rules = {fam: {n: rules.Table(n) for n in rules.TABLES} for fam in (4, 6)}
     out = netfilter.drift(desired_rules, g.state_dir)
+    out += nft_apply.drift(nft_plan(cfg) if active else nft_engine.Plan("", "", {}), g.state_dir)
     with routing.Routing(g.route_protocol) as rt:
         out += rt.drift(rules_want, routes_want)
     out += sysctl.drift(active and g.pickup)

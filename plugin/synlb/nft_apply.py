@@ -81,6 +81,27 @@ def run(text: str, json_output: bool = False) -> str:
     return p.stdout
 
 
+def drift(plan: E.Plan, state_dir: str) -> list[str]:
+    """How ``table inet synlb`` differs from ``plan`` (changes nothing): the
+    live table's structure by the digest in its base chain's comment, its
+    elements by the record of the last apply (listing 65537 slots costs a
+    quarter of a second; an element deleted by hand is not seen)."""
+    if available() is None:
+        return [] if plan.empty else [f"nftables: no nft and no python3-nftables to install {E.QUALIFIED}"]
+    live = live_digest()
+    if plan.empty:
+        return [] if live is None else [f"nftables: unexpected table {E.QUALIFIED} (no service uses the engine)"]
+    if live is None:
+        return [f"nftables: missing table {E.QUALIFIED}"]
+    if live != plan.digest:
+        return [f"nftables: table {E.QUALIFIED} is not the configuration's (changed, or not applied)"]
+    old, pending = load_state(state_dir)
+    if old is None or pending or old != E.applied_of(plan):
+        return [f"nftables: the maps of {E.QUALIFIED} are not the configuration's (targets, health or pins "
+                "not applied)"]
+    return []
+
+
 def _first_error(err: str) -> str:
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
     # nft prints the error, then the offending line and a caret line: keep the first two
