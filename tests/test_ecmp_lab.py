@@ -196,7 +196,9 @@ def wait_pins_everywhere(lab, confs, since: float, timeout: float = 20.0) -> dic
         st = {r: sync_of(lab, r, confs[r]) for r in lab.routers}
         backs = {A.router_back(i): r for i, r in enumerate(lab.routers, 1)}
         fresh = all(s["own_at"] and s["own_at"] >= since + AGAIN_AFTER for s in st.values())
-        received = all(p["last_ok"] and p["last_ok"] >= st[backs[addr]]["own_at"]
+        # every router holds exactly what each peer last computed (by content:
+        # the statuses are read one after the other while the routers refresh)
+        received = all(p["digest"] == st[backs[addr]]["own_digest"]
                        for s in st.values() for addr, p in s["peers"].items())
         loaded = all(worker_pins(state_dir(lab, r)) == st[r]["held_pins"] for r in lab.routers)
         if fresh and received and loaded:

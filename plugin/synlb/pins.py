@@ -148,6 +148,16 @@ def count(pins: Pins) -> int:
     return sum(len(v) for v in pins.values())
 
 
+def digest(pins: Pins) -> str:
+    """A short fingerprint of a set of pins: equal on two routers when they
+    hold the same pins (status shows it, so that one can tell)."""
+    h = hashlib.sha256()
+    for svc, keys in sorted(pins.items()):
+        for k, m in sorted(keys.items()):
+            h.update(svc.encode() + b"\0" + k + m.to_bytes(4, "big"))
+    return h.hexdigest()[:12]
+
+
 def merge(*sources: Pins) -> Pins:
     """One set of pins from several peers' (a later source wins a conflict)."""
     out: Pins = {}
