@@ -1,0 +1,187 @@
+"""The state directory (statedir.py): a directory only root can change, or
+refused with one line before any command does anything; atomic writes that
+never follow a planted symlink; and what is read back from it (saved
+sysctls, applied.json's route protocol) never taken on trust. Nothing here
+touches the kernel: every step that would is replaced or pointed at a
+temporary directory."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+
+import pytest
+
+from synlb import (cli, dataplane, errors, health_state, host, netfilter, pins_state, statedir, status,
+                   sysctl, worker, worker_table, workers)
+
+from synlb.vrrp import dbus as vrrp_dbus
+from synlb.vrrp import delivery, journal
+from synlb.vrrp.events import VrrpEvent
+
+root_only = pytest.mark.skipif(os.geteuid() != 0, reason="ownership is only checked as root")
+
+OTHER_UID = 65534  # nobody
+
+CONF = """
+[synlb]
+state_dir = {state}
+[service:web]
+vips = 192.0.2.1/32
+ingress = lo
+protocols = tcp
+targets = a
+[target:a]
+address = 198.51.100.1
+[vrrp]
+sync_group = G1
+"""
+
+
+def write_config(tmp_path, state) -> str:
+    p = tmp_path / "synlb.ini"
+    p.write_text(CONF.format(state=state))
+    return str(p)
+
+
+# ------------------------------------------------------------------ atomic writes
+
+def test_write_json_is_atomic_unique_temp_fsync_nothing_left(tmp_path, monkeypatch):
+    target = tmp_path / "applied.json"
+    target.write_text('{"n": 0}')
+    seen = []  # (what happened, details) in order
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        seen.append(("fsync", "dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        # at the rename the new content is all in the temp file, beside the
+        # target, and readers still see the old file
+        n = sum(1 for s in seen if s[0] == "replace")
+        assert os.path.dirname(src) == str(tmp_path) and dst == str(target)
+        assert json.loads(open(src).read()) == {"n": n + 1}
+        assert stat.S_IMODE(os.lstat(src).st_mode) == 0o600
+        assert json.loads(target.read_text()) == {"n": n}
+        seen.append(("replace", os.path.basename(src)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    statedir.write_json(str(target), {"n": 1})
+    statedir.write_json(str(target), {"n": 2})
+    assert [s for s in seen if s[0] == "fsync"] == [("fsync", "file"), ("fsync", "dir")] * 2
+    assert [s[0] for s in seen] == ["fsync", "replace", "fsync"] * 2  # the file synced before the rename
+    first, second = seen[1][1], seen[4][1]
+    assert first != second  # a unique temp name each time, never a fixed one
+    assert first.startswith(".applied.json.") and first.endswith(".tmp")
+    assert json.loads(target.read_text()) == {"n": 2}
+    assert os.listdir(tmp_path) == ["applied.json"]  # no temp file left
+
+
+def test_write_json_failure_keeps_the_old_file_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "x.json"
+    target.write_text('{"old": 1}')
+    with pytest.raises(TypeError):
+        statedir.write_json(str(target), {"not json": object()})
+    assert json.loads(target.read_text()) == {"old": 1}
+    assert os.listdir(tmp_path) == ["x.json"]
+
+
+def test_paths_are_named_in_one_place(tmp_path):
+    d = str(tmp_path)
+    assert workers.pidfile(d, 3) == f"{d}/worker-3.pid" == statedir.worker_pid(d, 3)
+    assert worker.stats_file(d, 3) == f"{d}/worker-3.stats.json"
+    assert worker_table.path(d, 3) == f"{d}/worker-3.table.json"
+    assert statedir.worker_log(d, 3) == f"{d}/worker-3.log"
+    assert pins_state.path(d) == f"{d}/pins.json"
+    for q in (0, 12, 3):
+        for suffix in (".pid", ".log", ".table.json"):
+            open(statedir.worker_file(d, q, suffix), "w").close()
+    open(os.path.join(d, "worker-x.pid"), "w").close()
+    assert statedir.worker_queues(d, ".pid") == [0, 12, 3]  # file name order, as listed before
+    assert statedir.worker_queues(d, ".table.json") == [0, 12, 3]
+    assert statedir.worker_queues(d + "/missing", ".pid") == []
+
+
+# ------------------------------------------------------------------ the directory itself
+
+def test_a_missing_state_dir_is_created_0700_parents_too(tmp_path):
+    old = os.umask(0o022)
+    try:
+        d = tmp_path / "a" / "b" / "state"
+        statedir.ensure(str(d))
+    finally:
+        os.umask(old)
+    for p in (tmp_path / "a", tmp_path / "a" / "b", d):
+        st = os.lstat(p)
+        assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o700, p
+        assert st.st_uid == os.geteuid()
+    statedir.ensure(str(d))  # a second time: fine
+    statedir.ensure(str(tmp_path / "other"), create=False)  # status: a missing one is not made
+    assert not os.path.exists(tmp_path / "other")
+
+
+def _refused(d, match):
+    with pytest.raises(statedir.StateDirError) as e:
+        statedir.ensure(str(d))
+    (line,) = e.value.lines()
+    assert str(d) in line and match in line, line
+    return line
+
+
+def test_refused_world_writable_symlink_or_not_a_directory(tmp_path):
+    d = tmp_path / "state"
+    d.mkdir(mode=0o700)
+    os.chmod(d, 0o777)
+    _refused(d, "writable by group or others (mode 0777)")
+    os.chmod(d, 0o770)
+    _refused(d, "writable by group or others (mode 0770)")
+    os.chmod(d, 0o755)
+    statedir.ensure(str(d))  # readable by others is fine
+    link = tmp_path / "link"
+    link.symlink_to(d)
+    _refused(link, "is a symlink")
+    _refused(str(link) + "/", "is a symlink")
+    f = tmp_path / "file"
+    f.write_text("")
+    _refused(f, "is not a directory")
+    with pytest.raises(statedir.StateDirError, match="not an absolute path"):
+        statedir.ensure("run/synlb")
+
+
+def test_parents_must_be_roots_too(tmp_path):
+    p = tmp_path / "p"
+    p.mkdir(mode=0o755)
+    d = p / "state"
+    d.mkdir(mode=0o700)
+    os.chmod(p, 0o777)  # anyone could rename state away and put their own there
+    _refused(d, f"its parent {p} is writable by group or others")
+    _refused(p / "missing", f"its parent {p} is writable")  # and nothing is created there
+    assert not os.path.exists(p / "missing")
+    os.chmod(p, 0o1777)  # sticky, like /tmp: others cannot rename root's entries
+    statedir.ensure(str(d))
+    os.chmod(p, 0o755)
+    statedir.ensure(str(d))
+
+
+@root_only
+def test_refused_not_owned_by_root(tmp_path):
+    d = tmp_path / "state"
+    d.mkdir(mode=0o700)
+    os.chown(d, OTHER_UID, OTHER_UID)
+    _refused(d, f"is owned by uid {OTHER_UID}, not root")
+    os.chown(d, 0, 0)
+    statedir.ensure(str(d))
+    p = tmp_path / "p"
+    p.mkdir(mode=0o755)
+    (p / "state").mkdir(mode=0o700)
+    os.chown(p, OTHER_UID, OTHER_UID)
+    _refused(p / "state", f"its parent {p} is owned by uid {OTHER_UID}")
+
+
+def test_state_dir_error_is_a_user_error():
+    assert issubclass(statedir.StateDirError, errors.UserError)
