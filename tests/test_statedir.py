@@ -91,6 +91,127 @@ def test_write_json_failure_keeps_the_old_file_and_leaves_no_temp(tmp_path):
     assert os.listdir(tmp_path) == ["x.json"]
 
 
+def _victim(tmp_path):
+    v = tmp_path / "victim"
+    v.write_text("root's file\n")
+    return v
+
+
+def _writers(d: str):
+    """Every writer of a JSON file in the state dir: (file it writes, write)."""
+    from synlb.config import load
+    cfg_path = os.path.join(os.path.dirname(d), "w.ini")
+    with open(cfg_path, "w") as fh:
+        fh.write(CONF.format(state=d))
+    cfg = load(cfg_path)
+    table = worker_table.build(cfg, cfg.service("web"), 0)
+
+    def stats():
+        w = worker.Worker.__new__(worker.Worker)
+        w.state_dir, w.queue, w.service_name = d, 0, "web"
+        w.picks, w.no_target, w.pinned, w.pins, w.started = {}, 0, 0, {}, 0.0
+        w.table = worker.MarkTable(table)
+        w.write_stats()
+
+    def sysctl_saved():
+        real = sysctl._path
+        sysctl._path = lambda name: os.path.join(os.path.dirname(d), "proc-sys", name)
+        try:
+            for name in sysctl.PICKUP:
+                os.makedirs(os.path.dirname(sysctl._path(name)), exist_ok=True)
+                with open(sysctl._path(name), "w") as fh:
+                    fh.write("1\n")
+            sysctl.activate(d)
+        finally:
+            sysctl._path = real
+
+    return [
+        ("applied.json", lambda: dataplane._write_applied(d, {"digest": "x", "route_protocol": 229})),
+        ("netfilter.json", lambda: netfilter._store_state(d, {"4": ["a", "b"]})),
+        ("sysctl-saved.json", sysctl_saved),
+        ("targets-down.json", lambda: health_state.write_down(d, {"web": ["a"]})),
+        ("pins.json", lambda: pins_state.write(d, {"web": {bytes(13): 1}})),
+        ("worker-0.pid", lambda: workers._write(workers.WorkerInfo(1234, "web", 0, "d", d))),
+        ("worker-0.table.json", lambda: worker_table.write(d, table)),
+        ("worker-0.stats.json", stats),
+        ("vrrp-state.json", lambda: journal._write_state(d, VrrpEvent("notify", "GROUP", "G1", "MASTER"), (1, 2))),
+    ]
+
+
+def test_a_planted_symlink_at_an_old_fixed_temp_name_is_not_followed(tmp_path):
+    """Every state file used to be written through ``FILE.tmp`` (the journal's
+    through ``FILE.<pid>.tmp``), opened with open("w"), which follows a
+    symlink there: a link to any file had that file overwritten."""
+    d = tmp_path / "state"
+    d.mkdir(mode=0o700)
+    victim = _victim(tmp_path)
+    writers = _writers(str(d))
+    for name, _ in writers:
+        for tmp in (f"{name}.tmp", f"{name}.{os.getpid()}.tmp"):
+            os.symlink(victim, d / tmp)
+    for name, write in writers:
+        write()
+        assert victim.read_text() == "root's file\n", name
+        assert (d / name).is_file() and not (d / name).is_symlink(), name
+        json.loads((d / name).read_text())
+    # no temp file of ours left: only the files and the planted links
+    planted = {p for n, _ in writers for p in (f"{n}.tmp", f"{n}.{os.getpid()}.tmp")}
+    assert set(os.listdir(d)) == {n for n, _ in writers} | planted
+
+
+def test_a_symlink_at_the_file_itself_is_replaced_not_followed(tmp_path):
+    d = tmp_path / "state"
+    d.mkdir(mode=0o700)
+    victim = _victim(tmp_path)
+    for name, write in _writers(str(d)):
+        os.symlink(victim, d / name)
+        write()
+        assert victim.read_text() == "root's file\n", name
+        assert not (d / name).is_symlink(), name
+
+
+def test_the_worker_log_is_rotated_without_following_a_symlink(tmp_path):
+    """worker-N.log.1 used to be opened with open("wb"), through a link there."""
+    d = tmp_path / "state"
+    d.mkdir(mode=0o700)
+    victim = _victim(tmp_path)
+    os.symlink(victim, d / "worker-0.log.1")
+    fd = os.open(d / "worker-0.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        os.write(fd, b"z" * 2000)
+        assert worker.rotate_log(fd, 1000, statedir.worker_log_old(str(d), 0))
+    finally:
+        os.close(fd)
+    assert victim.read_text() == "root's file\n"
+    assert not (d / "worker-0.log.1").is_symlink() and (d / "worker-0.log.1").read_bytes() == b"z" * 2000
+    assert sorted(os.listdir(d)) == ["worker-0.log", "worker-0.log.1"]
+
+
+def test_reads_never_follow_a_symlink(tmp_path):
+    d = tmp_path / "state"
+    d.mkdir(mode=0o700)
+    outside = tmp_path / "outside.json"
+    outside.write_text(json.dumps({"digest": "x", "route_protocol": 186}))
+    os.symlink(outside, d / "applied.json")
+    assert dataplane.applied(str(d)) is None
+    with pytest.raises(ValueError, match="symlink"):
+        statedir.read_json(str(d / "applied.json"))
+    os.symlink(outside, d / "vrrp.log")
+    journal.log(str(d), {"event": "x"})  # best effort: not written through the link
+    assert json.loads(outside.read_text())["route_protocol"] == 186
+
+
+def test_lock_file_is_not_opened_through_a_symlink(tmp_path):
+    d = tmp_path / "state"
+    d.mkdir(mode=0o700)
+    victim = _victim(tmp_path)
+    os.symlink(victim, d / "lock")
+    with pytest.raises(statedir.StateDirError, match="lock"):
+        with dataplane.locked(str(d)):
+            raise AssertionError("locked through a symlink")
+    assert victim.read_text() == "root's file\n"  # open("w") used to truncate it
+
+
 def test_paths_are_named_in_one_place(tmp_path):
     d = str(tmp_path)
     assert workers.pidfile(d, 3) == f"{d}/worker-3.pid" == statedir.worker_pid(d, 3)

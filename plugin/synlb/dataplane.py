@@ -1,55 +1,38 @@
 """The one entry point that changes the kernel: reconcile the whole desired
-state, or tear everything down.  Serialized by a lock in the state dir, so
-concurrent callers (keepalived runs notify scripts in parallel) never
-interleave; every step is idempotent.
+state, or tear everything down.  Serialized by a lock in the state dir
+(statedir.locked), so concurrent callers (keepalived runs notify scripts in
+parallel) never interleave; every step is idempotent.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import json
 import logging
 import os
 import time
 
-from . import health_state, live, netfilter, nft_apply, nft_engine, pins_state, routing, rules, sysctl, workers
+from . import (health_state, live, netfilter, nft_apply, nft_engine, pins_state, routing, rules, statedir,
+               sysctl, workers)
 from .config import Config
 
 log = logging.getLogger(__name__)
 
-APPLIED = "applied.json"
+APPLIED = statedir.APPLIED
 
-
-@contextlib.contextmanager
-def locked(state_dir: str):
-    os.makedirs(state_dir, mode=0o700, exist_ok=True)
-    with open(os.path.join(state_dir, "lock"), "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+locked = statedir.locked  # the data plane lock
 
 
 def applied(state_dir: str) -> dict | None:
     try:
-        with open(os.path.join(state_dir, APPLIED)) as fh:
-            return json.load(fh)
+        return statedir.read_json(statedir.applied(state_dir))
     except (FileNotFoundError, ValueError):
         return None
 
 
 def _write_applied(state_dir: str, data: dict | None) -> None:
-    path = os.path.join(state_dir, APPLIED)
     if data is None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+        statedir.remove(statedir.applied(state_dir))
         return
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(data, fh)
-    os.replace(tmp, path)
+    statedir.write_json(statedir.applied(state_dir), data)
 
 
 def nft_plan(cfg: Config) -> nft_engine.Plan:

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 
-from . import rules
+from . import rules, statedir
 from .errors import UserError
 from .rules import Table
 
 SAVE = {4: "iptables-save", 6: "ip6tables-save"}
 RESTORE = {4: "iptables-restore", 6: "ip6tables-restore"}
-STATE_FILE = "netfilter.json"
+STATE_FILE = statedir.NETFILTER
 XTABLES_WAIT = 5  # seconds iptables-restore waits for the xtables lock another program holds
 
 
@@ -51,18 +50,13 @@ def _fingerprint(tables: dict[str, Table]) -> str:
 
 def _load_state(state_dir: str) -> dict:
     try:
-        with open(os.path.join(state_dir, STATE_FILE)) as fh:
-            return json.load(fh)
+        return statedir.read_json(statedir.netfilter(state_dir))
     except (FileNotFoundError, ValueError):
         return {}
 
 
 def _store_state(state_dir: str, state: dict) -> None:
-    path = os.path.join(state_dir, STATE_FILE)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(state, fh)
-    os.replace(tmp, path)
+    statedir.write_json(statedir.netfilter(state_dir), state)
 
 
 def reconcile(desired: dict[int, dict[str, Table]], state_dir: str) -> list[str]:
@@ -236,10 +230,7 @@ def remove_all(state_dir: str | None = None) -> list[str]:
         if chains is not None:
             changes += _drop_created_chains(fam, chains)
     if state_dir:
-        try:
-            os.unlink(os.path.join(state_dir, STATE_FILE))
-        except FileNotFoundError:
-            pass
+        statedir.remove(statedir.netfilter(state_dir))
     return changes
 
 

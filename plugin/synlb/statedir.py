@@ -34,6 +34,7 @@ vrrp-state.json        the newest VRRP event                       vrrp.journal
 vrrp.log, vrrp.log.1   every VRRP event seen                       vrrp.journal
 worker-N.pid           the worker's pid, service, table digest     workers
 worker-N.log           the worker's stdout and stderr              workers
+worker-N.log.1         the log's older part, past 1 MiB            worker
 worker-N.table.json    the table the worker serves                 worker_table
 worker-N.stats.json    the worker's counters (and pid once bound)  worker
 =====================  ==========================================  =================
@@ -66,6 +67,7 @@ VRRP_LOG_OLD = VRRP_LOG + ".1"
 # worker-<queue><suffix>
 WORKER_PID = ".pid"
 WORKER_LOG = ".log"
+WORKER_LOG_OLD = ".log.1"
 WORKER_TABLE = ".table.json"
 WORKER_STATS = ".stats.json"
 _WORKER_RE = re.compile(r"worker-(0|[1-9][0-9]{0,4})(\.[a-z.]+)")
@@ -126,7 +128,7 @@ def vrrp_log_old(state_dir: str) -> str:
 
 
 def worker_file(state_dir: str, queue: int, suffix: str) -> str:
-    """``worker-<queue><suffix>``, suffix one of WORKER_PID/LOG/TABLE/STATS."""
+    """``worker-<queue><suffix>``, suffix one of WORKER_PID/LOG/LOG_OLD/TABLE/STATS."""
     return path(state_dir, f"worker-{int(queue)}{suffix}")
 
 
@@ -136,6 +138,10 @@ def worker_pid(state_dir: str, queue: int) -> str:
 
 def worker_log(state_dir: str, queue: int) -> str:
     return worker_file(state_dir, queue, WORKER_LOG)
+
+
+def worker_log_old(state_dir: str, queue: int) -> str:
+    return worker_file(state_dir, queue, WORKER_LOG_OLD)
 
 
 def worker_table(state_dir: str, queue: int) -> str:
@@ -268,18 +274,25 @@ def locked(state_dir: str):
 # ------------------------------------------------------------------ files
 
 def write_json(path: str, data, *, sync: bool = True, **dump) -> None:
-    """Replace ``path`` with ``data`` as JSON, atomically: a unique temp file
-    beside it (created with O_EXCL, mode 0600: a symlink or file planted at
-    any name is never followed nor reused), fsync, rename over ``path``,
-    fsync of the directory. ``sync=False`` leaves out both fsyncs, for a
-    file rewritten every second that nothing recovers after a crash (the
-    worker's counters: its loop must not wait on a disk). ``dump``: extra
-    ``json.dump`` arguments. The temp file never stays behind."""
+    """Replace ``path`` with ``data`` as JSON, atomically (:func:`write_file`).
+    ``dump``: extra ``json.dump`` arguments."""
+    write_file(path, lambda fh: fh.write(json.dumps(data, **dump).encode()), sync=sync)
+
+
+def write_file(path: str, fill, *, sync: bool = True) -> None:
+    """Replace ``path`` atomically with what ``fill(fh)`` writes to a binary
+    file: a unique temp file beside it (created with O_EXCL, mode 0600: a
+    symlink or file planted at any name is never followed nor reused),
+    fsync, rename over ``path``, fsync of the directory. ``sync=False``
+    leaves out both fsyncs, for a file that nothing recovers after a crash
+    and whose writer must not wait on a disk (the worker's counters, its old
+    log: its loop runs between two packets' verdicts). The temp file never
+    stays behind."""
     d, name = os.path.split(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=d or ".")
     try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, **dump)
+        with os.fdopen(fd, "wb") as fh:
+            fill(fh)
             if sync:
                 fh.flush()
                 os.fsync(fh.fileno())

@@ -9,16 +9,16 @@ the state dir, so that the last deactivation restores exactly them.
 
 from __future__ import annotations
 
-import json
 import os
 
+from . import statedir
 from .errors import UserError
 
 PICKUP = {
     "net/netfilter/nf_conntrack_tcp_loose": "1",
     "net/netfilter/nf_conntrack_tcp_be_liberal": "1",
 }
-SAVED = "sysctl-saved.json"
+SAVED = statedir.SYSCTL_SAVED
 
 
 class SysctlError(UserError):
@@ -48,13 +48,9 @@ def ensure_conntrack() -> None:
 def activate(state_dir: str) -> list[str]:
     """Save current values once, then set the pickup values. Returns what changed."""
     ensure_conntrack()
-    saved_file = os.path.join(state_dir, SAVED)
-    if not os.path.exists(saved_file):
-        saved = {name: read(name) for name in PICKUP}
-        tmp = saved_file + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(saved, fh)
-        os.replace(tmp, saved_file)
+    saved_file = statedir.sysctl_saved(state_dir)
+    if not statedir.is_file(saved_file):  # (a symlink there is replaced, never followed)
+        statedir.write_json(saved_file, {name: read(name) for name in PICKUP})
     changes = []
     for name, value in PICKUP.items():
         if read(name) != value:
@@ -65,10 +61,9 @@ def activate(state_dir: str) -> list[str]:
 
 def restore(state_dir: str) -> list[str]:
     """Put back what ``activate`` found; forget the saved values."""
-    saved_file = os.path.join(state_dir, SAVED)
+    saved_file = statedir.sysctl_saved(state_dir)
     try:
-        with open(saved_file) as fh:
-            saved = json.load(fh)
+        saved = statedir.read_json(saved_file)
     except FileNotFoundError:
         return []
     changes = []
@@ -76,7 +71,7 @@ def restore(state_dir: str) -> list[str]:
         if os.path.exists(_path(name)) and read(name) != value:
             write(name, value)
             changes.append(f"sysctl {name.replace('/', '.')}={value}")
-    os.unlink(saved_file)
+    statedir.remove(saved_file)
     return changes
 
 
