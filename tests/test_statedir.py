@@ -306,3 +306,82 @@ def test_refused_not_owned_by_root(tmp_path):
 
 def test_state_dir_error_is_a_user_error():
     assert issubclass(statedir.StateDirError, errors.UserError)
+
+
+# ------------------------------------------------------------------ every command checks it first
+
+def _bad_dirs(tmp_path):
+    """(how, state dir) for each kind of state dir that must be refused."""
+    out = []
+    ww = tmp_path / "world-writable"
+    ww.mkdir()
+    os.chmod(ww, 0o777)
+    out.append(("world-writable", ww))
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    link = tmp_path / "symlinked"
+    link.symlink_to(real)
+    out.append(("symlink", link))
+    if os.geteuid() == 0:
+        other = tmp_path / "not-roots"
+        other.mkdir(mode=0o700)
+        os.chown(other, OTHER_UID, OTHER_UID)
+        out.append(("not root's", other))
+    return out
+
+
+def _forbid(monkeypatch, obj, name):
+    def forbidden(*a, **k):
+        raise AssertionError(f"{name} reached with a state dir that must be refused")
+    monkeypatch.setattr(obj, name, forbidden)
+
+
+@pytest.mark.parametrize("argv", [["up"], ["status"], ["status", "--check"], ["down"], ["run"], ["notify", "GROUP", "G1", "MASTER", "0"],
+                                  ["fifo", "/nonexistent.fifo"], ["dbus"], ["worker"]])
+def test_every_command_refuses_a_bad_state_dir_with_one_line(tmp_path, monkeypatch, capsys, argv):
+    for obj, name in ((dataplane, "up"), (dataplane, "down"), (dataplane, "up_locked"),
+                      (dataplane, "down_locked"), (dataplane, "drift"), (status, "collect"), (host, "main"),
+                      (delivery, "run_detached"), (vrrp_dbus, "connect"), (worker, "main")):
+        _forbid(monkeypatch, obj, name)
+    for how, d in _bad_dirs(tmp_path):
+        path = write_config(tmp_path, d)
+        args = (["worker", f"--state-dir={d}", "--service=web", "--queue=0"] if argv == ["worker"]
+                else ["-c", path, *argv])
+        assert cli.main(args) == errors.EXIT_USER, (how, argv)
+        out, err = capsys.readouterr()
+        lines = err.splitlines()
+        assert len(lines) == 1 and "Traceback" not in err, (how, err)
+        assert lines[0].startswith(f"synlb {argv[0]}: state_dir {d} ") and "refused" in lines[0], (how, err)
+        assert out == ""
+
+
+def test_the_vrrp_sources_refuse_it_when_loading_the_config(tmp_path):
+    (how, d), *_ = _bad_dirs(tmp_path)
+    path = write_config(tmp_path, d)
+    with pytest.raises(statedir.StateDirError):
+        delivery.load(path)
+    with pytest.raises(statedir.StateDirError):
+        delivery.deliver(path, VrrpEvent("notify", "GROUP", "G1", "MASTER", 0), (1, 1))
+    assert os.listdir(d) == []  # nothing recorded, nothing logged
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="unshare --net needs root")
+def test_synlb_up_and_status_refuse_a_world_writable_state_dir(tmp_path):
+    """The installed command: one line on stderr, exit 1, nothing done."""
+    import subprocess
+    import sys
+    d = tmp_path / "state"
+    d.mkdir()
+    os.chmod(d, 0o777)
+    path = write_config(tmp_path, d)
+    exe = os.path.join(os.path.dirname(sys.executable), "synlb")
+    for command in ("up", "status"):
+        # the config's ingress is lo and nothing is reached past the check; a
+        # private network namespace all the same, should it ever be
+        r = subprocess.run(["unshare", "--net", exe, "-c", path, command], capture_output=True, text=True,
+                           timeout=30, check=False)
+        assert r.returncode == 1, (command, r.stdout, r.stderr)
+        assert r.stderr == (f"synlb {command}: state_dir {d} is writable by group or others (mode 0777): "
+                            "refused (a state directory and its parents must be root's, writable by root "
+                            "only; see [synlb] state_dir)\n"), r.stderr
+        assert os.listdir(d) == []
