@@ -385,3 +385,79 @@ def test_synlb_up_and_status_refuse_a_world_writable_state_dir(tmp_path):
                             "refused (a state directory and its parents must be root's, writable by root "
                             "only; see [synlb] state_dir)\n"), r.stderr
         assert os.listdir(d) == []
+
+
+# ------------------------------------------------------------------ what is read back
+
+@pytest.fixture
+def proc_sys(tmp_path, monkeypatch):
+    """A stand-in /proc/sys (tmp/deep/er/proc/sys) holding the pickup
+    sysctls, ip_forward, and a "hostname" two levels above it: where
+    ``../../kernel/hostname`` would lead."""
+    root = tmp_path / "deep" / "er" / "proc" / "sys"
+    files = {}
+    for name, value in [*((n, "0") for n in sysctl.PICKUP), ("net/ipv4/ip_forward", "0"),
+                        ("kernel/hostname", "router")]:
+        f = root / name
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(value + "\n")
+        files[name] = f
+    escaped = tmp_path / "deep" / "er" / "kernel" / "hostname"
+    escaped.parent.mkdir(parents=True)
+    escaped.write_text("router\n")
+    files["escaped"] = escaped
+    monkeypatch.setattr(sysctl, "_path", lambda name: os.path.join(str(root), name))
+    return files
+
+
+def test_sysctl_restore_writes_only_the_two_pickup_sysctls(tmp_path, proc_sys, caplog):
+    d = tmp_path / "state"
+    d.mkdir(mode=0o700)
+    assert sysctl.activate(str(d)) == [f"sysctl {n.replace('/', '.')}=1" for n in sysctl.PICKUP]
+    saved = json.loads((d / "sysctl-saved.json").read_text())
+    assert saved == {n: "0" for n in sysctl.PICKUP}
+    saved.update({"../../kernel/hostname": "pwned", "../../../../kernel/hostname": "pwned",
+                  "net.ipv4.ip_forward": "1", "net/ipv4/ip_forward": "1", "kernel/hostname": "pwned",
+                  "/etc/passwd": "x"})
+    (d / "sysctl-saved.json").write_text(json.dumps(saved))
+    with caplog.at_level(logging.ERROR, logger="synlb.sysctl"):
+        changes = sysctl.restore(str(d))
+    assert changes == [f"sysctl {n.replace('/', '.')}=0" for n in sysctl.PICKUP]
+    for name in sysctl.PICKUP:
+        assert proc_sys[name].read_text().strip() == "0"
+    assert proc_sys["net/ipv4/ip_forward"].read_text() == "0\n"
+    assert proc_sys["kernel/hostname"].read_text() == "router\n"
+    assert proc_sys["escaped"].read_text() == "router\n"
+    refused = [r.getMessage() for r in caplog.records]
+    for key in ("../../kernel/hostname", "net.ipv4.ip_forward", "net/ipv4/ip_forward", "/etc/passwd"):
+        assert any(repr(key) in m and "not written" in m for m in refused), (key, refused)
+    assert not (d / "sysctl-saved.json").exists()
+
+
+@pytest.mark.parametrize("value", ["1\n0", "-1", "1; reboot", 1, None, ["1"], "", "1234"])
+def test_sysctl_restore_writes_no_value_synlb_did_not_save(tmp_path, proc_sys, value, caplog):
+    d = tmp_path / "state"
+    d.mkdir(mode=0o700)
+    name = next(iter(sysctl.PICKUP))
+    proc_sys[name].write_text("1\n")
+    (d / "sysctl-saved.json").write_text(json.dumps({name: value}))
+    with caplog.at_level(logging.ERROR, logger="synlb.sysctl"):
+        assert sysctl.restore(str(d)) == []
+    assert proc_sys[name].read_text() == "1\n"
+    assert any("not written" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("saved", ["not json", "[1, 2]", '"x"'])
+def test_sysctl_restore_of_a_broken_file_writes_nothing(tmp_path, proc_sys, saved, caplog):
+    d = tmp_path / "state"
+    d.mkdir(mode=0o700)
+    (d / "sysctl-saved.json").write_text(saved)
+    with caplog.at_level(logging.ERROR, logger="synlb.sysctl"):
+        assert sysctl.restore(str(d)) == []
+    assert caplog.records and not (d / "sysctl-saved.json").exists()
+
+
+def test_sysctl_write_refuses_any_other_name(proc_sys):
+    with pytest.raises(ValueError):
+        sysctl.write("net/ipv4/ip_forward", "1")
+    assert proc_sys["net/ipv4/ip_forward"].read_text() == "0\n"
