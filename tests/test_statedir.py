@@ -12,6 +12,7 @@ import logging
 import os
 import stat
 
+import psutil
 import pytest
 
 from synlb import (cli, dataplane, errors, health_state, host, netfilter, pins_state, statedir, status,
@@ -461,3 +462,110 @@ def test_sysctl_write_refuses_any_other_name(proc_sys):
     with pytest.raises(ValueError):
         sysctl.write("net/ipv4/ip_forward", "1")
     assert proc_sys["net/ipv4/ip_forward"].read_text() == "0\n"
+
+
+@pytest.fixture
+def teardown_spy(monkeypatch):
+    """``down`` with every kernel step replaced: which route protocol it
+    would delete the routes of."""
+    protocols = []
+
+    class Routing:
+        def __init__(self, proto):
+            protocols.append(proto)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def reconcile(self, rules, routes):
+            assert rules == set() and routes == set()
+            return []
+
+    monkeypatch.setattr(dataplane.routing, "Routing", Routing)
+    monkeypatch.setattr(dataplane.netfilter, "remove_all", lambda state_dir: [])
+    monkeypatch.setattr(dataplane.nft_apply, "remove", lambda state_dir: [])
+    monkeypatch.setattr(dataplane.workers, "stop_all", lambda state_dir: [])
+    monkeypatch.setattr(dataplane.sysctl, "restore", lambda state_dir: [])
+    return protocols
+
+
+@pytest.mark.parametrize("bad, why", [(186, "bgp"), (16, "dhcp"), (18, "keepalived"), (2, "within 5..255"),
+                                      (0, "within"), (256, "within"), (-1, "within"), ("229", "within"),
+                                      (True, "within"), (229.5, "within"), (None, "within"), ([229], "within")])
+def test_a_bad_route_protocol_in_applied_json_is_refused(tmp_path, teardown_spy, caplog, bad, why):
+    d = tmp_path / "state"
+    d.mkdir(mode=0o700)
+    (d / "applied.json").write_text(json.dumps({"digest": "x", "route_protocol": bad}))
+    with caplog.at_level(logging.ERROR, logger="synlb.dataplane"):
+        dataplane.down(str(d), 229)
+    assert teardown_spy == [229]  # the config's, never what the file says
+    (msg,) = [r.getMessage() for r in caplog.records]
+    assert f"route_protocol {bad!r} refused" in msg and why in msg and str(d / "applied.json") in msg, msg
+    assert not (d / "applied.json").exists()
+
+
+def test_a_good_route_protocol_in_applied_json_is_used(tmp_path, teardown_spy, caplog):
+    """What up applied is what down removes, even after the config changed."""
+    d = tmp_path / "state"
+    d.mkdir(mode=0o700)
+    (d / "applied.json").write_text(json.dumps({"digest": "x", "route_protocol": 230}))
+    with caplog.at_level(logging.ERROR, logger="synlb.dataplane"):
+        dataplane.down(str(d), 229)
+    assert teardown_spy == [230] and not caplog.records
+    dataplane.down(str(d), 229)  # nothing applied: the config's
+    assert teardown_spy == [230, 229]
+
+
+@pytest.mark.parametrize("content", ["[1]", '"x"', "not json"])
+def test_applied_json_of_another_shape_counts_as_nothing_applied(tmp_path, teardown_spy, content):
+    d = tmp_path / "state"
+    d.mkdir(mode=0o700)
+    (d / "applied.json").write_text(content)
+    assert dataplane.applied(str(d)) is None
+    dataplane.down(str(d), 229)
+    assert teardown_spy == [229]
+
+
+def test_netfilter_state_of_another_shape_is_dropped(tmp_path):
+    d = tmp_path / "state"
+    d.mkdir(mode=0o700)
+    (d / "netfilter.json").write_text(json.dumps({"4": ["a", "b"], "6": ["a"], "tables_before_4": ["mangle", 3],
+                                                  "tables_before_6": ["mangle"], "rules_4": ["-t mangle :x"],
+                                                  "rules_6": "-t mangle :x", "other": 1}))
+    assert netfilter._load_state(str(d)) == {"4": ["a", "b"], "tables_before_6": ["mangle"],
+                                             "rules_4": ["-t mangle :x"]}
+    (d / "netfilter.json").write_text("[]")
+    assert netfilter._load_state(str(d)) == {}
+
+
+@pytest.mark.parametrize("bad", [{"pid": 0}, {"pid": -1}, {"pid": 1}, {"queue": 1}, {"service": 5},
+                                 {"digest": ["d"]}, None])
+def test_a_pid_file_of_another_shape_names_no_worker(tmp_path, bad):
+    """0 and -1 would signal a process group or every process; a pid file
+    whose queue is not its name's is not that queue's worker."""
+    me = psutil.Process()
+    good = {"pid": me.pid, "service": "web", "queue": 0, "digest": "d", "started": me.create_time(),
+            "exe": me.exe(), "uid": me.uids().real}
+    (tmp_path / "worker-0.pid").write_text(json.dumps({**good, **bad} if bad is not None else [good]))
+    assert workers.read(str(tmp_path), 0) is None
+    assert workers.running(str(tmp_path)) == []
+    assert not (tmp_path / "worker-0.pid").exists()
+    (tmp_path / "worker-0.pid").write_text(json.dumps(good))
+    assert workers.read(str(tmp_path), 0) == workers.WorkerInfo(**{**good, "state_dir": str(tmp_path)})
+
+
+@pytest.mark.parametrize("stamp", [["a", "b"], [1], [1, 2, 3], [1.5, 2], "12", [True, 1]])
+def test_a_vrrp_record_with_no_stamp_counts_as_none(tmp_path, stamp):
+    """A record whose stamp cannot be compared with a new event's would make
+    every later event fail; it counts as no record at all."""
+    from synlb.vrrp import events
+    vcfg = events.vrrp_config({"sync_group": "G1", "instance": None, "standby": "hot", "dbus_instances": ()})
+    (tmp_path / "vrrp-state.json").write_text(json.dumps({
+        "event": {"source": "notify", "kind": "GROUP", "name": "G1", "state": "MASTER", "priority": 0},
+        "stamp": stamp, "boot_id": journal.boot_id(), "recorded": 0}))
+    assert journal.read_state(str(tmp_path)) is None
+    ev = VrrpEvent("notify", "GROUP", "G1", "BACKUP", 0)
+    assert journal.record(str(tmp_path), vcfg, ev, (5, 1)) == (ev, True)

@@ -2,6 +2,10 @@
 state, or tear everything down.  Serialized by a lock in the state dir
 (statedir.locked), so concurrent callers (keepalived runs notify scripts in
 parallel) never interleave; every step is idempotent.
+
+``applied.json`` records what ``up`` applied; ``down`` reads back its
+``route_protocol`` (the routes it deletes are that protocol's), and takes it
+only if it is one the config could have set and no other routing daemon's.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import time
 
 from . import (health_state, live, netfilter, nft_apply, nft_engine, pins_state, routing, rules, statedir,
                sysctl, workers)
-from .config import Config
+from .config import FOREIGN_PROTOCOLS, ROUTE_PROTOCOL_RANGE, Config
 
 log = logging.getLogger(__name__)
 
@@ -23,9 +27,10 @@ locked = statedir.locked  # the data plane lock
 
 def applied(state_dir: str) -> dict | None:
     try:
-        return statedir.read_json(statedir.applied(state_dir))
+        data = statedir.read_json(statedir.applied(state_dir))
     except (FileNotFoundError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
 
 
 def _write_applied(state_dir: str, data: dict | None) -> None:
@@ -47,6 +52,23 @@ def nft_plan(cfg: Config) -> nft_engine.Plan:
         log.error("pins not loaded for the nftables engine: %s", e)
         pins = {}
     return nft_engine.desired(cfg, down, pins)
+
+
+def applied_route_protocol(state_dir: str, prev: dict, default: int) -> int:
+    """The route protocol ``prev`` (applied.json) names, if it is one synlb
+    may own: an integer in the config's range, no other daemon's. Anything
+    else is refused (logged) and ``default``, the config's, is used."""
+    rp = prev.get("route_protocol", default)
+    lo, hi = ROUTE_PROTOCOL_RANGE
+    if isinstance(rp, bool) or not isinstance(rp, int) or not lo <= rp <= hi:
+        why = f"not a protocol number within {lo}..{hi}"
+    elif rp in FOREIGN_PROTOCOLS:
+        why = f"protocol {FOREIGN_PROTOCOLS[rp]}'s (another routing daemon's)"
+    else:
+        return rp
+    log.error("%s: route_protocol %r refused (%s): using the config's, %d",
+              statedir.applied(state_dir), rp, why, default)
+    return default
 
 
 def plan(cfg: Config) -> str:
@@ -173,7 +195,7 @@ def down_locked(state_dir: str, route_protocol: int) -> list[str]:
     """``down`` for a caller that holds ``locked(state_dir)``."""
     prev = applied(state_dir)
     if prev:
-        route_protocol = prev.get("route_protocol", route_protocol)
+        route_protocol = applied_route_protocol(state_dir, prev, route_protocol)
     return _teardown(state_dir, route_protocol)
 
 

@@ -49,10 +49,20 @@ def _fingerprint(tables: dict[str, Table]) -> str:
 
 
 def _load_state(state_dir: str) -> dict:
+    """What ``reconcile`` stored: ``{"4"|"6": [want, seen], "rules_4"|"_6": [rule, ...],
+    "tables_before_4"|"_6": [table, ...]}``, every value a list of strings; an
+    entry of another shape is dropped (as if never stored)."""
     try:
-        return statedir.read_json(statedir.netfilter(state_dir))
+        data = statedir.read_json(statedir.netfilter(state_dir))
     except (FileNotFoundError, ValueError):
         return {}
+    if not isinstance(data, dict):
+        return {}
+
+    def strings(v) -> bool:
+        return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+    return {k: v for k, v in data.items() if strings(v) and (k not in ("4", "6") or len(v) == 2)}
 
 
 def _store_state(state_dir: str, state: dict) -> None:

@@ -86,8 +86,11 @@ def read(state_dir: str, queue: int) -> WorkerInfo | None:
         info = WorkerInfo(pid=int(d["pid"]), service=d["service"], queue=int(d["queue"]),
                           digest=d.get("digest", ""), state_dir=state_dir, started=float(d["started"]),
                           exe=str(d["exe"]), uid=int(d["uid"]))
-    except (FileNotFoundError, ValueError, KeyError, TypeError):
+    except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError):
         return None
+    if (info.pid <= 1 or info.queue != queue or not isinstance(info.service, str)
+            or not isinstance(info.digest, str)):
+        return None  # never a pid to signal (0, -1: a process group, every process)
     return info
 
 

@@ -90,9 +90,11 @@ def read_state(state_dir: str) -> dict | None:
         d = statedir.read_json(statedir.vrrp_state(state_dir))
         d["event"] = VrrpEvent.from_dict(d["event"])
         d["stamp"] = tuple(d["stamp"])
-        return d
-    except (FileNotFoundError, ValueError, KeyError, TypeError):
+    except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError):
         return None
+    if len(d["stamp"]) != 2 or not all(type(x) is int for x in d["stamp"]):
+        return None  # not a stamp: it could not be compared with a new event's
+    return d
 
 
 def _write_state(state_dir: str, event: VrrpEvent, stamp: Stamp) -> None:
