@@ -171,6 +171,32 @@ def test_a_symlink_at_the_file_itself_is_replaced_not_followed(tmp_path):
         assert not (d / name).is_symlink(), name
 
 
+def test_the_nftables_engines_records_are_written_through_statedir(tmp_path):
+    """nft.json, nft-slots-SVC.bin and nft-pins-SVC.json were written through
+    FILE.tmp with open("w"/"wb") like the others: a planted link is not followed."""
+    from synlb import nft_apply
+    from synlb import nft_engine as E
+    d = tmp_path / "state"
+    d.mkdir(mode=0o700)
+    victim = _victim(tmp_path)
+    names = ["nft.json", "nft-slots-web.bin", "nft-pins-web.json"]
+    for name in names:
+        os.symlink(victim, d / f"{name}.tmp")
+    applied = E.Applied("dg", {"web": [["a", 1]]}, {"web": {1: ("192.0.2.1", None)}}, {"web": "pd"})
+    sp = E.ServicePlan("web", 7, 1, "route", (4,), (("a", 1),), {1: ("192.0.2.1", None)},
+                       {4: {(1, 2, 3, 4, 5): 1}})
+    nft_apply._store_state(str(d), applied, pending=False)
+    nft_apply._store_slots(str(d), "web", [1, 1, 1, 0, 1, 1, 1])
+    nft_apply._store_pins(str(d), sp)
+    assert victim.read_text() == "root's file\n"
+    assert nft_apply.load_state(str(d)) == (applied, False)
+    assert nft_apply.load_slots(str(d), "web") == [1, 1, 1, 0, 1, 1, 1]
+    assert nft_apply.load_pins(str(d), "web", E.pins_digest(sp)) == {4: {(1, 2, 3, 4, 5): 1}}
+    assert sorted(os.listdir(d)) == sorted(names + [f"{n}.tmp" for n in names])
+    nft_apply.clear_state(str(d))
+    assert sorted(os.listdir(d)) == sorted(f"{n}.tmp" for n in names)  # only the planted links
+
+
 def test_the_worker_log_is_rotated_without_following_a_symlink(tmp_path):
     """worker-N.log.1 used to be opened with open("wb"), through a link there."""
     d = tmp_path / "state"

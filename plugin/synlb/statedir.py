@@ -37,6 +37,9 @@ worker-N.log           the worker's stdout and stderr              workers
 worker-N.log.1         the log's older part, past 1 MiB            worker
 worker-N.table.json    the table the worker serves                 worker_table
 worker-N.stats.json    the worker's counters (and pid once bound)  worker
+nft.json               what the nftables engine's table holds      nft_apply
+nft-slots-SVC.bin      a service's applied slot marks (nftables)   nft_apply
+nft-pins-SVC.json      a service's applied pins (nftables)         nft_apply
 =====================  ==========================================  =================
 """
 
@@ -63,6 +66,8 @@ CONTROL_SOCKET = "control.sock"
 VRRP_STATE = "vrrp-state.json"
 VRRP_LOG = "vrrp.log"
 VRRP_LOG_OLD = VRRP_LOG + ".1"
+NFT_STATE = "nft.json"
+_NFT_SERVICE_RE = re.compile(r"nft-slots-[A-Za-z0-9_]{1,12}\.bin|nft-pins-[A-Za-z0-9_]{1,12}\.json")
 
 # worker-<queue><suffix>
 WORKER_PID = ".pid"
@@ -125,6 +130,27 @@ def vrrp_log(state_dir: str) -> str:
 
 def vrrp_log_old(state_dir: str) -> str:
     return path(state_dir, VRRP_LOG_OLD)
+
+
+def nft_state(state_dir: str) -> str:
+    return path(state_dir, NFT_STATE)
+
+
+def nft_slots(state_dir: str, service: str) -> str:
+    return path(state_dir, f"nft-slots-{service}.bin")
+
+
+def nft_pins(state_dir: str, service: str) -> str:
+    return path(state_dir, f"nft-pins-{service}.json")
+
+
+def nft_service_files(state_dir: str) -> list[str]:
+    """Every service's nft-slots-SVC.bin and nft-pins-SVC.json there is."""
+    try:
+        names = sorted(os.listdir(state_dir))
+    except FileNotFoundError:
+        return []
+    return [path(state_dir, n) for n in names if _NFT_SERVICE_RE.fullmatch(n)]
 
 
 def worker_file(state_dir: str, queue: int, suffix: str) -> str:
