@@ -349,9 +349,9 @@ def test_a_worker_log_past_its_size_is_kept_once_and_emptied(tmp_path):
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         os.write(fd, b"x" * 500)
-        assert not rotate_log(fd, 1000)
+        assert not rotate_log(fd, 1000, str(tmp_path / "worker-0.log.1"))
         os.write(fd, b"y" * 600)
-        assert rotate_log(fd, 1000)
+        assert rotate_log(fd, 1000, str(tmp_path / "worker-0.log.1"))
         assert (tmp_path / "worker-0.log.1").read_bytes() == b"x" * 500 + b"y" * 600
         os.write(fd, b"after\n")  # appending goes on at the new end
         assert path.read_bytes() == b"after\n"

@@ -90,7 +90,7 @@ def test_a_pid_reused_by_a_look_alike_is_stale(tmp_path):
             assert workers.running(str(tmp_path)) == [], who
             ident = {"started": started, "exe": psutil.Process(p.pid).exe(), "uid": os.getuid(), **who}
             info = workers.WorkerInfo(pid=p.pid, service="web", queue=7, digest="d",
-                                      pidfile=workers.pidfile(str(tmp_path), 7), **ident)
+                                      state_dir=str(tmp_path), **ident)
             workers.stop(info)
             assert p.poll() is None, who  # not signalled
     finally:

@@ -11,11 +11,17 @@ import logging
 import sys
 
 from . import config as config_mod
+from . import statedir
 from .errors import run_reporting
 
 
 def _load(args) -> config_mod.Config:
     return config_mod.load(args.config)
+
+
+# Every command that touches the state dir checks it first (statedir.ensure:
+# a symlink, a directory not root's or writable by others is refused); the
+# VRRP event sources do it in vrrp.delivery.load.
 
 
 def cmd_check(args) -> int:
@@ -37,6 +43,7 @@ def cmd_up(args) -> int:
     if args.dry_run:
         print(dataplane.plan(cfg))
         return 0
+    statedir.ensure(cfg.globals.state_dir)
     path = config_mod.config_path(args.config)
     changes = dataplane.up(path, cfg, reason="up")
     print("\n".join(changes) if changes else "up: nothing to change")
@@ -46,6 +53,7 @@ def cmd_up(args) -> int:
 def cmd_down(args) -> int:
     from . import dataplane
     g = config_mod.load_globals(args.config)
+    statedir.ensure(g.state_dir)
     changes = dataplane.down(g.state_dir, g.route_protocol, reason="down")
     print("\n".join(changes) if changes else "down: nothing to remove")
     return 0
@@ -54,6 +62,7 @@ def cmd_down(args) -> int:
 def cmd_status(args) -> int:
     from . import status
     cfg = _load(args)
+    statedir.ensure(cfg.globals.state_dir, create=False)  # only read: a missing one is not made
     if args.check:
         from . import dataplane
         diffs = dataplane.drift(cfg)
@@ -74,12 +83,14 @@ def cmd_status(args) -> int:
 
 def cmd_worker(args) -> int:
     from . import worker
+    statedir.ensure(args.state_dir, create=False)  # the data plane made it, with the worker's table
     return worker.main(args.state_dir, args.service, args.queue)
 
 
 def cmd_run(args) -> int:
     from . import host
     cfg = _load(args)
+    statedir.ensure(cfg.globals.state_dir)
     from . import live
     live.verify(cfg)
     return host.main(config_mod.config_path(args.config))

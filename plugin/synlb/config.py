@@ -177,6 +177,8 @@ MIN_VIP_PREFIXLEN = {4: 16, 6: 48}
 MAX_QUEUES = 64  # per service: one worker process per queue, more than any router has CPUs
 # Routing protocol numbers of other daemons (iproute2's rt_protos and
 # rt_protos.d): synlb deletes every rule and route tagged with its own.
+# ROUTE_PROTOCOL_RANGE: the numbers route_protocol may take at all.
+ROUTE_PROTOCOL_RANGE = (5, 255)
 FOREIGN_PROTOCOLS = {8: "gated", 9: "ra", 10: "mrt", 11: "zebra", 12: "bird", 13: "dnrouted", 14: "xorp",
                      15: "ntk", 16: "dhcp", 17: "mrouted", 18: "keepalived", 42: "babel", 99: "openr",
                      186: "bgp", 187: "isis", 188: "ospf", 189: "rip", 192: "eigrp"}
@@ -302,7 +304,7 @@ def _addresses(text: str) -> tuple:
 
 
 def _route_protocol(text: str) -> int:
-    v = _int(5, 255)(text)
+    v = _int(*ROUTE_PROTOCOL_RANGE)(text)
     if v in FOREIGN_PROTOCOLS:
         raise OptionError(f"{v} is {FOREIGN_PROTOCOLS[v]}'s routing protocol; synlb would delete its "
                           f"rules and routes (the default is 229)")

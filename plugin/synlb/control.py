@@ -10,11 +10,12 @@ import socket
 import socketserver
 import threading
 
+from . import statedir
 from .errors import UserError
 
 log = logging.getLogger("synlb.control")
 
-SOCKET_NAME = "control.sock"
+SOCKET_NAME = statedir.CONTROL_SOCKET
 TIMEOUT = 15.0
 
 
@@ -23,7 +24,7 @@ class HostRunning(UserError):
 
 
 def socket_path(state_dir: str) -> str:
-    return os.path.join(state_dir, SOCKET_NAME)
+    return statedir.control_socket(state_dir)
 
 
 class Bounded(socketserver.ThreadingMixIn):

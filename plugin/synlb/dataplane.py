@@ -1,55 +1,43 @@
 """The one entry point that changes the kernel: reconcile the whole desired
-state, or tear everything down.  Serialized by a lock in the state dir, so
-concurrent callers (keepalived runs notify scripts in parallel) never
-interleave; every step is idempotent.
+state, or tear everything down.  Serialized by a lock in the state dir
+(statedir.locked), so concurrent callers (keepalived runs notify scripts in
+parallel) never interleave; every step is idempotent.
+
+``applied.json`` records what ``up`` applied; ``down`` reads back its
+``route_protocol`` (the routes it deletes are that protocol's), and takes it
+only if it is one the config could have set and no other routing daemon's.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import json
 import logging
 import os
 import time
 
-from . import health_state, live, netfilter, nft_apply, nft_engine, pins_state, routing, rules, sysctl, workers
-from .config import Config
+from . import (health_state, live, netfilter, nft_apply, nft_engine, pins_state, routing, rules, statedir,
+               sysctl, workers)
+from .config import FOREIGN_PROTOCOLS, ROUTE_PROTOCOL_RANGE, Config
 
 log = logging.getLogger(__name__)
 
-APPLIED = "applied.json"
+APPLIED = statedir.APPLIED
 
-
-@contextlib.contextmanager
-def locked(state_dir: str):
-    os.makedirs(state_dir, mode=0o700, exist_ok=True)
-    with open(os.path.join(state_dir, "lock"), "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+locked = statedir.locked  # the data plane lock
 
 
 def applied(state_dir: str) -> dict | None:
     try:
-        with open(os.path.join(state_dir, APPLIED)) as fh:
-            return json.load(fh)
+        data = statedir.read_json(statedir.applied(state_dir))
     except (FileNotFoundError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
 
 
 def _write_applied(state_dir: str, data: dict | None) -> None:
-    path = os.path.join(state_dir, APPLIED)
     if data is None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+        statedir.remove(statedir.applied(state_dir))
         return
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(data, fh)
-    os.replace(tmp, path)
+    statedir.write_json(statedir.applied(state_dir), data)
 
 
 def nft_plan(cfg: Config) -> nft_engine.Plan:
@@ -64,6 +52,23 @@ def nft_plan(cfg: Config) -> nft_engine.Plan:
         log.error("pins not loaded for the nftables engine: %s", e)
         pins = {}
     return nft_engine.desired(cfg, down, pins)
+
+
+def applied_route_protocol(state_dir: str, prev: dict, default: int) -> int:
+    """The route protocol ``prev`` (applied.json) names, if it is one synlb
+    may own: an integer in the config's range, no other daemon's. Anything
+    else is refused (logged) and ``default``, the config's, is used."""
+    rp = prev.get("route_protocol", default)
+    lo, hi = ROUTE_PROTOCOL_RANGE
+    if isinstance(rp, bool) or not isinstance(rp, int) or not lo <= rp <= hi:
+        why = f"not a protocol number within {lo}..{hi}"
+    elif rp in FOREIGN_PROTOCOLS:
+        why = f"protocol {FOREIGN_PROTOCOLS[rp]}'s (another routing daemon's)"
+    else:
+        return rp
+    log.error("%s: route_protocol %r refused (%s): using the config's, %d",
+              statedir.applied(state_dir), rp, why, default)
+    return default
 
 
 def plan(cfg: Config) -> str:
@@ -190,7 +195,7 @@ def down_locked(state_dir: str, route_protocol: int) -> list[str]:
     """``down`` for a caller that holds ``locked(state_dir)``."""
     prev = applied(state_dir)
     if prev:
-        route_protocol = prev.get("route_protocol", route_protocol)
+        route_protocol = applied_route_protocol(state_dir, prev, route_protocol)
     return _teardown(state_dir, route_protocol)
 
 

@@ -7,15 +7,15 @@ workers' tables (worker_table.py).  A missing file means every target is in.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
+
+from . import statedir
 
 log = logging.getLogger("synlb.health")
 
 
 def _path(state_dir: str) -> str:
-    return os.path.join(state_dir, "targets-down.json")
+    return statedir.targets_down(state_dir)
 
 
 def down_targets(state_dir: str, service: str) -> set[str]:
@@ -24,8 +24,7 @@ def down_targets(state_dir: str, service: str) -> set[str]:
     rewrites it at its next check round, and until then every target stays
     in rather than the whole data plane failing."""
     try:
-        with open(_path(state_dir)) as fh:
-            data = json.load(fh)
+        data = statedir.read_json(_path(state_dir))
     except FileNotFoundError:
         return set()
     except ValueError as e:
@@ -39,25 +38,19 @@ def down_targets(state_dir: str, service: str) -> set[str]:
 
 
 def write_down(state_dir: str, down: dict[str, list[str]]) -> None:
-    path = _path(state_dir)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump({k: sorted(v) for k, v in down.items()}, fh)
-    os.replace(tmp, path)
+    statedir.write_json(_path(state_dir), {k: sorted(v) for k, v in down.items()})
 
 
 def digest(state_dir: str) -> str:
     """Changes whenever the down set changes: workers rebuild their table then."""
     try:
-        with open(_path(state_dir), "rb") as fh:
-            data = fh.read()
+        data = statedir.read_bytes(_path(state_dir))
     except FileNotFoundError:
         return "all-up"
+    except ValueError:  # a symlink or no file: down_targets reads it as none down
+        data = b"not a file"
     return hashlib.sha256(data).hexdigest()[:12]
 
 
 def clear(state_dir: str) -> None:
-    try:
-        os.unlink(_path(state_dir))
-    except FileNotFoundError:
-        pass
+    statedir.remove(_path(state_dir))

@@ -9,7 +9,6 @@ arrive while a reconcile runs are coalesced into the next one.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import signal
 import threading
@@ -17,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import config as config_mod
-from . import control, plugins
+from . import control, plugins, statedir
 from .vrrp import journal
 from .vrrp.events import NodeState, standalone
 
@@ -67,7 +66,7 @@ class Host:
         signal.signal(signal.SIGHUP, lambda *_: self.submit("reload"))
         signal.signal(signal.SIGTERM, lambda *_: self.submit("stop"))
         signal.signal(signal.SIGINT, lambda *_: self.submit("stop"))
-        os.makedirs(self.cfg.globals.state_dir, mode=0o700, exist_ok=True)
+        statedir.ensure(self.cfg.globals.state_dir)
         ctl = control.ControlServer(control.socket_path(self.cfg.globals.state_dir), self.handle_request)
         ctl.start()
         for p in self.plugins:

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 
-from . import rules
+from . import rules, statedir
 from .errors import UserError
 from .rules import Table
 
 SAVE = {4: "iptables-save", 6: "ip6tables-save"}
 RESTORE = {4: "iptables-restore", 6: "ip6tables-restore"}
-STATE_FILE = "netfilter.json"
+STATE_FILE = statedir.NETFILTER
 XTABLES_WAIT = 5  # seconds iptables-restore waits for the xtables lock another program holds
 
 
@@ -50,19 +49,24 @@ def _fingerprint(tables: dict[str, Table]) -> str:
 
 
 def _load_state(state_dir: str) -> dict:
+    """What ``reconcile`` stored: ``{"4"|"6": [want, seen], "rules_4"|"_6": [rule, ...],
+    "tables_before_4"|"_6": [table, ...]}``, every value a list of strings; an
+    entry of another shape is dropped (as if never stored)."""
     try:
-        with open(os.path.join(state_dir, STATE_FILE)) as fh:
-            return json.load(fh)
+        data = statedir.read_json(statedir.netfilter(state_dir))
     except (FileNotFoundError, ValueError):
         return {}
+    if not isinstance(data, dict):
+        return {}
+
+    def strings(v) -> bool:
+        return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+    return {k: v for k, v in data.items() if strings(v) and (k not in ("4", "6") or len(v) == 2)}
 
 
 def _store_state(state_dir: str, state: dict) -> None:
-    path = os.path.join(state_dir, STATE_FILE)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(state, fh)
-    os.replace(tmp, path)
+    statedir.write_json(statedir.netfilter(state_dir), state)
 
 
 def reconcile(desired: dict[int, dict[str, Table]], state_dir: str) -> list[str]:
@@ -236,10 +240,7 @@ def remove_all(state_dir: str | None = None) -> list[str]:
         if chains is not None:
             changes += _drop_created_chains(fam, chains)
     if state_dir:
-        try:
-            os.unlink(os.path.join(state_dir, STATE_FILE))
-        except FileNotFoundError:
-            pass
+        statedir.remove(statedir.netfilter(state_dir))
     return changes
 
 

@@ -22,20 +22,19 @@ table.
 from __future__ import annotations
 
 import array
-import contextlib
 import json
 import logging
-import os
 import re
 import subprocess
 import time
 
 from . import nft_engine as E
+from . import statedir
 from .errors import UserError
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "nft.json"
+STATE_FILE = statedir.NFT_STATE
 TIMEOUT = 30.0
 
 
@@ -126,18 +125,17 @@ def live_digest() -> str | None:
 # ------------------------------------------------------------------ state
 
 def _state_path(state_dir: str) -> str:
-    return os.path.join(state_dir, STATE_FILE)
+    return statedir.nft_state(state_dir)
 
 
 def _slots_path(state_dir: str, svc: str) -> str:
-    return os.path.join(state_dir, f"nft-slots-{svc}.bin")
+    return statedir.nft_slots(state_dir, svc)
 
 
 def load_state(state_dir: str) -> tuple[E.Applied | None, bool]:
     """(what the live table holds, pending); (None, False) when nothing is recorded."""
     try:
-        with open(_state_path(state_dir)) as fh:
-            d = json.load(fh)
+        d = statedir.read_json(_state_path(state_dir))
         applied = E.Applied(d["digest"], d["active"],
                             {s: {int(m): tuple(a) for m, a in t.items()} for s, t in d["targets"].items()},
                             d["pins"])
@@ -150,66 +148,47 @@ def _store_state(state_dir: str, applied: E.Applied, pending: bool) -> None:
     d = {"digest": applied.digest, "active": applied.active,
          "targets": {s: {str(m): list(a) for m, a in t.items()} for s, t in applied.targets.items()},
          "pins": applied.pins, "pending": pending}
-    path = _state_path(state_dir)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(d, fh)
-    os.replace(tmp, path)
+    statedir.write_json(_state_path(state_dir), d)
 
 
 def load_slots(state_dir: str, svc: str) -> list[int] | None:
     try:
-        with open(_slots_path(state_dir, svc), "rb") as fh:
-            a = array.array("I")
-            a.frombytes(fh.read())
-            return a.tolist()
+        a = array.array("I")
+        a.frombytes(statedir.read_bytes(_slots_path(state_dir, svc)))
+        return a.tolist()
     except (FileNotFoundError, ValueError):
         return None
 
 
 def _store_slots(state_dir: str, svc: str, slots: list[int]) -> None:
-    path = _slots_path(state_dir, svc)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as fh:
-        fh.write(array.array("I", slots).tobytes())
-    os.replace(tmp, path)
+    statedir.write_file(_slots_path(state_dir, svc), lambda fh: fh.write(array.array("I", slots).tobytes()))
 
 
 def _pins_path(state_dir: str, svc: str) -> str:
-    return os.path.join(state_dir, f"nft-pins-{svc}.json")
+    return statedir.nft_pins(state_dir, svc)
 
 
 def load_pins(state_dir: str, svc: str, digest: str | None) -> dict | None:
     """A service's pins as last applied ({family: {key: mark}}), if the record
     is the one of ``digest`` (the state's); None otherwise."""
     try:
-        with open(_pins_path(state_dir, svc)) as fh:
-            d = json.load(fh)
+        d = statedir.read_json(_pins_path(state_dir, svc))
         if d.get("digest") != digest:
             return None
         return {int(f): {tuple(item[:5]): item[5] for item in items} for f, items in d["pins"].items()}
-    except (FileNotFoundError, ValueError, KeyError, TypeError, IndexError):
+    except (FileNotFoundError, ValueError, KeyError, TypeError, IndexError, AttributeError):
         return None
 
 
 def _store_pins(state_dir: str, sp: E.ServicePlan) -> None:
-    path = _pins_path(state_dir, sp.name)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump({"digest": E.pins_digest(sp),
-                   "pins": {str(f): [[*k, m] for k, m in p.items()] for f, p in sp.pins.items()}}, fh)
-    os.replace(tmp, path)
+    statedir.write_json(_pins_path(state_dir, sp.name), {
+        "digest": E.pins_digest(sp),
+        "pins": {str(f): [[*k, m] for k, m in p.items()] for f, p in sp.pins.items()}})
 
 
 def clear_state(state_dir: str) -> None:
-    paths = [_state_path(state_dir)]
-    with contextlib.suppress(FileNotFoundError):
-        paths += [os.path.join(state_dir, n) for n in os.listdir(state_dir)
-                  if (n.startswith("nft-slots-") and n.endswith(".bin"))
-                  or (n.startswith("nft-pins-") and n.endswith(".json"))]
-    for p in paths:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(p)
+    for p in [_state_path(state_dir), *statedir.nft_service_files(state_dir)]:
+        statedir.remove(p)
 
 
 # ------------------------------------------------------------------ reconcile

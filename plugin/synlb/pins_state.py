@@ -7,24 +7,20 @@ no pins.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-
+from . import statedir
 from .pins import Pins, PinsError, from_json, to_json
 
 __all__ = ["PinsError", "load", "write", "clear", "path"]
 
 
 def path(state_dir: str) -> str:
-    return os.path.join(state_dir, "pins.json")
+    return statedir.pins(state_dir)
 
 
 def load(state_dir: str) -> Pins:
     """The pins in the file; PinsError when it is not what ``write`` writes."""
     try:
-        with open(path(state_dir), "rb") as fh:
-            data = json.load(fh)
+        data = statedir.read_json(path(state_dir))
     except FileNotFoundError:
         return {}
     except ValueError as e:
@@ -34,23 +30,8 @@ def load(state_dir: str) -> Pins:
 
 def write(state_dir: str, pins: Pins) -> None:
     """Replace the file atomically: a worker reads the old or the new pins, never half."""
-    fd, tmp = tempfile.mkstemp(prefix=".pins-", suffix=".tmp", dir=state_dir)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(to_json(pins), fh, separators=(",", ":"))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path(state_dir))
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    statedir.write_json(path(state_dir), to_json(pins), separators=(",", ":"))
 
 
 def clear(state_dir: str) -> None:
-    try:
-        os.unlink(path(state_dir))
-    except FileNotFoundError:
-        pass
+    statedir.remove(path(state_dir))

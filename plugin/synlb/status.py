@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
 import psutil
 
-from . import conntrack, dataplane, health_state, netfilter, nft_apply, nft_engine, rules, sysctl, workers
+from . import conntrack, dataplane, health_state, netfilter, nft_apply, nft_engine, rules, statedir, sysctl, workers
 from .config import Config
 
 def cpu_seconds(proc: psutil.Process) -> float:
@@ -71,10 +70,10 @@ def _kernel_picks(cfg: Config, counters: dict) -> dict[str, dict[int, int]]:
 
 def _worker_stats(state_dir: str, queue: int) -> dict:
     try:
-        with open(workers.stats_file(state_dir, queue)) as fh:
-            return json.load(fh)
+        stats = statedir.read_json(workers.stats_file(state_dir, queue))
     except (FileNotFoundError, ValueError):
         return {}
+    return stats if isinstance(stats, dict) else {}
 
 
 def _vrrp(cfg: Config) -> dict | None:

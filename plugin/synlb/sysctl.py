@@ -5,20 +5,31 @@ router that never saw a connection's handshake adopts it from its first
 packet, which is what lets a new master keep running sessions.  Both are per
 network namespace.  The values found before the first activation are saved in
 the state dir, so that the last deactivation restores exactly them.
+
+Only these two sysctls are ever written: :func:`restore` writes back a
+saved value only for a name of :data:`PICKUP` and only if it is a small
+integer, whatever else the saved file holds (anything else is logged and
+left alone: the file is read back as root, and a name such as
+``../../kernel/hostname`` would otherwise be a path under /proc/sys).
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import os
+import re
 
+from . import statedir
 from .errors import UserError
+
+log = logging.getLogger(__name__)
 
 PICKUP = {
     "net/netfilter/nf_conntrack_tcp_loose": "1",
     "net/netfilter/nf_conntrack_tcp_be_liberal": "1",
 }
-SAVED = "sysctl-saved.json"
+SAVED = statedir.SYSCTL_SAVED
+_VALUE_RE = re.compile(r"[0-9]{1,3}")  # what these sysctls read as (0 or 1)
 
 
 class SysctlError(UserError):
@@ -35,6 +46,8 @@ def read(name: str) -> str:
 
 
 def write(name: str, value: str) -> None:
+    if name not in PICKUP:  # never any other file under /proc/sys
+        raise ValueError(f"sysctl {name!r}: not one synlb sets")
     with open(_path(name), "w") as fh:
         fh.write(value)
 
@@ -48,13 +61,9 @@ def ensure_conntrack() -> None:
 def activate(state_dir: str) -> list[str]:
     """Save current values once, then set the pickup values. Returns what changed."""
     ensure_conntrack()
-    saved_file = os.path.join(state_dir, SAVED)
-    if not os.path.exists(saved_file):
-        saved = {name: read(name) for name in PICKUP}
-        tmp = saved_file + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(saved, fh)
-        os.replace(tmp, saved_file)
+    saved_file = statedir.sysctl_saved(state_dir)
+    if not statedir.is_file(saved_file):  # (a symlink there is replaced, never followed)
+        statedir.write_json(saved_file, {name: read(name) for name in PICKUP})
     changes = []
     for name, value in PICKUP.items():
         if read(name) != value:
@@ -65,18 +74,29 @@ def activate(state_dir: str) -> list[str]:
 
 def restore(state_dir: str) -> list[str]:
     """Put back what ``activate`` found; forget the saved values."""
-    saved_file = os.path.join(state_dir, SAVED)
+    saved_file = statedir.sysctl_saved(state_dir)
     try:
-        with open(saved_file) as fh:
-            saved = json.load(fh)
+        saved = statedir.read_json(saved_file)
     except FileNotFoundError:
         return []
+    except ValueError as e:
+        log.error("%s: not what synlb saved, nothing restored from it: %s", saved_file, e)
+        saved = {}
+    if not isinstance(saved, dict):
+        log.error("%s: not a {sysctl: value} object, nothing restored from it", saved_file)
+        saved = {}
     changes = []
     for name, value in saved.items():
+        if name not in PICKUP:
+            log.error("%s: %r is not a sysctl synlb sets: not written", saved_file, name)
+            continue
+        if not isinstance(value, str) or not _VALUE_RE.fullmatch(value):
+            log.error("%s: %s = %r is not a value synlb saved: not written", saved_file, name, value)
+            continue
         if os.path.exists(_path(name)) and read(name) != value:
             write(name, value)
             changes.append(f"sysctl {name.replace('/', '.')}={value}")
-    os.unlink(saved_file)
+    statedir.remove(saved_file)
     return changes
 
 

@@ -18,7 +18,6 @@ re-reads the pins; SIGTERM/SIGINT stop the loop and unbind the queue.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -27,7 +26,7 @@ import threading
 import time
 from hashlib import blake2b
 
-from . import pins_state, worker_table
+from . import pins_state, statedir, worker_table
 from .maglev import FLOW_PERSON, MAX_KEY_BYTES, Maglev
 from .packet import flow_key, opens_connection
 from .pins import usable
@@ -125,7 +124,7 @@ class Worker:
     def from_config(cls, cfg, service_name: str, queue: int = 0) -> "Worker":
         """A worker on the table the data plane would write for ``cfg`` (for
         the benchmark and tests, which run a worker without the data plane)."""
-        os.makedirs(cfg.globals.state_dir, exist_ok=True)
+        statedir.ensure(cfg.globals.state_dir)
         worker_table.write(cfg.globals.state_dir, worker_table.build(cfg, cfg.service(service_name), queue))
         return cls(cfg.globals.state_dir, service_name, queue)
 
@@ -195,10 +194,8 @@ class Worker:
                 "targets": self.table.names,
                 "picks": {f"{m:#x}": n for m, n in picks.items() if n},
                 "table_digest": self.table.digest, "started": self.started}
-        tmp = self.stats_path() + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(data, fh)
-        os.replace(tmp, self.stats_path())
+        # no fsync: rewritten every second, between two packets' verdicts
+        statedir.write_json(self.stats_path(), data, sync=False)
 
     def attend(self) -> None:
         """What signals and the clock ask for, between two packets: a new
@@ -218,7 +215,7 @@ class Worker:
             self.stats_due = False
             try:
                 self.write_stats()
-                rotate_log(2, LOG_MAX_BYTES)
+                rotate_log(2, LOG_MAX_BYTES, statedir.worker_log_old(self.state_dir, self.queue))
             except OSError as e:  # runs before a packet's verdict: never let it cost the packet
                 log.warning("queue %d: stats not written: %s", self.queue, e)
 
@@ -298,25 +295,30 @@ class LeaveLoop(Exception):
     netfilterqueue's loop (nfq_handle_packet passes callback exceptions on)."""
 
 
-def rotate_log(fd: int, max_bytes: int) -> bool:
+def rotate_log(fd: int, max_bytes: int, old: str) -> bool:
     """When ``fd`` (the worker's stderr, which its starter opened in append
     mode on worker-N.log) is a file larger than ``max_bytes``: copy it to
-    FILE.1 and empty it. Appending goes on at the new end, so nothing is
-    reopened; a worker that logs a lot keeps at most twice ``max_bytes``."""
+    ``old`` (worker-N.log.1, replaced atomically, never through a symlink)
+    and empty it. Appending goes on at the new end, so nothing is reopened;
+    a worker that logs a lot keeps at most twice ``max_bytes``."""
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode) or st.st_size <= max_bytes:
         return False
-    path = os.readlink(f"/proc/self/fd/{fd}")
-    with open(path, "rb") as src, open(path + ".1", "wb") as dst:
-        while chunk := src.read(1 << 16):
-            dst.write(chunk)
+
+    def copy(dst) -> None:
+        # the very file fd is open on, whatever its name is now
+        with open(f"/proc/self/fd/{fd}", "rb") as src:
+            while chunk := src.read(1 << 16):
+                dst.write(chunk)
+
+    statedir.write_file(old, copy, sync=False)
     os.ftruncate(fd, 0)
     return True
 
 
 def stats_file(state_dir: str, queue: int) -> str:
     """Where a worker publishes its counters (and, right after binding, its pid)."""
-    return os.path.join(state_dir, f"worker-{queue}.stats.json")
+    return statedir.worker_stats(state_dir, queue)
 
 
 def main(state_dir: str, service_name: str, queue: int) -> int:

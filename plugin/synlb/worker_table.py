@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
+from . import statedir
 from .config import Config, Service
 
 
@@ -87,14 +86,13 @@ def from_json(d) -> WorkerTable:
 
 
 def path(state_dir: str, queue: int) -> str:
-    return os.path.join(state_dir, f"worker-{queue}.table.json")
+    return statedir.worker_table(state_dir, queue)
 
 
 def load(state_dir: str, queue: int) -> WorkerTable:
     p = path(state_dir, queue)
     try:
-        with open(p, "rb") as fh:
-            data = json.load(fh)
+        data = statedir.read_json(p)
     except FileNotFoundError:
         raise WorkerTableError(f"{p}: no such file (the data plane writes it before starting a worker)") from None
     except ValueError as e:
@@ -107,23 +105,8 @@ def load(state_dir: str, queue: int) -> WorkerTable:
 
 def write(state_dir: str, table: WorkerTable) -> None:
     """Replace the file atomically (a worker reads the old table or the new one)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".worker-{table.queue}-", suffix=".tmp", dir=state_dir)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(table.to_json(), fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path(state_dir, table.queue))
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    statedir.write_json(path(state_dir, table.queue), table.to_json())
 
 
 def remove(state_dir: str, queue: int) -> None:
-    try:
-        os.unlink(path(state_dir, queue))
-    except FileNotFoundError:
-        pass
+    statedir.remove(path(state_dir, queue))

@@ -7,8 +7,6 @@ a crash or a reused pid is recognised and removed.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -18,7 +16,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from . import health_state, worker_table
+from . import health_state, statedir, worker_table
 from .errors import UserError
 from .worker import stats_file
 from .config import Config
@@ -38,12 +36,16 @@ class WorkerInfo:
     service: str
     queue: int
     digest: str  # of the table (worker_table) it was last told to serve
-    pidfile: str
+    state_dir: str
     # who the process is, recorded when it was started: a pid alone may have
     # been reused by anything since (see _is_ours)
     started: float = 0.0  # psutil create_time
     exe: str = ""
     uid: int = -1
+
+    @property
+    def pidfile(self) -> str:
+        return pidfile(self.state_dir, self.queue)
 
 
 def synlb_command() -> list[str]:
@@ -59,7 +61,7 @@ def synlb_command() -> list[str]:
 
 
 def pidfile(state_dir: str, queue: int) -> str:
-    return os.path.join(state_dir, f"worker-{queue}.pid")
+    return statedir.worker_pid(state_dir, queue)
 
 
 def _is_ours(proc: psutil.Process, info: WorkerInfo) -> bool:
@@ -77,37 +79,32 @@ def _is_ours(proc: psutil.Process, info: WorkerInfo) -> bool:
     return same and "worker" in cmd and f"--queue={info.queue}" in cmd and f"--service={info.service}" in cmd
 
 
-def read(path: str) -> WorkerInfo | None:
+def read(state_dir: str, queue: int) -> WorkerInfo | None:
+    """The worker the queue's pid file names (None: no file, or not one ``_write`` wrote)."""
     try:
-        with open(path) as fh:
-            d = json.load(fh)
-        return WorkerInfo(pid=int(d["pid"]), service=d["service"], queue=int(d["queue"]),
-                          digest=d.get("digest", ""), pidfile=path, started=float(d["started"]),
+        d = statedir.read_json(pidfile(state_dir, queue))
+        info = WorkerInfo(pid=int(d["pid"]), service=d["service"], queue=int(d["queue"]),
+                          digest=d.get("digest", ""), state_dir=state_dir, started=float(d["started"]),
                           exe=str(d["exe"]), uid=int(d["uid"]))
-    except (FileNotFoundError, ValueError, KeyError, TypeError):
+    except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError):
         return None
+    if (info.pid <= 1 or info.queue != queue or not isinstance(info.service, str)
+            or not isinstance(info.digest, str)):
+        return None  # never a pid to signal (0, -1: a process group, every process)
+    return info
 
 
 def _write(info: WorkerInfo) -> None:
-    tmp = info.pidfile + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump({"pid": info.pid, "service": info.service, "queue": info.queue,
-                   "digest": info.digest, "started": info.started, "exe": info.exe, "uid": info.uid}, fh)
-    os.replace(tmp, info.pidfile)
+    statedir.write_json(info.pidfile, {"pid": info.pid, "service": info.service, "queue": info.queue,
+                                       "digest": info.digest, "started": info.started, "exe": info.exe,
+                                       "uid": info.uid})
 
 
 def running(state_dir: str) -> list[WorkerInfo]:
     """Live workers of this state dir; stale pid files are removed."""
     out = []
-    try:
-        names = sorted(os.listdir(state_dir))
-    except FileNotFoundError:
-        return []
-    for name in names:
-        if not (name.startswith("worker-") and name.endswith(".pid")):
-            continue
-        path = os.path.join(state_dir, name)
-        info = read(path)
+    for queue in statedir.worker_queues(state_dir, statedir.WORKER_PID):
+        info = read(state_dir, queue)
         alive = False
         if info is not None:
             try:
@@ -118,8 +115,7 @@ def running(state_dir: str) -> list[WorkerInfo]:
         if alive:
             out.append(info)
         else:
-            with contextlib.suppress(FileNotFoundError):  # status and the supervisor race here
-                os.unlink(path)
+            statedir.remove(pidfile(state_dir, queue))  # (status and the supervisor race here: it may be gone)
     return out
 
 
@@ -143,19 +139,17 @@ def bound_queues() -> dict[int, dict]:
 def start(state_dir: str, table: WorkerTable) -> WorkerInfo:
     """Write the worker's table, then start it on that table."""
     queue = table.queue
-    log_path = os.path.join(state_dir, f"worker-{queue}.log")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(stats_file(state_dir, queue))
+    statedir.remove(stats_file(state_dir, queue))
     worker_table.write(state_dir, table)
     argv = synlb_command() + ["worker", f"--state-dir={state_dir}", f"--service={table.service}",
                               f"--queue={queue}"]
-    with open(log_path, "ab") as log:
+    with statedir.open_append(statedir.worker_log(state_dir, queue)) as log:
         # a new session: keepalived kills a notify script's process group on
         # timeout, and the workers must outlive the script that started them
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 start_new_session=True, close_fds=True)
     info = WorkerInfo(pid=proc.pid, service=table.service, queue=queue, digest=table.digest(),
-                      pidfile=pidfile(state_dir, queue))
+                      state_dir=state_dir)
     try:
         me = psutil.Process(proc.pid)  # Popen returns after the exec: this is the worker's own image
         info.started, info.exe, info.uid = me.create_time(), me.exe(), me.uids().real
@@ -172,11 +166,7 @@ def _holds_queue(info: WorkerInfo, bound: dict) -> bool:
     """The kernel has a listener on the queue, and that listener is this worker."""
     if not bound.get(info.queue, {}).get("portid"):
         return False
-    try:
-        with open(stats_file(os.path.dirname(info.pidfile), info.queue)) as fh:
-            return json.load(fh).get("pid") == info.pid
-    except (FileNotFoundError, ValueError):
-        return False
+    return _published(info.state_dir, info)
 
 
 def wait_bound(infos: list[WorkerInfo], timeout: float = BIND_TIMEOUT) -> None:
@@ -200,14 +190,22 @@ def wait_bound(infos: list[WorkerInfo], timeout: float = BIND_TIMEOUT) -> None:
             time.sleep(0.02)
 
 
-def _log_tail(info: WorkerInfo) -> str:
-    path = info.pidfile[:-4] + ".log"
+def _published(state_dir: str, info: WorkerInfo) -> bool:
+    """The worker published its stats file: it holds its queue and has its signal handlers."""
     try:
-        with open(path, errors="replace") as fh:
-            lines = [ln.strip() for ln in fh.readlines()[-3:]]
-        return " | ".join(lines) or "(empty log)"
-    except FileNotFoundError:
+        stats = statedir.read_json(stats_file(state_dir, info.queue))
+    except (FileNotFoundError, ValueError):
+        return False
+    return isinstance(stats, dict) and stats.get("pid") == info.pid
+
+
+def _log_tail(info: WorkerInfo) -> str:
+    try:
+        data = statedir.read_bytes(statedir.worker_log(info.state_dir, info.queue))
+    except (FileNotFoundError, ValueError):
         return "(no log)"
+    lines = [ln.strip() for ln in data.decode(errors="replace").splitlines()[-3:]]
+    return " | ".join(lines) or "(empty log)"
 
 
 def stop(info: WorkerInfo, timeout: float = 3.0) -> None:
@@ -222,11 +220,7 @@ def stop(info: WorkerInfo, timeout: float = 3.0) -> None:
                 proc.wait(timeout)
     except psutil.NoSuchProcess:
         pass
-    for path in (info.pidfile,):
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+    statedir.remove(info.pidfile)
 
 
 def reload(info: WorkerInfo, state_dir: str, table: WorkerTable) -> None:
@@ -246,11 +240,7 @@ def reload_pins(state_dir: str) -> int:
     still starting misses no update."""
     n = 0
     for w in running(state_dir):
-        try:
-            with open(stats_file(state_dir, w.queue)) as fh:
-                if json.load(fh).get("pid") != w.pid:
-                    continue
-        except (FileNotFoundError, ValueError):
+        if not _published(state_dir, w):
             continue
         try:
             os.kill(w.pid, signal.SIGUSR1)
@@ -310,18 +300,9 @@ def stop_all(state_dir: str) -> list[str]:
     for w in running(state_dir):
         stop(w)
         changes.append(f"stopped worker queue {w.queue} (pid {w.pid})")
-    for name in _listdir(state_dir):
-        if name.startswith("worker-") and name.endswith(".table.json"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(state_dir, name))
+    for queue in statedir.worker_queues(state_dir, statedir.WORKER_TABLE):
+        worker_table.remove(state_dir, queue)
     return changes
-
-
-def _listdir(d: str) -> list[str]:
-    try:
-        return sorted(os.listdir(d))
-    except FileNotFoundError:
-        return []
 
 
 def drift(cfg: Config) -> list[str]:

@@ -387,14 +387,14 @@ class SyncPlugin(Plugin):
     def _apply(self) -> None:
         """Write the merged pins and tell the workers, when they changed; the
         nftables engine's pins maps get them in one transaction."""
-        from .. import dataplane, pins_state, workers
+        from .. import dataplane, pins_state, statedir, workers
         cfg = self.host.cfg
         state_dir = cfg.globals.state_dir
         with self._lock:
             merged = pins_mod.merge(self._previous, *(s.pins for _, s in sorted(self._peers.items())))
             if merged == self._written:
                 return
-            os.makedirs(state_dir, mode=0o700, exist_ok=True)
+            statedir.ensure(state_dir)
             pins_state.write(state_dir, merged)
             self._written = merged
         n = workers.reload_pins(state_dir)

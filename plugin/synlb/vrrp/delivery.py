@@ -36,7 +36,7 @@ import traceback
 from dataclasses import dataclass, field
 
 from .. import config as config_mod
-from .. import control, dataplane
+from .. import control, dataplane, statedir
 from ..errors import run_reporting
 from . import journal
 from .events import VrrpConfig, VrrpError, VrrpEvent
@@ -67,6 +67,8 @@ def load(path: str | None) -> Loaded:
     A config that does not load still allows a teardown (FAULT/STOP must
     never be blocked by a typo made since the last ``up``) if ``[synlb]`` and
     ``[vrrp]`` themselves are fine; ``Loaded.cfg`` is then None.
+
+    The state dir is checked (statedir.ensure) before anything uses it.
     """
     main = config_mod.config_path(path)
     try:
@@ -78,9 +80,11 @@ def load(path: str | None) -> Loaded:
             raise err from None
         if vcfg is None:
             raise
+        statedir.ensure(g.state_dir)
         return Loaded(main, vcfg, g.state_dir, g.route_protocol, None, err)
     if cfg.vrrp is None:
         raise _no_section(main)
+    statedir.ensure(cfg.globals.state_dir)
     return Loaded(main, cfg.vrrp, cfg.globals.state_dir, cfg.globals.route_protocol, cfg)
 
 

@@ -28,10 +28,11 @@ import os
 import time
 from dataclasses import dataclass
 
+from .. import statedir
 from .events import NodeState, VrrpConfig, VrrpEvent
 
-STATE_FILE = "vrrp-state.json"
-LOG_FILE = "vrrp.log"
+STATE_FILE = statedir.VRRP_STATE
+LOG_FILE = statedir.VRRP_LOG
 LOG_MAX = 1 << 20  # rotate vrrp.log beyond 1 MiB (one old copy kept)
 
 Stamp = tuple  # (boot clock ns, tie-break)
@@ -86,22 +87,19 @@ def now_stamp() -> Stamp:
 def read_state(state_dir: str) -> dict | None:
     """The stored record as it is: ``{"event", "stamp", "boot_id", "recorded"}``."""
     try:
-        with open(os.path.join(state_dir, STATE_FILE)) as fh:
-            d = json.load(fh)
+        d = statedir.read_json(statedir.vrrp_state(state_dir))
         d["event"] = VrrpEvent.from_dict(d["event"])
         d["stamp"] = tuple(d["stamp"])
-        return d
-    except (FileNotFoundError, ValueError, KeyError, TypeError):
+    except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError):
         return None
+    if len(d["stamp"]) != 2 or not all(type(x) is int for x in d["stamp"]):
+        return None  # not a stamp: it could not be compared with a new event's
+    return d
 
 
 def _write_state(state_dir: str, event: VrrpEvent, stamp: Stamp) -> None:
-    path = os.path.join(state_dir, STATE_FILE)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump({"event": event.to_dict(), "stamp": list(stamp), "boot_id": boot_id(),
-                   "recorded": time.time()}, fh)
-    os.replace(tmp, path)
+    statedir.write_json(statedir.vrrp_state(state_dir), {
+        "event": event.to_dict(), "stamp": list(stamp), "boot_id": boot_id(), "recorded": time.time()})
 
 
 @dataclass(frozen=True)
@@ -140,15 +138,15 @@ def node(state_dir: str, vcfg: VrrpConfig, reason: str | None = None) -> NodeSta
 
 def log(state_dir: str, entry: dict) -> None:
     """Append one entry to ``vrrp.log`` (never raises: the log is best effort)."""
-    path = os.path.join(state_dir, LOG_FILE)
+    path = statedir.vrrp_log(state_dir)
     with contextlib.suppress(OSError):
-        if os.path.getsize(path) > LOG_MAX:
-            os.replace(path, path + ".1")
+        if os.lstat(path).st_size > LOG_MAX:
+            os.replace(path, statedir.vrrp_log_old(state_dir))
     entry = {"time": round(time.time(), 6), "pid": os.getpid(), **entry}
-    with contextlib.suppress(OSError):
-        os.makedirs(state_dir, mode=0o700, exist_ok=True)
-        with open(path, "a") as fh:
-            fh.write(json.dumps(entry) + "\n")
+    with contextlib.suppress(OSError, ValueError, statedir.StateDirError):
+        statedir.ensure(state_dir)
+        with statedir.open_append(path) as fh:
+            fh.write((json.dumps(entry) + "\n").encode())
 
 
 def log_event(state_dir: str, event: VrrpEvent, stamp: Stamp, **what) -> None:
@@ -159,9 +157,9 @@ def log_event(state_dir: str, event: VrrpEvent, stamp: Stamp, **what) -> None:
 def read_log(state_dir: str) -> list[dict]:
     """Entries of ``vrrp.log`` (oldest first), for status and tests."""
     out = []
-    for name in (LOG_FILE + ".1", LOG_FILE):
-        with contextlib.suppress(FileNotFoundError), open(os.path.join(state_dir, name)) as fh:
-            for line in fh:
+    for path in (statedir.vrrp_log_old(state_dir), statedir.vrrp_log(state_dir)):
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            for line in statedir.read_bytes(path).splitlines():
                 with contextlib.suppress(ValueError):
                     out.append(json.loads(line))
     return out
