@@ -63,7 +63,7 @@ def test_check_validates_the_bgp_section(tmp_path):
     assert r.returncode == 0, r.stderr
     opts = config.load(path).extra["bgp"]
     assert opts == {"asn": 65100, "vtysh": "/usr/bin/vtysh", "vty_socket": "/run/frr", "drain": 0.25,
-                    "refresh": 1.0, "timeout": 2.0}
+                    "refresh": 5.0, "timeout": 2.0}
 
     r = check(write(tmp_path, "[bgp]\nvtysh = vtysh\ndrain = 31\nrefresh = 0\nasn = 0\ncolour = red\n"))
     assert r.returncode == 1

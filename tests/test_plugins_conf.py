@@ -60,7 +60,7 @@ def test_every_commented_example_is_valid(tmp_path):
     assert (sync["port"], sync["refresh"], sync["timeout"]) == (9714, 5.0, 1.0)
     assert [str(p) for p in sync["peers"]] == ["198.51.100.2"] and sync["key_file"] == "/etc/synlb/sync.key"
     assert cfg.extra["bgp"] == {"asn": 65100, "vtysh": "/usr/bin/vtysh", "vty_socket": "/var/run/frr",
-                                "drain": 0.5, "refresh": 1.0, "timeout": 2.0}
+                                "drain": 0.5, "refresh": 5.0, "timeout": 2.0}
 
 
 def test_plugin_modules_stay_cheap_to_import(tmp_path):

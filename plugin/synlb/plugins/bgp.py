@@ -76,7 +76,7 @@ BGP_OPTIONS = Schema("bgp", [
     Option("drain", seconds(0, 30), 0.5,
            "seconds between a withdrawal and taking the data plane down (host stop, going inactive): "
            "time for the upstream to move the flows"),
-    Option("refresh", seconds(0.2, 3600), 1.0,
+    Option("refresh", seconds(0.2, 3600), 5.0,
            "seconds between two comparisons of FRR's announcements with the wanted ones"),
     Option("timeout", seconds(0.1, 30), 2.0, "seconds one vtysh call may take"),
 ])
