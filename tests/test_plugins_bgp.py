@@ -388,3 +388,14 @@ def test_prepare_withdraws_a_removed_service_before_the_data_plane_goes(tmp_path
         assert "10.0.0.1/32" in read()["nets"] and "fd00::1/128" in read()["nets"]
     finally:
         plugin.stop()
+
+
+def test_plugin_refuses_nat_without_vrrp(tmp_path, frr_state):
+    exe, _, _ = frr_state
+    path = write(tmp_path, f"[bgp]\nasn = 65100\nvtysh = {exe}\n")
+    text = open(path).read().replace("targets = b\n", "mode = nat\ntargets = b\n", 1)
+    with open(path, "w") as fh:
+        fh.write(text)
+    host = FakeHost(path, NodeState("STANDALONE", True, "start"))
+    with pytest.raises(bgp_mod.PluginError, match="service api: mode = nat needs the replies"):
+        bgp_mod.create(host).start()

@@ -222,6 +222,12 @@ class BgpPlugin(Plugin):
         if why:
             raise PluginError(f"[bgp] vtysh = {opts['vtysh']}: {why}")
         self._exe = exe
+        if self.host.cfg.vrrp is None:
+            nat = [s.name for s in self.host.cfg.services if s.mode == "nat"]
+            if nat:
+                raise PluginError(f"service {', '.join(nat)}: mode = nat needs the replies through the router "
+                                  "that translated the connection, which active-active behind ECMP (no [vrrp]) "
+                                  "does not give (docs/ACTIVE-ACTIVE.md); use mode = route")
         try:  # FRR may start after synlb (boot): then the watch keeps trying
             with self._lock:
                 self._sync(self.host.cfg)
