@@ -96,6 +96,12 @@ class Host:
                 if self.handle(batch):
                     break
         finally:
+            # stopping is going inactive: every plugin prepares for it before
+            # any teardown (the bgp plugin withdraws the VIPs and lets the
+            # upstream move the flows while the data plane still carries them)
+            self.node = NodeState(self.node.vrrp, False, "host stop")
+            for c in self._prepare(self.node)[0]:
+                log.info("stop: %s", c)
             for p in reversed(self.plugins):
                 try:
                     for c in p.teardown():
@@ -146,10 +152,20 @@ class Host:
         log.info("configuration reloaded from %s", self.config_path)
         return True
 
+    def _prepare(self, node: NodeState) -> tuple[list[str], list[str]]:
+        changes, errors = [], []
+        for p in self.plugins:
+            try:
+                changes += [f"{p.name}: {c}" for c in p.prepare(self.cfg, node)]
+            except Exception as e:  # noqa: BLE001 - reported; the reconcile goes on
+                log.error("%s: plugin %s failed to prepare: %s", node.reason, p.name, e)
+                changes.append(f"{p.name}: FAILED {e}")
+                errors.append(f"{p.name}: {e}")
+        return changes, errors
+
     def reconcile(self, reason: str) -> None:
         node = NodeState(self.node.vrrp, self.node.active, reason)
-        changes = []
-        errors = []
+        changes, errors = self._prepare(node)
         for p in self.plugins:
             try:
                 changes += [f"{p.name}: {c}" for c in p.reconcile(self.cfg, node)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import shutil
 
 from .config import Config
@@ -71,7 +72,129 @@ def warnings(cfg: Config) -> list[str]:
         out.append(f"{where}:synlb:hash_key: the shipped key is public: anyone can predict which target "
                    "a flow goes to and pile connections onto one; set a secret, the same on every router "
                    "(e.g. openssl rand -hex 32)")
+    saves = {tool: _capture([f"{tool}-save"]) for tool in ("iptables", "ip6tables") if shutil.which(f"{tool}-save")}
+    nft = _capture(["nft", "list", "ruleset"]) if shutil.which("nft") else ""
+    out += invalid_drop_warnings(cfg, saves, nft)
     return out
+
+
+# ------------------------------------------------------------ firewalls dropping INVALID
+
+_IPT_TABLES = {"filter", "mangle", "raw", "nat", "security"}  # nft tables iptables-nft owns: read with iptables-save
+_JUMP = re.compile(r"\s-[jg]\s+(\S+)")
+
+
+def _drops(rule: str) -> bool:
+    m = _JUMP.search(rule)
+    return bool(m) and m.group(1) in ("DROP", "REJECT")
+
+
+def _matches_invalid(rule: str) -> bool:
+    for m in re.finditer(r"(!\s+)?--(?:ctstate|state)\s+(\S+)", rule):
+        if not m.group(1) and "INVALID" in m.group(2).split(","):
+            return True
+    return False
+
+
+def invalid_drops_iptables(save_text: str) -> list[str]:
+    """The rules of an ``iptables-save`` text that drop (DROP, REJECT)
+    packets in ctstate INVALID on their way through FORWARD: in FORWARD
+    itself or in a chain FORWARD jumps to (any table that has FORWARD)."""
+    out = []
+    table = None
+    rules: dict[str, dict[str, list[str]]] = {}
+    for line in save_text.splitlines():
+        line = line.strip()
+        if line.startswith("*"):
+            table = line[1:]
+            rules[table] = {}
+        elif line.startswith("-A ") and table is not None:
+            chain = line.split()[1]
+            rules[table].setdefault(chain, []).append(line)
+    for table, chains in rules.items():
+        seen, todo = set(), ["FORWARD"]
+        while todo:
+            chain = todo.pop()
+            if chain in seen:
+                continue
+            seen.add(chain)
+            for rule in chains.get(chain, []):
+                m = _JUMP.search(rule)
+                if m and m.group(1) in chains:
+                    todo.append(m.group(1))
+                if _drops(rule) and _matches_invalid(rule):
+                    out.append(f"{table} {rule}")
+    return out
+
+
+def invalid_drops_nft(ruleset: str) -> list[str]:
+    """The same for ``nft list ruleset`` text: rules with ``ct state``
+    including ``invalid`` and a drop or reject verdict, in a chain hooked on
+    forward or one it jumps to. iptables-nft's own tables (filter, mangle,
+    ... in ip and ip6) are left to :func:`invalid_drops_iptables`."""
+    out = []
+    tables: dict[str, dict[str, list[str]]] = {}
+    hooked: dict[str, list[str]] = {}
+    table = chain = None
+    for raw in ruleset.splitlines():
+        line = raw.strip()
+        m = re.match(r"table (\S+) (\S+) \{", line)
+        if m:
+            fam, name = m.groups()
+            table = None if fam in ("ip", "ip6") and name in _IPT_TABLES else f"{fam} {name}"
+            if table:
+                tables[table], hooked[table] = {}, []
+            chain = None
+            continue
+        if table is None:
+            continue
+        m = re.match(r"chain (\S+) \{", line)
+        if m:
+            chain = m.group(1)
+            tables[table][chain] = []
+            continue
+        if chain is None or not line or line == "}":
+            continue
+        if re.search(r"\bhook forward\b", line):
+            hooked[table].append(chain)
+        elif not line.startswith(("type ", "policy ")):
+            tables[table][chain].append(line)
+    for table, chains in tables.items():
+        seen, todo = set(), list(hooked[table])
+        while todo:
+            c = todo.pop()
+            if c in seen:
+                continue
+            seen.add(c)
+            for rule in chains.get(c, []):
+                for j in re.findall(r"\b(?:jump|goto) (\S+)", rule):
+                    todo.append(j)
+                m = re.search(r"\bct state (\{[^}]*\}|\S+)", rule)
+                if m and not re.search(r"ct state != ", rule) and "invalid" in re.split(r"[{},\s]+", m.group(1)) \
+                        and re.search(r"\b(drop|reject)\b", rule):
+                    out.append(f"{table} chain {c}: {rule}")
+    return out
+
+
+def invalid_drop_warnings(cfg: Config, saves: dict[str, str], nft_ruleset: str = "") -> list[str]:
+    """Warnings for the firewall rules that drop ctstate INVALID in FORWARD
+    (``saves``: {"iptables": text, "ip6tables": text})."""
+    main = cfg.files[0]
+    found = [f"{tool} {r}" for tool, text in sorted(saves.items()) for r in invalid_drops_iptables(text)]
+    found += [f"nft {r}" for r in invalid_drops_nft(nft_ruleset)]
+    return [f"{main}:-:-: the firewall drops packets conntrack calls INVALID in FORWARD ({r}): a router "
+            "that sees only one direction of its connections (active-active behind ECMP, the replies "
+            "through another router) needs them (with track_syn = yes every packet after the SYN is INVALID "
+            "there), so it would drop its share of the sessions; accept the VIPs' packets before that rule, "
+            "or keep this router on the reply path" for r in found]
+
+
+def _capture(argv: list[str]) -> str:
+    import subprocess
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
 
 
 def verify(cfg: Config) -> None:

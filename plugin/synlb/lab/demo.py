@@ -3,7 +3,8 @@
 Part 1 (one router): 300 real TCP connections per IP family to the VIP,
 balanced over three targets; the chain counters show that only the SYNs
 reached user space.  Part 2 (two routers with keepalived, if built):
-sessions running through a failover.
+sessions running through a failover.  Part 3 (demo_bgp): three routers
+active-active behind ECMP, announced with BGP through FRR.
 """
 
 from __future__ import annotations
@@ -60,4 +61,7 @@ def main(failover: bool = True) -> int:
             _print("\n--- failover: two routers with keepalived ---")
             fo = run_failover_demo(out=_print)
             ok = ok and bool(fo.get("ok", True))
+        from .demo_bgp import run_bgp_demo
+        _print("\n--- active-active: three routers behind ECMP, announced with BGP ---")
+        ok = ok and bool(run_bgp_demo(out=_print).get("ok"))
     return 0 if ok else 1

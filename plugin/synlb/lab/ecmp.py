@@ -120,6 +120,10 @@ class EcmpLab(Lab):
     All routers are active (in ``up``'s multipath route) at start.
     """
 
+    #: up gets the static multipath route at build (a subclass routing
+    #: with BGP, synlb.lab.bgp, sets it False)
+    static_upstream = True
+
     def __init__(self, routers: int = 3, targets: int = 3, *, servers: bool = True,
                  server_ports: Sequence[int] = (80, 8080), reply_router: str = "lb1",
                  multipath_hash: str = "l4", keep_files: bool = False, prefix: str | None = None):
@@ -248,7 +252,8 @@ class EcmpLab(Lab):
                     f"route add ::/0 via {self.target_gateway(6)} dev {A.HOST_IF}"]
             self.ip_batch(t, cmds)
 
-        self.set_active_routers(self.routers)
+        if self.static_upstream:
+            self.set_active_routers(self.routers)
 
     @staticmethod
     def _router_routes() -> list[str]:

@@ -36,6 +36,14 @@ class Plugin:
     def start(self) -> None:
         """Start threads or sockets; called once before the first reconcile."""
 
+    def prepare(self, cfg, node: "NodeState") -> list[str]:
+        """Called on every plugin before any plugin reconciles to ``node``
+        under ``cfg`` (and, with an inactive node, before the teardowns at
+        host stop): stop offering what the coming state removes, while it
+        is still there (the bgp plugin withdraws the VIPs before the data
+        plane goes). Return what changed."""
+        return []
+
     def reconcile(self, cfg, node: "NodeState") -> list[str]:
         """Converge to ``node`` under ``cfg``; return what changed. Idempotent."""
         return []

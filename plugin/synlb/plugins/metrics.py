@@ -34,6 +34,11 @@ Metrics:
   its workers follow), ``synlb_sync_peer_ok{peer}`` (1 when the last
   exchange with the peer worked), ``synlb_sync_last_exchange_seconds{peer}``
   (when it last worked, Unix time)
+- with the bgp plugin: ``synlb_bgp_announced{prefix}`` (1 while FRR
+  announces the VIP prefix, 0 while it is withdrawn), ``synlb_bgp_frr_ok``
+  (0 when the last vtysh call failed), ``synlb_bgp_sessions_established``
+  (bgpd's established neighbors, all address families),
+  ``synlb_bgp_last_change_seconds`` (when an announcement last changed, Unix time)
 
 Kernel counters restart from 0 when synlb re-installs its chains, and a
 worker's CPU time when it is restarted: Prometheus' ``rate()`` handles that.
@@ -229,6 +234,24 @@ class Collector:
         yield from (qdrop, udrop, listening, waiting, wrestarts, wpackets, wcpu, wrss)
         if "sync" in plugins:
             yield from _sync_metrics(plugins["sync"].status())
+        if "bgp" in plugins:
+            yield from _bgp_metrics(plugins["bgp"].status())
+
+
+def _bgp_metrics(st: dict):
+    from prometheus_client.core import GaugeMetricFamily
+    ann = GaugeMetricFamily("synlb_bgp_announced", "1 while FRR announces the VIP prefix, 0 while withdrawn",
+                            labels=["prefix"])
+    for prefix in st["managed"]:
+        ann.add_metric([prefix], 1.0 if prefix in st["announced"] else 0.0)
+    yield ann
+    yield GaugeMetricFamily("synlb_bgp_frr_ok", "0 when the last vtysh call failed",
+                            value=0.0 if st["error"] else 1.0)
+    yield GaugeMetricFamily("synlb_bgp_sessions_established", "bgpd's established neighbors (all families)",
+                            value=sum(1 for af in st["peers"].values() for s in af.values() if s == "Established"))
+    if st["changed_at"]:
+        yield GaugeMetricFamily("synlb_bgp_last_change_seconds", "when an announcement last changed",
+                                value=st["changed_at"])
 
 
 def _sync_metrics(st: dict):
