@@ -5,7 +5,6 @@ direction of the flows ECMP gives them."""
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import time
@@ -19,12 +18,11 @@ from synlb.lab.ecmp import (
     reload_router,
     run_target_added_then_router_leaves,
     start_host,
-    state_dir,
-    status,
     stop_host,
     synlb_down,
     synlb_up,
     vip_chain_packets,
+    wait_pins_everywhere,
     wait_targets_installed,
     write_config,
     write_configs,
@@ -175,39 +173,6 @@ def sync_configs(lab, targets=("t1", "t2")):
     return confs
 
 
-def sync_of(lab, r, conf) -> dict:
-    return status(lab, r, conf)["host"]["plugins"]["sync"]
-
-
-def worker_pins(r_state_dir: str) -> int:
-    try:
-        with open(os.path.join(r_state_dir, "worker-0.stats.json")) as fh:
-            return json.load(fh).get("pins", -1)
-    except (FileNotFoundError, ValueError):
-        return -1
-
-
-def wait_pins_everywhere(lab, confs, since: float, timeout: float = 20.0) -> dict:
-    """Until every router computed its pins after ``since`` (its second
-    exchange included), received every peer's latest, and its worker holds
-    the merged set; returns {router: own pins}."""
-    deadline = time.monotonic() + timeout
-    while True:
-        st = {r: sync_of(lab, r, confs[r]) for r in lab.routers}
-        backs = {A.router_back(i): r for i, r in enumerate(lab.routers, 1)}
-        fresh = all(s["own_at"] and s["own_at"] >= since + AGAIN_AFTER for s in st.values())
-        # every router holds exactly what each peer last computed (by content:
-        # the statuses are read one after the other while the routers refresh)
-        received = all(p["digest"] == st[backs[addr]]["own_digest"]
-                       for s in st.values() for addr, p in s["peers"].items())
-        loaded = all(worker_pins(state_dir(lab, r)) == st[r]["held_pins"] for r in lab.routers)
-        if fresh and received and loaded:
-            return {r: s["own_pins"] for r, s in st.items()}
-        if time.monotonic() > deadline:
-            raise AssertionError(f"pins not exchanged within {timeout}s: {st}")
-        time.sleep(0.2)
-
-
 def shortcut_counters(lab, r, fam) -> tuple[int, int]:
     """Packets of synlb-VIP-web short-cut in the kernel and queued, in router ``r``."""
     text = lab.run(r, ["iptables-save" if fam == 4 else "ip6tables-save", "-c", "-t", "mangle"]).stdout
@@ -240,7 +205,7 @@ def test_target_added_then_a_router_leaves_keeps_every_session(lab):
 
     def ready(lab_, new_confs):
         wait_targets_installed(lab_, new_confs)
-        own.update(wait_pins_everywhere(lab_, new_confs, min(changed)))
+        own.update(wait_pins_everywhere(lab_, new_confs, min(changed), again_after=AGAIN_AFTER))
 
     res = run_target_added_then_router_leaves(lab, confs, count=COUNT, leaver="lb2", patterns=PATTERNS,
                                               families=FAMILIES, reload=reload, ready=ready)

@@ -35,7 +35,6 @@ from the synlb routers, each running FRR, with BFD.
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import signal
@@ -45,7 +44,7 @@ from typing import Any
 
 from . import addresses as A
 from . import frr
-from .ecmp import EcmpLab, RouterConfig, state_dir, status, write_config
+from .ecmp import EcmpLab, RouterConfig, status, wait_pins_everywhere, write_config
 from .netns import LabError
 
 UPSTREAM_AS = 65000
@@ -286,37 +285,3 @@ def stop_host_watching(lab: BgpLab, router: str, timeout: float = 20.0) -> dict:
 
 # ---------------------------------------------------------------- pins (sync)
 
-def _worker_pins(r_state_dir: str) -> int:
-    try:
-        with open(os.path.join(r_state_dir, "worker-0.stats.json")) as fh:
-            return json.load(fh).get("pins", -1)
-    except (FileNotFoundError, ValueError):
-        return -1
-
-
-def wait_pins_everywhere(lab: BgpLab, confs: Mapping[str, RouterConfig], since: float,
-                         again_after: float = 1.0, timeout: float = 20.0) -> dict:
-    """Until every router of ``confs`` computed its pins after ``since``
-    (its second exchange, ``again_after`` later, included), received every
-    peer's latest, and its worker holds the merged set; returns {router: own pins}."""
-    deadline = time.monotonic() + timeout
-    backs = {A.router_back(i): r for i, r in enumerate(lab.routers, 1)}
-    # the first computation each router made after the change's second
-    # round: a peer that received a message from it since has its full pins
-    # (each router refreshes every few seconds, so "the peer has the newest"
-    # is a moving target while status is read router after router)
-    first: dict[str, float] = {}
-    while True:
-        st = {r: status(lab, r, confs[r])["host"]["plugins"]["sync"] for r in confs}
-        for r, s in st.items():
-            if r not in first and s["own_at"] and s["own_at"] >= since + again_after:
-                first[r] = s["own_at"]
-        fresh = len(first) == len(st)
-        received = fresh and all(p["last_ok"] and p["last_ok"] >= first[backs[addr]]
-                                 for s in st.values() for addr, p in s["peers"].items() if backs.get(addr) in st)
-        loaded = all(_worker_pins(state_dir(lab, r)) == st[r]["held_pins"] for r in confs)
-        if fresh and received and loaded:
-            return {r: s["own_pins"] for r, s in st.items()}
-        if time.monotonic() > deadline:
-            raise LabError(f"pins not exchanged within {timeout}s: {st}")
-        time.sleep(0.2)

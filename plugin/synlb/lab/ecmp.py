@@ -651,3 +651,34 @@ def run_target_added_then_router_leaves(
         results = stop_sessions(handles)
     return {"new_target": new_target, "leaver": leaver, "steps": steps, "established": seen,
             "configs": new_configs, **summarize(results), "results": results}
+
+
+def worker_pins(lab: Lab, router: str, queue: int = 0) -> int:
+    """How many pins the router's worker follows (from its stats file), -1 before it wrote one."""
+    try:
+        with open(os.path.join(state_dir(lab, router), f"worker-{queue}.stats.json")) as fh:
+            return json.load(fh).get("pins", -1)
+    except (FileNotFoundError, ValueError):
+        return -1
+
+
+def wait_pins_everywhere(lab: Lab, confs: Mapping[str, RouterConfig], since: float,
+                         again_after: float = 1.0, timeout: float = 20.0) -> dict:
+    """Until every router of ``confs`` computed its pins after ``since`` (its
+    second exchange, ``again_after`` later, included), holds exactly what
+    each peer last computed, and its worker follows the merged set; returns
+    {router: own pins}. Judged by the pins' digests, not by times: the
+    statuses are read one router after the other while the routers refresh."""
+    deadline = time.monotonic() + timeout
+    backs = {A.router_back(i): r for i, r in enumerate(lab.routers, 1)}
+    while True:
+        st = {r: status(lab, r, confs[r])["host"]["plugins"]["sync"] for r in confs}
+        fresh = all(s["own_at"] and s["own_at"] >= since + again_after for s in st.values())
+        received = all(p["digest"] == st[backs[addr]]["own_digest"]
+                       for s in st.values() for addr, p in s["peers"].items() if backs.get(addr) in st)
+        loaded = all(worker_pins(lab, r) == st[r]["held_pins"] for r in confs)
+        if fresh and received and loaded:
+            return {r: s["own_pins"] for r, s in st.items()}
+        if time.monotonic() > deadline:
+            raise LabError(f"pins not exchanged within {timeout}s: {st}")
+        time.sleep(0.2)
