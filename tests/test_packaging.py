@@ -317,6 +317,7 @@ def installed(pytestconfig, built, pkglab):
         _out(f"\n$ apt-get install {' '.join(built['debs'][p] for p in PACKAGES)}\n{r.stdout}{r.stderr}",
              pytestconfig)
         state["install"] = r.stdout + r.stderr
+        state["deb"] = built["debs"]["synlb"]
         state["new_packages"] = _all_installed() - state["packages_before"]
         state["files"] = {p: subprocess.run(["dpkg", "-L", p], capture_output=True, text=True,
                                             check=True).stdout.split("\n") for p in PACKAGES}
@@ -375,7 +376,7 @@ def test_package_contents_and_relations(built):
 
 @lab
 @needs_root
-def test_installed_synlb_is_inert_and_documented(installed, pytestconfig):
+def test_installed_synlb_is_inert_and_documented(installed, pytestconfig, tmp_path):
     """After `apt-get install`: the shipped configuration balances nothing
     and check says so (postinst reported it and did not fail); synlb runs
     on Debian's python3 and libraries; the unit is enabled and verifies;
@@ -413,6 +414,22 @@ def test_installed_synlb_is_inert_and_documented(installed, pytestconfig):
     with open("/lib/systemd/system/synlb.service") as fh:
         unit = fh.read()
     assert "Type=notify" in unit and "ExecReload=/bin/kill -HUP $MAINPID" in unit
+    # ExecCondition: skip the start while nothing is configured (exit 1..254
+    # skips); a valid or a broken file passes (a broken one then fails `run`)
+    (cond,) = re.findall(r"^ExecCondition=/bin/sh -c '(.*)'$", unit, re.M)
+    cond = cond.replace("$$", "$")
+    assert subprocess.run(["/bin/sh", "-c", cond], capture_output=True).returncode == 1
+    for i, text in enumerate((_configured(None), "[synlb]\nrule_priority = 0\n")):
+        other = tmp_path / f"{i}.ini"
+        other.write_text(text)
+        r = subprocess.run(["/bin/sh", "-c", cond.replace(CONF, str(other))], capture_output=True)
+        assert r.returncode == 0, text
+    # dh_installsystemd: enable, start on install, restart after upgrade, stop on remove
+    scripts = {n: subprocess.run(["dpkg-deb", "-I", installed["deb"], n], capture_output=True, text=True,
+                                 check=True).stdout for n in ("postinst", "prerm")}
+    assert "deb-systemd-helper enable 'synlb.service'" in scripts["postinst"]
+    assert "_dh_action=restart" in scripts["postinst"] and "_dh_action=start" in scripts["postinst"]
+    assert re.search(r'"\$1" = remove \] .*\n\s*deb-systemd-invoke stop .synlb.service.', scripts["prerm"])
     # (at a width man-db does not cache: no cat page left in /var/cache/man)
     for page, want in (("synlb", "synlb check [--live]"), ("synlb.ini", "hash_key = value")):
         r = subprocess.run(["man", "-P", "cat", page], capture_output=True, text=True, timeout=60,
@@ -502,13 +519,13 @@ def test_installed_host_is_ready_once_the_data_plane_is_up(installed, pkglab, tm
 
 
 def _configured(lab) -> str:
-    """A real configuration for lb1 in the default state dir, with the
-    shipped (public) hash_key: what an admin writes into the conffile."""
+    """A real configuration for lb1 of ``lab`` (one target) in the default
+    state dir, with the shipped (public) hash_key: what an admin writes into
+    the conffile."""
     from synlb.lab import addresses as A
-    t = lab.targets[0]
     return (f"# edited by test_packaging\n[synlb]\n[service:web]\nvips = {A.VIP[4]}/32\n"
             f"ingress = {A.ROUTER_FRONT_IF}\negress = {A.ROUTER_BACK_IF}\nprotocols = tcp\nports = 80\n"
-            f"targets = {t}\n[target:{t}]\naddress = {lab.addr(t, 4)}\n")
+            f"targets = t1\n[target:t1]\naddress = {A.target(1, 4)}\n")
 
 
 @lab
