@@ -3,7 +3,7 @@ PYTHON ?= /usr/bin/python3
 VENV   := .venv
 STAMP  := $(VENV)/.installed
 
-.PHONY: deps demo lint-imports test unit bench deb clean
+.PHONY: deps demo lint-imports test unit bench deb deb-synlb clean
 
 $(STAMP): pyproject.toml packaging/apt-deps.txt
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
@@ -34,5 +34,16 @@ bench: $(STAMP)
 	$(VENV)/bin/pip install -q -e '.[bench]'
 	$(VENV)/bin/synlb-lab bench
 
+# The Debian packages synlb and python3-netfilterqueue (Debian 12 has none),
+# built with dpkg-buildpackage from a copy of the tree, checked by lintian:
+# into $(DIST)/. SYNLB_DEB_VERSION=V builds synlb as Debian version V.
+DIST ?= dist
+
+deb: $(STAMP)
+	packaging/build-packages $(DIST) synlb python-netfilterqueue
+
+deb-synlb: $(STAMP)
+	packaging/build-packages $(DIST) synlb
+
 clean:
-	rm -rf $(VENV) build *.egg-info plugin/*.egg-info
+	rm -rf $(VENV) build dist *.egg-info plugin/*.egg-info

@@ -4,9 +4,6 @@ are found in iptables-save and nft list ruleset text."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 from synlb import config, live
 

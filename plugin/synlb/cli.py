@@ -12,7 +12,7 @@ import sys
 
 from . import config as config_mod
 from . import statedir
-from .errors import run_reporting
+from .errors import EXIT_UNCONFIGURED, run_reporting
 
 
 def _load(args) -> config_mod.Config:
@@ -25,12 +25,20 @@ def _load(args) -> config_mod.Config:
 
 
 def cmd_check(args) -> int:
-    cfg = _load(args)
+    try:
+        cfg = _load(args)
+    except config_mod.ConfigError as e:
+        if not e.nothing_configured:
+            raise
+        # the shipped synlb.ini: valid, and it balances nothing (not an error)
+        print(f"{config_mod.config_path(args.config)}: nothing configured: no [service:NAME] section, so "
+              f"synlb balances nothing (exit {EXIT_UNCONFIGURED}); see synlb.ini(5)")
+        return EXIT_UNCONFIGURED
+    from . import live
     if args.live:
-        from . import live
         live.verify(cfg)
-        for line in live.warnings(cfg):
-            print(f"warning: {line}", file=sys.stderr)
+    for line in live.warnings(cfg):  # about the configuration alone: no live system needed
+        print(f"warning: {line}", file=sys.stderr)
     n = len(cfg.services)
     print(f"{config_mod.config_path(args.config)}: OK ({n} service{'s' * (n != 1)}, "
           f"{len(cfg.targets)} targets, {len(cfg.files)} file{'s' * (len(cfg.files) != 1)})")
@@ -131,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", "-v", action="store_true")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("check", help="validate the configuration (no root, no kernel)")
+    s = sub.add_parser("check", help="validate the configuration (no root, no kernel)",
+                       description=f"Exit 0: valid; 1: problems, each named as FILE:SECTION:KEY; "
+                                   f"{EXIT_UNCONFIGURED}: nothing configured (no [service:NAME] section).")
     s.add_argument("--live", action="store_true", help="also check interfaces and local addresses")
     s.set_defaults(func=cmd_check)
 

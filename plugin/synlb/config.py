@@ -40,9 +40,12 @@ from .vrrp.events import VRRP_SCHEMA, VrrpConfig, vrrp_config
 
 DEFAULT_CONFIG = "/etc/synlb/synlb.ini"
 # The shipped key: public, so anyone can predict which target a flow goes to
-# (`check --live` warns while it is in use).
+# (`synlb check` warns while it is in use).
 DEFAULT_HASH_KEY = "synlb-maglev-v1"
 ENV_CONFIG = "SYNLB_CONFIG"
+# The problem of a file that describes no service (the shipped synlb.ini,
+# every example commented): `synlb check` reports it as nothing configured.
+NO_SERVICE = "no [service:NAME] section"
 
 # Marks derived from a target's name live in [AUTO_MARK_BASE, +0x10000) so that
 # a target keeps its mark when others are added or removed: a running
@@ -71,6 +74,11 @@ class ConfigError(UserError):
 
     def lines(self) -> list[str]:
         return [f"{f}:{s}:{k}: {m}" for f, s, k, m in self.problems]
+
+    @property
+    def nothing_configured(self) -> bool:
+        """The only problem is that no service is described: synlb balances nothing."""
+        return bool(self.problems) and all(p[3] == NO_SERVICE for p in self.problems)
 
 
 @dataclass(frozen=True)
@@ -515,7 +523,7 @@ def load(path: str | None = None) -> Config:
     services_raw, targets_raw = named["service"], named["target"]
 
     if not services_raw and not any(p[1].startswith("service:") for p in problems):
-        problems.append((main, "-", "-", "no [service:NAME] section"))
+        problems.append((main, "-", "-", NO_SERVICE))
 
     targets: dict[str, Target] = {}
     marks: dict[int, str] = {}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 
 EXIT_USER = 1
+EXIT_UNCONFIGURED = 3  # synlb check: no problem, but no service either (the shipped synlb.ini)
 EXIT_INTERRUPTED = 130
 
 

@@ -9,8 +9,10 @@ arrive while a reconcile runs are coalesced into the next one.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -44,6 +46,7 @@ class Host:
         self.started = time.time()
         self.history: list[dict] = []
         self.failing: dict | None = None  # the last reconcile's errors and the next retry, while failing
+        self.ready = False  # READY=1 sent to systemd: once, after the first reconcile that converged
 
     # ------------------------------------------------------------ events
     def submit(self, kind: str, data: dict | None = None, *, reason: str | None = None,
@@ -102,6 +105,7 @@ class Host:
             self.node = NodeState(self.node.vrrp, False, "host stop")
             for c in self._prepare(self.node)[0]:
                 log.info("stop: %s", c)
+            sd_notify("STOPPING=1")
             for p in reversed(self.plugins):
                 try:
                     for c in p.teardown():
@@ -185,6 +189,9 @@ class Host:
         elif self.failing is not None:
             log.info("reconcile converged after %d failed attempts", self.failing["attempts"])
             self.failing = None
+        if not errors and not self.ready:  # systemd (Type=notify): the data plane is reconciled
+            self.ready = True
+            sd_notify("READY=1")
         self.transitions += 1
         self.history = (self.history + [{"time": time.time(), "reason": reason, "node": node.vrrp,
                                          "active": node.active, "changes": len(changes)}])[-50:]
@@ -231,6 +238,27 @@ def vrrp_node(cfg, node: NodeState, event: dict) -> NodeState | None:
     if cfg.vrrp is None:
         return None
     return journal.node(cfg.globals.state_dir, cfg.vrrp)
+
+
+# ------------------------------------------------------------ systemd
+def sd_notify(message: str) -> bool:
+    """sd_notify(3) without libsystemd: send ``message`` ("READY=1",
+    "STOPPING=1", ...) as one datagram to the socket systemd names in
+    $NOTIFY_SOCKET (a path, or "@name" in the abstract namespace). False
+    without $NOTIFY_SOCKET or when sending failed (logged, never raised)."""
+    addr = os.environ.get("NOTIFY_SOCKET", "")
+    if not addr:
+        return False
+    if addr[0] not in "/@":
+        log.warning("NOTIFY_SOCKET=%s: only unix sockets are supported", addr)
+        return False
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.sendto(message.encode(), "\0" + addr[1:] if addr[0] == "@" else addr)
+    except OSError as e:
+        log.warning("cannot notify systemd (%s): %s", message.split("\n")[0], e)
+        return False
+    return True
 
 
 def main(config_path: str) -> int:

@@ -119,12 +119,17 @@ def install_hook(lab: Lab) -> str:
 
 class Pair:
     """lb1 + lb2 with keepalived and synlb; ``source`` is how synlb follows
-    keepalived: ``notify`` (hook), ``fifo`` (notify_fifo) or ``dbus``."""
+    keepalived: ``notify`` (hook), ``fifo`` (notify_fifo) or ``dbus``.
+    ``synlb`` / ``hook``: the synlb executable and the notify hook to use
+    (default: this interpreter's synlb, and hooks/keepalived-notify copied
+    into the lab; an installed package's /usr/bin/synlb and
+    /usr/lib/synlb/keepalived-notify)."""
 
     def __init__(self, lab: Lab, *, source: str = "notify", standby: str = "hot",
                  pickup: bool = True, firewall: bool = True, dbus_in_host: bool = False,
                  targets: Iterable[str] | None = None, plugins: str | None = None,
-                 extra: Callable[[str], str] | None = None, engine: str | Mapping[str, str] = "nfqueue"):
+                 extra: Callable[[str], str] | None = None, engine: str | Mapping[str, str] = "nfqueue",
+                 synlb: str | None = None, hook: str | None = None):
         if lab.nrouters != 2:
             raise LabError("a Pair needs a 2-router lab")
         if source not in ("notify", "fifo", "dbus"):
@@ -141,6 +146,8 @@ class Pair:
         # the service's engine, on every router or per router ({"lb1": "nfqueue", "lb2": "nftables"})
         self.engines = {r: engine if isinstance(engine, str) else engine[r] for r in lab.routers}
         self.hosts: dict[str, object] = {}
+        self.synlb = synlb or synlb_exe()
+        self.given_hook = hook
         self.hook = ""
         self.listeners: dict[str, object] = {}
         self.baseline: dict[str, dict] = {}  # router -> snapshot before synlb ever ran
@@ -157,7 +164,7 @@ class Pair:
         return os.path.join(self.lab.role_dir(r), "keepalived.fifo")
 
     def env(self) -> dict[str, str]:
-        return {"SYNLB_BIN": synlb_exe()}
+        return {"SYNLB_BIN": self.synlb}
 
     # --- setup
 
@@ -172,7 +179,7 @@ class Pair:
                     lab.run(r, [tool, *FIREWALL])
             self.write_config(r)
             self.baseline[r] = snapshot(lab, r, self.state_dir(r))
-        self.hook = install_hook(lab)
+        self.hook = self.given_hook or install_hook(lab)
 
     def write_config(self, r: str) -> None:
         extra = f"pickup = {'yes' if self.pickup else 'no'}"
@@ -190,7 +197,7 @@ class Pair:
     def start_hosts(self, timeout: float = 20.0) -> None:
         """``synlb run`` on both routers; returns once their control sockets exist."""
         for r in self.lab.routers:
-            self.hosts[r] = self.lab.popen(r, [synlb_exe(), "--config", self.config(r), "run"],
+            self.hosts[r] = self.lab.popen(r, [self.synlb, "--config", self.config(r), "run"],
                                            name="synlb-run")
         deadline = time.monotonic() + timeout
         while not all(os.path.exists(os.path.join(self.state_dir(r), "control.sock")) for r in self.lab.routers):
@@ -224,12 +231,12 @@ class Pair:
 
     def host_status(self, r: str) -> dict:
         """The router's ``synlb status --json``."""
-        return json.loads(self.lab.run(r, [synlb_exe(), "--config", self.config(r), "status", "--json"]).stdout)
+        return json.loads(self.lab.run(r, [self.synlb, "--config", self.config(r), "status", "--json"]).stdout)
 
     def keepalived_text(self, r: str) -> str:
         n = self.lab.routers.index(r) + 1
         return keepalived_conf(n, config=self.config(r), hook=self.hook, fifo=self.fifo(r),
-                               synlb=synlb_exe(), notify=self.source == "notify",
+                               synlb=self.synlb, notify=self.source == "notify",
                                dbus=self.source == "dbus", use_fifo=self.source == "fifo")
 
     def start(self, timeout: float = 20.0) -> None:
@@ -251,7 +258,7 @@ class Pair:
         if old is not None and old.poll() is None:
             return old
         cmd = ["run"] if self.dbus_in_host else ["dbus", "--wait"]
-        p = self.lab.popen(r, [synlb_exe(), "--config", self.config(r), *cmd],
+        p = self.lab.popen(r, [self.synlb, "--config", self.config(r), *cmd],
                            env={"DBUS_SYSTEM_BUS_ADDRESS": self.lab.dbus_address(r)}, name="synlb-dbus")
         self.listeners[r] = p
         return p
@@ -268,7 +275,7 @@ class Pair:
         for r in self.lab.routers:
             if keepalived_running(self.lab, r):
                 self.lab.stop_keepalived(r)
-            self.lab.run(r, [synlb_exe(), "--config", self.config(r), "down"], check=False)
+            self.lab.run(r, [self.synlb, "--config", self.config(r), "down"], check=False)
 
     # --- state
 
