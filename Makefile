@@ -3,7 +3,7 @@ PYTHON ?= /usr/bin/python3
 VENV   := .venv
 STAMP  := $(VENV)/.installed
 
-.PHONY: deps demo lint-imports test unit bench deb clean
+.PHONY: deps demo lint-imports test unit bench reliability deb clean
 
 $(STAMP): pyproject.toml packaging/apt-deps.txt
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
@@ -33,6 +33,11 @@ unit: lint-imports
 bench: $(STAMP)
 	$(VENV)/bin/pip install -q -e '.[bench]'
 	$(VENV)/bin/synlb-lab bench
+
+# every fault, load and bad-input scenario in the lab (well under 15 minutes):
+# writes docs/RELIABILITY.md and bench/results/reliability.json
+reliability: $(STAMP)
+	$(VENV)/bin/python -m synlb.lab.reliability
 
 clean:
 	rm -rf $(VENV) build *.egg-info plugin/*.egg-info

@@ -104,5 +104,5 @@ def test_the_report_renders_every_row():
                                       "keepalived": "Keepalived v2", "iptables": "iptables v1.8.9 (nf_tables)",
                                       "total_s": 1, "lab_setup_s": 1}, "fast": False, "rows": rows})
     assert "| Worker SIGKILL | killed | 40 sessions | 40/40 kept, 0 reset, 0 moved" in md
-    assert "| 0 failed, 3 slow of 80 | 0.30 s | yes |" in md
+    assert "| 0 failed, 3 slow of 80 | 0.30 s (kill to the new worker holding its queue) | yes |" in md
     assert "Packet parser fuzzed" in md and "2/2 scenarios as expected" in md

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
-import os
 import random
 import socket
 import struct
