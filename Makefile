@@ -3,7 +3,7 @@ PYTHON ?= /usr/bin/python3
 VENV   := .venv
 STAMP  := $(VENV)/.installed
 
-.PHONY: deps demo lint-imports test unit bench deb deb-synlb clean
+.PHONY: deps demo lint-imports test unit bench reliability deb deb-synlb clean
 
 $(STAMP): pyproject.toml packaging/apt-deps.txt
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
@@ -44,6 +44,11 @@ deb: $(STAMP)
 
 deb-synlb: $(STAMP)
 	packaging/build-packages $(DIST) synlb
+
+# every fault, load and bad-input scenario in the lab (well under 15 minutes):
+# writes docs/RELIABILITY.md and bench/results/reliability.json
+reliability: $(STAMP)
+	$(VENV)/bin/python -m synlb.lab.reliability
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info plugin/*.egg-info

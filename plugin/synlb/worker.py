@@ -266,7 +266,13 @@ class Worker:
         nfq = NetfilterQueue()
         nfq.bind(self.queue, self.on_packet, max_len=self.spec.queue_maxlen, mode=COPY_PACKET,
                  range=self.spec.copy_range)
-        self.write_stats()  # tells the starter that this process holds the queue
+        try:
+            self.write_stats()  # tells the starter that this process holds the queue
+        except OSError as e:  # a full state dir: nobody would know we hold it
+            log.error("queue %d: cannot write %s: %s; leaving the queue", self.queue, self.stats_path(),
+                      e.strerror or e)
+            nfq.unbind()
+            return 1
         self.load_pins()  # from here on SIGUSR1 reaches us for every later change (workers.reload_pins)
         log.info("queue %d bound (service %s, targets %s)", self.queue, self.service_name,
                  ",".join(self.table.names))
@@ -285,7 +291,10 @@ class Worker:
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
             nfq.unbind()
-            self.write_stats()
+            try:
+                self.write_stats()
+            except OSError as e:
+                log.warning("queue %d: stats not written: %s", self.queue, e.strerror or e)
         log.info("queue %d unbound", self.queue)
         return 0
 
