@@ -30,6 +30,7 @@ BACKOFF = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)  # seconds before the n-th quick restar
 # rewriting nf_conntrack_tcp_loose, deleting ip rules, flushing tables):
 # compare the kernel with the desired state this often, and reconcile.
 DRIFT_INTERVAL = 1.0
+DEAD_WORKER = (": not running", ": does not hold its queue")  # dataplane.drift's words for them
 STABLE_AFTER = 30.0  # a worker that lived this long resets its backoff
 IFF_UP_RUNNING = 0x1 | 0x40  # administratively up, and carrier (operationally up)
 
@@ -84,7 +85,8 @@ class LbPlugin(Plugin):
             if not self.active:
                 continue
             try:
-                diffs = dataplane.drift(self.host.cfg)
+                # a dead worker is the supervisor's: it restarts it with backoff
+                diffs = [d for d in dataplane.drift(self.host.cfg) if not d.endswith(DEAD_WORKER)]
             except Exception as e:  # noqa: BLE001 - a failed look is retried next round
                 log.warning("drift check failed: %s", e)
                 continue
