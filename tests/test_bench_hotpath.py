@@ -1,4 +1,5 @@
-"""The optimised worker hot path gives exactly the seed's answer, and the
+"""The optimised worker hot path gives exactly the reference's answer (the
+hot path as first written), and the
 benchmark's report code works on a results document (pure, no root)."""
 
 from __future__ import annotations

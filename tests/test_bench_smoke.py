@@ -1,5 +1,5 @@
 """`synlb-lab bench --quick` end to end in the lab: every section runs, the
-report has the figures the issue asks for, with sane values. Speed is
+report has the headline figures (README, benchmark table), with sane values. Speed is
 not asserted (the machine is shared); the targets are the benchmark's job."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 2 in the netns lab: real kernel, real worker, real TCP connections."""
+"""The data plane in the netns lab: real kernel, real worker, real TCP connections."""
 
 from __future__ import annotations
 
@@ -119,7 +119,8 @@ def test_foreign_rules_survive_up_and_down(lab, clean):
 
 
 def test_routes_restored_after_link_flap(lab, clean):
-    """Pitfall 3: the kernel drops the per-target routes with the link; up restores them."""
+    """docs/DESIGN-NOTES.md#3 (routes are lost with their link): the kernel
+    drops the per-target routes with the link; up restores them."""
     conf = write_config(lab, "lb1")
     synlb(lab, "lb1", conf, "up")
     routes = kernel_snapshot(lab, "lb1")["routes4"]
@@ -143,7 +144,8 @@ def test_live_problems_reported_before_any_change(lab, clean):
     assert "Traceback" not in r.stderr
     r = synlb(lab, "lb1", bad, "check", "--live", check=False)
     assert r.returncode == 1 and "nosuch0" in r.stderr
-    # a VIP that is a local address of the router breaks route mode (pitfall 2)
+    # a VIP that is a local address of the router breaks route mode
+    # (docs/DESIGN-NOTES.md#2, no local VIP in route mode)
     lab.ip("lb1", "addr", "add", f"{A.VIP[4]}/32", "dev", "lo")
     try:
         r = synlb(lab, "lb1", conf, "up", check=False)
@@ -171,7 +173,8 @@ def test_failed_worker_leaves_nothing_behind(lab, clean):
 
 
 def test_picked_up_connection_reaches_the_same_target(lab, clean):
-    """Pitfall 1: after conntrack forgets a connection, its next packet is NEW
+    """docs/DESIGN-NOTES.md#1 (picked-up connections start without a SYN):
+    after conntrack forgets a connection, its next packet is NEW
     but not a SYN; it must still be queued and sent to the same target."""
     conf = write_config(lab, "lb1")
     synlb(lab, "lb1", conf, "up")

@@ -1,4 +1,4 @@
-"""Issue 3 in the netns lab: two routers with real keepalived (Debian's 2.2),
+"""Failover in the netns lab: two routers with real keepalived (Debian's 2.2),
 synlb on both, real TCP sessions through failovers.
 
 Every router starts with conntrack loose pickup off and a firewall dropping

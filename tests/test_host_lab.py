@@ -1,4 +1,4 @@
-"""Issue 4 in the netns lab: `synlb run` with the lb, health, scripts and
+"""The plugin host in the netns lab: `synlb run` with the lb, health, scripts and
 metrics plugins, on one router and four targets (t4 joins by SIGHUP).
 
 Each test starts its own host (own config and state dir) and stops it with
