@@ -8,16 +8,13 @@ import json
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
 
 import pytest
 
-pytestmark = [pytest.mark.lab,
-              pytest.mark.skipif(os.geteuid() != 0 or not all(shutil.which(t) for t in ("wrk", "iperf3", "nginx")),
-                                 reason="needs root, wrk, iperf3 and nginx")]
+pytestmark = pytest.mark.lab(tools=("ip", "wrk", "iperf3", "nginx", "keepalived", "conntrack", "iptables"))
 
 KEYS = ("throughput_ratio", "all_packets_ratio", "conn_rate_ratio", "cpu_us_per_conn", "worker_rss_mb",
         "maglev_build_ms_100", "failover_gap_s", "sessions_kept_ratio")

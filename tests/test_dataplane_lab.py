@@ -16,15 +16,14 @@ from synlb.lab import addresses as A
 from synlb.lab.scenario import kernel_snapshot, status, synlb, write_config
 from synlb.lab.topology import Lab
 
-pytestmark = pytest.mark.lab
+pytestmark = pytest.mark.lab(tools=("ip", "iptables", "ip6tables", "conntrack"))
 
 CONNS = 300
 
 
 @pytest.fixture(scope="module")
-def lab():
-    with Lab(routers=1) as lab:
-        yield lab
+def lab(open_module_lab):
+    return open_module_lab(Lab, routers=1)
 
 
 @pytest.fixture

@@ -28,11 +28,11 @@ from synlb.lab.demo_failover import (
     stop_sessions,
     summarize,
 )
-from synlb.lab.netns import list_netns, netns_exec_argv
+from synlb.lab.netns import netns_exec_argv
 from synlb.lab.scenario import synlb_exe
 from synlb.lab.topology import Lab
 
-pytestmark = pytest.mark.lab
+pytestmark = pytest.mark.lab(tools=("ip", "keepalived", "conntrack", "iptables", "dbus-daemon"))
 
 COUNT = 20  # sessions per pattern and family
 
@@ -56,11 +56,8 @@ def sources(pair: Pair, r: str) -> set:
 
 
 @pytest.fixture
-def lab():
-    with Lab(routers=2, targets=3, server_ports=(80,)) as lab:
-        yield lab
-    assert not [ns for ns in list_netns() if ns.startswith(lab.prefix + "-")]
-    assert lab.leftovers() == {"namespaces": [], "processes": []}
+def lab(open_lab):
+    return open_lab(Lab, routers=2, targets=3, server_ports=(80,))
 
 
 # ---------------------------------------------------------------- sessions survive

@@ -20,8 +20,7 @@ from synlb.lab import addresses as A
 from synlb.lab.scenario import kernel_snapshot, status, synlb, synlb_exe
 from synlb.lab.topology import Lab
 
-pytestmark = [pytest.mark.lab,
-              pytest.mark.skipif(os.geteuid() != 0, reason="needs root and network namespaces")]
+pytestmark = pytest.mark.lab(tools=("ip", "iptables", "curl"))
 
 INTERVAL, TIMEOUT, RISE, FALL = 0.3, 0.2, 2, 2
 # what the kernel, the host thread and a loaded 2-core machine add to a
@@ -75,18 +74,18 @@ def write(path: str, text: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def lab():
-    with Lab(routers=1, targets=4) as lab:
-        # the scripts plugin's directory: root-owned, 0755 all the way up
-        sd = os.path.join(lab.role_dir("lb1"), "scripts.d", "standalone")
-        os.makedirs(sd, mode=0o755, exist_ok=True)
-        record = os.path.join(lab.role_dir("lb1"), "scripts-ran.jsonl")
-        script = os.path.join(sd, "10-record")
-        write(script, f"#!{sys.executable}\nimport json, os\n"
-                      f"with open({record!r}, 'a') as fh:\n"
-                      f"    fh.write(json.dumps({{k: v for k, v in os.environ.items()}}) + '\\n')\n")
-        os.chmod(script, 0o755)
-        yield lab
+def lab(open_module_lab):
+    lab = open_module_lab(Lab, routers=1, targets=4)
+    # the scripts plugin's directory: root-owned, 0755 all the way up
+    sd = os.path.join(lab.role_dir("lb1"), "scripts.d", "standalone")
+    os.makedirs(sd, mode=0o755, exist_ok=True)
+    record = os.path.join(lab.role_dir("lb1"), "scripts-ran.jsonl")
+    script = os.path.join(sd, "10-record")
+    write(script, f"#!{sys.executable}\nimport json, os\n"
+                  f"with open({record!r}, 'a') as fh:\n"
+                  f"    fh.write(json.dumps({{k: v for k, v in os.environ.items()}}) + '\\n')\n")
+    os.chmod(script, 0o755)
+    return lab
 
 
 class Host:

@@ -1,7 +1,6 @@
 """The netns lab itself, with no load balancer: routing, the test servers
 and client driver, keepalived failover, teardown."""
 
-import os
 import shutil
 import time
 
@@ -9,15 +8,10 @@ import pytest
 
 from synlb.lab import Lab, LabError
 from synlb.lab.keepalived import render_keepalived_conf
-from synlb.lab.netns import list_netns
 from synlb.lab.nginx import render_nginx_conf
 
-
-def labtest(f):
-    """Real namespaces and processes: root only, marked ``lab``."""
-    f = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
-                           reason="needs root and iproute2")(f)
-    return pytest.mark.lab(f)
+# real namespaces and processes (tests/conftest.py skips them without root or these tools)
+labtest = pytest.mark.lab(tools=("ip",))
 
 
 # ---------------------------------------------------------------- pure
@@ -51,16 +45,8 @@ def test_nginx_conf_render(tmp_path):
 # ---------------------------------------------------------------- lab
 
 
-def assert_torn_down(lab, pids):
-    assert not [ns for ns in list_netns() if ns.startswith(lab.prefix + "-")]
-    assert lab.leftovers() == {"namespaces": [], "processes": []}
-    alive = [p for p in pids if os.path.exists(f"/proc/{p}")]
-    assert alive == [], f"processes left: {alive}"
-    assert not os.path.exists(lab.dir)
-
-
 @labtest
-def test_single_router_routing_patterns_and_teardown():
+def test_single_router_routing_patterns_and_teardown(assert_torn_down):
     with Lab(routers=1, targets=3) as lab:
         assert set(lab.roles) == {"sw", "client", "lb1", "t1", "t2", "t3"}
         assert lab.ns("lb1") == f"{lab.prefix}-lb1"
@@ -105,7 +91,7 @@ def test_single_router_routing_patterns_and_teardown():
 
 
 @labtest
-def test_teardown_on_exception():
+def test_teardown_on_exception(assert_torn_down):
     with pytest.raises(RuntimeError, match="boom"):
         with Lab(routers=1, targets=1) as lab:
             pids = [t.proc.pid for t in lab.procs.items]
@@ -113,8 +99,8 @@ def test_teardown_on_exception():
     assert_torn_down(lab, pids)
 
 
-@labtest
-def test_two_routers_keepalived_failover_keeps_routed_session():
+@pytest.mark.lab(tools=("ip", "keepalived", "dbus-daemon"))
+def test_two_routers_keepalived_failover_keeps_routed_session(assert_torn_down):
     with Lab(routers=2, targets=3) as lab:
         lab.start_keepalived(enable_dbus=True)  # waits for lb1 MASTER, lb2 BACKUP
         assert lab.vrrp_state("lb1") == "MASTER" and lab.vrrp_state("lb2") == "BACKUP"

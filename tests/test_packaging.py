@@ -1,5 +1,8 @@
 """The .deb: builds, has what a router needs, and its synlb runs on Debian's
-own Python libraries (pyroute2, psutil, dbus, prometheus-client)."""
+own Python libraries (pyroute2, psutil, dbus, prometheus-client).
+
+Building it runs pip (a venv, NetfilterQueue's wheel), so these are lab
+tests: `make test` runs them, `make unit` (offline and fast) does not."""
 
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ from synlb.lab.scenario import service_config
 from synlb.lab.topology import Lab
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytestmark = pytest.mark.lab(tools=("dpkg", "dpkg-deb", "gcc"))
 
 
 @pytest.fixture(scope="module")
@@ -52,23 +57,24 @@ def test_packaged_synlb_checks_the_shipped_config(unpacked):
     assert r.returncode == 0 and "NFQUEUE --queue-num 0" in r.stdout
 
 
-@pytest.mark.lab
-def test_packaged_synlb_balances_in_the_lab(unpacked):
+@pytest.mark.lab(tools=("ip", "iptables"))
+def test_packaged_synlb_balances_in_the_lab(unpacked, open_lab):
     """Debian's pyroute2 and psutil, the packaged NetfilterQueue, real traffic."""
     dest, _ = unpacked
     synlb = str(dest / "usr/bin/synlb")
-    with Lab(routers=1) as lab:
-        conf = os.path.join(lab.role_dir("lb1"), "deb.ini")
-        with open(conf, "w") as fh:
-            fh.write(service_config(lab, "lb1"))
-        lab.run("lb1", [synlb, "-c", conf, "up"])
-        try:
-            res = lab.open_connections(A.VIP[4], count=60, concurrency=10)
-            assert res["ok"] == 60 and len(res["per_target"]) == 3
-        finally:
-            lab.run("lb1", [synlb, "-c", conf, "down"])
+    lab = open_lab(Lab, routers=1)
+    conf = os.path.join(lab.role_dir("lb1"), "deb.ini")
+    with open(conf, "w") as fh:
+        fh.write(service_config(lab, "lb1"))
+    lab.run("lb1", [synlb, "-c", conf, "up"])
+    try:
+        res = lab.open_connections(A.VIP[4], count=60, concurrency=10)
+        assert res["ok"] == 60 and len(res["per_target"]) == 3
+    finally:
+        lab.run("lb1", [synlb, "-c", conf, "down"])
 
 
+@pytest.mark.lab(tools=("systemd-analyze",))
 def test_systemd_unit_verifies(unpacked, tmp_path):
     """The shipped unit parses, and its commands exist in the package
     (systemd-analyze verify, with the packaged paths put in)."""

@@ -72,7 +72,11 @@ class Stub:
         return self._st
 
 
-class FakeHost:
+class HostView:
+    """What the metrics plugin reads of synlb.host.Host (tests/test_fakes.py
+    checks that a real Host has these attributes)."""
+    ATTRIBUTES = ("cfg", "node", "transitions", "plugins")
+
     def __init__(self, cfg):
         self.cfg = cfg
         self.node = NodeState("MASTER", True, "vrrp")
@@ -96,11 +100,11 @@ def fake_collect(cfg):
                                       {"name": "b", "healthy": True, "connections": 30}]}]}
 
 
-def test_exposition(tmp_path, monkeypatch):
+def test_exposition(tmp_path, fake):
     p = tmp_path / "synlb.ini"
     p.write_text(BASE.format(d=tmp_path, metrics=""))
-    monkeypatch.setattr(status, "collect", fake_collect)
-    plugin = M.create(FakeHost(config.load(str(p))))  # no server until start()
+    fake(status, "collect", fake_collect)
+    plugin = M.create(HostView(config.load(str(p))))  # no server until start()
     text = generate_latest(plugin.registry).decode()
     lines = set(text.splitlines())
     for want in ('synlb_vrrp_state{state="MASTER"} 1.0', 'synlb_vrrp_state{state="BACKUP"} 0.0',
@@ -121,13 +125,13 @@ def test_exposition(tmp_path, monkeypatch):
     assert "# TYPE synlb_worker_cpu_seconds_total counter" in lines
 
 
-def test_a_failing_collect_still_answers(tmp_path, monkeypatch):
+def test_a_failing_collect_still_answers(tmp_path, fake):
     p = tmp_path / "synlb.ini"
     p.write_text(BASE.format(d=tmp_path, metrics=""))
 
     def broken(cfg):
         raise RuntimeError("iptables gone")
-    monkeypatch.setattr(status, "collect", broken)
-    plugin = M.create(FakeHost(config.load(str(p))))
+    fake(status, "collect", broken)
+    plugin = M.create(HostView(config.load(str(p))))
     lines = generate_latest(plugin.registry).decode().splitlines()
     assert "synlb_scrape_ok 0.0" in lines and 'synlb_vrrp_state{state="MASTER"} 1.0' in lines

@@ -12,7 +12,8 @@ from synlb import config
 from synlb.plugins import NodeState
 from synlb.plugins import scripts as S
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="ownership checks need root")
+# the ownership checks and the runs need root: lab tests (tests/conftest.py)
+root = pytest.mark.lab
 
 BASE = """
 [synlb]
@@ -34,16 +35,6 @@ address = 10.1.0.2, fd01::2
 """
 
 
-class FakeHost:
-    def __init__(self, path: str):
-        self.config_path = path
-        self.cfg = config.load(path)
-        self.submitted: list = []
-
-    def submit(self, kind, wait=False, timeout=30.0, **data):
-        self.submitted.append((kind, data))
-
-
 def make_script(path, body: str, mode: int = 0o755) -> str:
     os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
     with open(path, "w") as fh:
@@ -53,7 +44,7 @@ def make_script(path, body: str, mode: int = 0o755) -> str:
 
 
 @pytest.fixture
-def plugin(tmp_path):
+def plugin(tmp_path, FakeHost):
     os.chmod(tmp_path, 0o755)
     started = []
 
@@ -77,6 +68,7 @@ def run(p: S.ScriptsPlugin, state: str, reason: str = "test", active: bool = Tru
 
 # ------------------------------------------------------------------ insecure()
 
+@root
 def test_root_owned_chain_is_accepted(tmp_path):
     os.chmod(tmp_path, 0o755)
     s = make_script(tmp_path / "d" / "ok", "true")
@@ -85,17 +77,20 @@ def test_root_owned_chain_is_accepted(tmp_path):
 
 @pytest.mark.parametrize("mode, why", [(0o775, "writable by group"), (0o757, "writable by others"),
                                        (0o777, "writable by group and others")])
+@root
 def test_group_or_other_writable_script_is_refused(tmp_path, mode, why):
     s = make_script(tmp_path / "d" / "x", "true", mode)
     assert why in S.insecure(s)
 
 
+@root
 def test_script_not_owned_by_root_is_refused(tmp_path):
     s = make_script(tmp_path / "d" / "x", "true")
     os.chown(s, 1000, 1000)
     assert S.insecure(s) == f"{s} is owned by uid 1000, not root"
 
 
+@root
 def test_directory_chain_is_checked(tmp_path):
     d = tmp_path / "d"
     s = make_script(d / "sub" / "x", "true")
@@ -108,6 +103,7 @@ def test_directory_chain_is_checked(tmp_path):
     assert S.insecure(s) == f"{d} is owned by uid 1000, not root"
 
 
+@root
 def test_symlink_is_judged_by_its_target(tmp_path):
     bad = make_script(tmp_path / "elsewhere" / "x", "true", 0o777)
     link = tmp_path / "d" / "link"
@@ -122,6 +118,7 @@ def test_missing_file():
 
 # ------------------------------------------------------------------ running
 
+@root
 def test_runs_in_sorted_order_and_skips_what_it_must(plugin, tmp_path):
     log = tmp_path / "ran"
     d = tmp_path / "scripts.d" / "master"
@@ -144,6 +141,7 @@ def test_runs_in_sorted_order_and_skips_what_it_must(plugin, tmp_path):
     assert [r["rc"] for r in st["runs"] if not r.get("refused")] == [0, 0, 0]
 
 
+@root
 def test_only_transitions_run_scripts_and_env_is_complete(plugin, tmp_path):
     out = tmp_path / "env"
     for state in ("master", "backup"):
@@ -172,6 +170,7 @@ def test_only_transitions_run_scripts_and_env_is_complete(plugin, tmp_path):
     assert last["rc"] == 3 and "hello" in last["output"] and "oops" in last["output"]
 
 
+@root
 def test_timeout_kills_the_whole_process_group(plugin, tmp_path):
     pidfile = tmp_path / "child.pid"
     make_script(tmp_path / "scripts.d" / "fault" / "10-hang", f"sleep 60 & echo $! > {pidfile}; sleep 60")
@@ -197,6 +196,7 @@ def test_timeout_kills_the_whole_process_group(plugin, tmp_path):
     assert not alive(), "the script's background child survived the timeout"
 
 
+@root
 def test_no_directory_for_a_state_is_fine(plugin):
     p = plugin()
     assert run(p, "STANDALONE") == []

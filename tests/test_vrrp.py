@@ -265,19 +265,19 @@ def test_example_keepalived_conf_renders_for_the_lab():
 # ---------------------------------------------------------------- the FIFO reader
 
 @pytest.fixture
-def fifo_env(tmp_path, monkeypatch):
+def fifo_env(tmp_path, fake):
     """A FIFO and a config; the apply is replaced by a recorder."""
     path = write_config(tmp_path)
     fifo = str(tmp_path / "notify.fifo")
     os.mkfifo(fifo)
     applied: list = []
 
-    def handle(config_path, ev, stamp):
-        applied.append((ev, stamp))
-        return delivery.Result(ev, stored=True, latest=ev, active=False)
+    def handle(config_path, event, stamp):
+        applied.append((event, stamp))
+        return delivery.Result(event, stored=True, latest=event, active=False)
 
-    monkeypatch.setattr(delivery, "deliver", handle)
-    monkeypatch.setattr(delivery, "run_detached", lambda fn: fn())
+    fake(delivery, "deliver", handle)
+    fake(delivery, "run_detached", lambda fn: fn())
     return path, fifo, applied
 
 
@@ -394,7 +394,7 @@ def test_host_node_follows_the_record_not_the_request_order(tmp_path):
     assert host.vrrp_node(SimpleNamespace(vrrp=None), None, {}) is None  # standalone
 
 
-def test_events_go_to_a_running_host(tmp_path, monkeypatch):
+def test_events_go_to_a_running_host(tmp_path, fake):
     """synlb run owns the data plane: the event is recorded and passed on."""
     from synlb import control, dataplane
     path = write_config(tmp_path)
@@ -409,8 +409,8 @@ def test_events_go_to_a_running_host(tmp_path, monkeypatch):
     def forbidden(*a, **k):
         raise AssertionError("the data plane is the host's")
 
-    monkeypatch.setattr(dataplane, "up_locked", forbidden)
-    monkeypatch.setattr(dataplane, "down_locked", forbidden)
+    fake(dataplane, "up_locked", forbidden)
+    fake(dataplane, "down_locked", forbidden)
     srv = control.ControlServer(control.socket_path(state_dir), answer)
     srv.start()
     try:
@@ -427,6 +427,6 @@ def test_events_go_to_a_running_host(tmp_path, monkeypatch):
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.bind(control.socket_path(state_dir))  # exists, nobody listens
     downs = []
-    monkeypatch.setattr(dataplane, "down_locked", lambda sd, rp: downs.append(sd) or ["removed"])
+    fake(dataplane, "down_locked", lambda state_dir, route_protocol: downs.append(state_dir) or ["removed"])
     res = delivery.deliver(path, VrrpEvent("notify", "GROUP", "G1", "FAULT", 0), (6, 1))
     assert downs == [state_dir] and res.changes == ["removed"] and res.host is None
