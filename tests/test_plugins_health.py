@@ -151,10 +151,15 @@ def wait_for(pred, timeout=5.0):
 def test_flip_writes_down_set_and_asks_for_reconcile(tmp_path, fake, FakeHost):
     results = {"a": True, "b": True}
     calls: dict[str, int] = {}
+    # per failed check: whether the plugin still counted the target up when it ran
+    failed_while_up: dict[str, list[bool]] = {"a": [], "b": []}
 
     def fake_check(c, target):
         calls[target] = calls.get(target, 0) + 1
-        return results[target], "ok" if results[target] else "Connection refused"
+        ok = results[target]
+        if not ok:
+            failed_while_up[target].append(p.targets[target].up)
+        return ok, "ok" if ok else "Connection refused"
     fake(H, "run_check", fake_check)
     host = FakeHost(write(tmp_path, BASE.format(d=tmp_path)))
     state_dir = host.cfg.globals.state_dir
@@ -170,13 +175,17 @@ def test_flip_writes_down_set_and_asks_for_reconcile(tmp_path, fake, FakeHost):
         t0 = time.monotonic()
         results["a"] = False
         wait_for(lambda: "health: a down" in host.reasons())
-        took = time.monotonic() - t0
-        assert took <= 0.05 * 3 + 0.1, took  # interval x fall, plus one interval of phase
+        print(f"a down {time.monotonic() - t0:.3f} s after its checks began to fail (interval x fall = 0.15 s)")
+        # out at its fall-th (3rd) failed check, not later: the 4th found it down
+        wait_for(lambda: len(failed_while_up["a"]) >= 4)
+        assert failed_while_up["a"][:4] == [True, True, True, False], failed_while_up["a"]
         assert health_state.down_targets(state_dir, "web") == {"a"}
         assert health_state.down_targets(state_dir, "api") == set()
 
         results["b"] = False  # fall = 1: out at the first failure, from both services
         wait_for(lambda: "health: b down" in host.reasons())
+        wait_for(lambda: len(failed_while_up["b"]) >= 2)
+        assert failed_while_up["b"][:2] == [True, False], failed_while_up["b"]
         assert health_state.down_targets(state_dir, "web") == {"a", "b"}
         assert health_state.down_targets(state_dir, "api") == {"b"}
         st = p.status()
