@@ -40,8 +40,9 @@ def test_quick_bench_writes_a_sane_report(tmp_path):
     assert 0.1 < res["conn_rate_ratio"] < 10
     assert 0 < res["cpu_us_per_conn"] < 10_000
     assert 5 < res["worker_rss_mb"] < 1000
-    assert 0 < res["maglev_build_ms_100"] < 60_000
-    assert 0 <= res["failover_gap_s"] < 30
+    # timings lie within the run that measured them (their size is the benchmark's job)
+    assert 0 < res["maglev_build_ms_100"] <= took * 1000
+    assert 0 <= res["failover_gap_s"] <= took
     assert 0 <= res["sessions_kept_ratio"] <= 1
     assert res["quick"] is True
 
