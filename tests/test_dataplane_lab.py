@@ -253,3 +253,24 @@ def test_worker_follows_signals_with_no_packet_coming(lab, clean):
     with open(os.path.join(state_dir, "worker-0.log")) as fh:
         assert "queue 0 unbound" in fh.read()
     health_state.clear(state_dir)
+
+
+def test_status_check_names_every_difference(lab, clean):
+    """`synlb status --check` compares the live kernel with the desired state:
+    exit 0 when they agree, else exit 1 and one line per difference."""
+    conf = write_config(lab, "lb1")
+    assert "the live state is the desired one" in synlb(lab, "lb1", conf, "status", "--check").stdout
+    synlb(lab, "lb1", conf, "up")
+    assert synlb(lab, "lb1", conf, "status", "--check").returncode == 0
+    lab.run("lb1", ["iptables", "-t", "mangle", "-D", "synlb-ESTABLISHED", "-j", "ACCEPT"])
+    lab.run("lb1", ["sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_be_liberal=0"])
+    r = synlb(lab, "lb1", conf, "status", "--check", check=False)
+    assert r.returncode == 1, r.stdout
+    assert r.stdout.splitlines() == [
+        "iptables: missing -t mangle -A synlb-ESTABLISHED -j ACCEPT",
+        "sysctl net.netfilter.nf_conntrack_tcp_be_liberal = 0, should be 1 (loose pickup)"], r.stdout
+    assert r.stderr.strip() == "synlb status --check: 2 differences from the desired state"
+    synlb(lab, "lb1", conf, "up")  # the reconcile repairs both
+    assert synlb(lab, "lb1", conf, "status", "--check").returncode == 0
+    synlb(lab, "lb1", conf, "down")
+    assert synlb(lab, "lb1", conf, "status", "--check").returncode == 0

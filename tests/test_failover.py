@@ -28,7 +28,9 @@ from synlb.lab.demo_failover import (
     stop_sessions,
     summarize,
 )
+from synlb.lab import addresses as A
 from synlb.lab.netns import netns_exec_argv, netns_pids
+from synlb.vrrp import dbus as vrrp_dbus
 from synlb.lab.scenario import synlb_exe
 from synlb.lab.topology import Lab
 
@@ -79,11 +81,12 @@ def lab(open_lab):
 
 # ---------------------------------------------------------------- sessions survive
 
-def test_sessions_survive_failover_and_failback(lab):
+@pytest.mark.parametrize("engine", ["nfqueue", "nftables"])
+def test_sessions_survive_failover_and_failback(lab, engine):
     """20 sessions x {echo, push, down, up} x {IPv4, IPv6} through: the
     master's links down + fail back, then its keepalived stopped + fail back
-    (notify hook, hot standby)."""
-    pair = Pair(lab)
+    (notify hook, hot standby); on either engine."""
+    pair = Pair(lab, engine=engine)
     pair.prepare()
     pair.start()
     active_ref = {r: snapshot(lab, r, pair.state_dir(r)) for r in lab.routers}
@@ -147,11 +150,12 @@ def test_failover_without_pickup_loses_sessions(lab):
     pair.close()
 
 
-def test_fault_and_stop_restore_the_router(lab):
+@pytest.mark.parametrize("engine", ["nfqueue", "nftables"])
+def test_fault_and_stop_restore_the_router(lab, engine):
     """After FAULT (links down) and STOP (keepalived stopped) the old master
     is exactly as before synlb ever ran: ruleset (its own firewall rule
-    included), rules, routes, sysctls, no worker."""
-    pair = Pair(lab)
+    included), rules, routes, sysctls, no worker, no nftables table."""
+    pair = Pair(lab, engine=engine)
     pair.prepare()
     pair.start()
     for how in ("links", "keepalived"):
@@ -355,4 +359,35 @@ def test_host_follows_dbus_itself(lab):
     for r in lab.routers:
         assert sources(pair, r) == {"dbus"}
         assert all(e.get("host", {}).get("ok") for e in pair.vrrp_log(r) if not e.get("ignored")), r
+    pair.close()
+
+
+@pytest.mark.lab(tools=("dbus-send",))
+def test_dbus_signals_from_anyone_but_keepalived_are_ignored(lab):
+    """Any local user can send signals on the system bus: VrrpStopped, a
+    FAULT VrrpStatusChange or a NameOwnerChanged saying keepalived left,
+    sent by another client (dbus-send), change nothing: lb1 stays MASTER
+    with its data plane, and its listener records no event."""
+    pair = Pair(lab, source="dbus", standby="cold")
+    pair.prepare()
+    pair.start()
+    assert pair.wait_settled("lb1", True) and pair.wait_settled("lb2", False)
+    before = len(pair.vrrp_log("lb1"))
+    env = {"DBUS_SYSTEM_BUS_ADDRESS": lab.dbus_address("lb1")}
+    path = vrrp_dbus.instance_path(f"{A.ROUTER_FRONT_IF}/51/IPv4")
+    fakes = [
+        [vrrp_dbus.VRRP_PATH, f"{vrrp_dbus.IFACE_VRRP}.VrrpStopped"],
+        [path, f"{vrrp_dbus.IFACE_INSTANCE}.VrrpStatusChange", "uint32:3"],
+        ["/org/freedesktop/DBus", "org.freedesktop.DBus.NameOwnerChanged",
+         f"string:{vrrp_dbus.BUS_NAME}", "string::1.1", "string:"],
+    ]
+    for argv in fakes:
+        lab.run("lb1", ["dbus-send", "--system", "--type=signal", *argv], env=env)
+    time.sleep(1.0)  # what a listener that believed them would have needed many times over
+    assert len(pair.vrrp_log("lb1")) == before, pair.vrrp_log("lb1")[before:]
+    assert lab.vrrp_state("lb1") == "MASTER"
+    assert pair.wait_settled("lb1", True)
+    # the genuine article still counts: keepalived stopped -> STOP over D-Bus
+    fail_over(pair, "keepalived")
+    assert pair.vrrp_log("lb1")[-1]["latest"] == "STOP"
     pair.close()

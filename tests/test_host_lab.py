@@ -452,3 +452,45 @@ def test_workers_never_serve_an_unapplied_target(lab, host):
     res = lab.open_connections(VIP, count=60, concurrency=10)
     assert res["ok"] == 60 and set(res["per_target"]) == {"t2", "t3"}, res
     assert "t4" not in h.log()
+
+
+def test_the_host_repairs_what_another_program_changed(lab, host):
+    """What a VyOS commit does to a router (turns loose pickup off, deletes
+    ip rules by fwmark, recreates its own nft tables) while `synlb run`
+    runs: synlb's own state comes back, the other program's is untouched,
+    and `status --check` agrees at the end."""
+    h = host(targets=("t1", "t2", "t3"))
+    assert synlb(lab, "lb1", h.conf, "status", "--check").returncode == 0
+    rules = lab.run("lb1", ["ip", "-4", "rule", "show"]).stdout
+    prio_mark = re.search(r"^(\d+):\s+from all fwmark (0x[0-9a-f]+) lookup (\d+) proto 229", rules, re.M)
+    sessions = lab.start_sessions(VIP, "echo", count=10, duration=30, interval=0.05)
+    assert sessions.wait_ready()["connected"] == 10
+    took = {}
+    for what, argv, back in [
+        ("loose pickup turned off", ["sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_loose=0"],
+         lambda: lab.sysctl_get("lb1", "net.netfilter.nf_conntrack_tcp_loose") == "1"),
+        ("an ip rule of synlb's deleted", ["ip", "rule", "del", "priority", prio_mark.group(1), "fwmark",
+                                           prio_mark.group(2), "lookup", prio_mark.group(3)],
+         lambda: prio_mark.group(2) in lab.run("lb1", ["ip", "-4", "rule", "show"]).stdout),
+        ("the shortcut rule deleted", ["iptables", "-t", "mangle", "-D", "synlb-ESTABLISHED", "-j", "ACCEPT"],
+         lambda: "-A synlb-ESTABLISHED -j ACCEPT" in lab.run("lb1", ["iptables-save", "-t", "mangle"]).stdout),
+    ]:
+        t0 = time.monotonic()
+        lab.run("lb1", argv)
+        h.wait(back, f"repaired: {what}", 10)
+        took[what] = round(time.monotonic() - t0, 2)
+    # a router's own nft tables come and go on every commit: none of synlb's business
+    nft = "table ip vyos_filter {\n chain VYOS_FORWARD_filter {\n  type filter hook forward priority 0; policy accept;\n }\n}\n"
+    for _ in range(3):
+        lab.run("lb1", ["nft", "-f", "-"], input=nft)
+        lab.run("lb1", ["nft", "delete", "table", "ip", "vyos_filter"])
+    lab.run("lb1", ["nft", "-f", "-"], input=nft)
+    time.sleep(2.5)  # two drift rounds
+    assert "vyos_filter" in lab.run("lb1", ["nft", "list", "tables"]).stdout
+    st = h.status()["host"]["plugins"]["lb"]
+    print(f"\nrepaired after {took} (drift checked every second); {st['drift_repairs']} repairs")
+    assert st["drift_repairs"] >= 3
+    assert synlb(lab, "lb1", h.conf, "status", "--check").returncode == 0
+    summary, per = session_result(sessions)
+    assert summary["survived"] == 10 and summary["moved"] == 0, summary
+    lab.run("lb1", ["nft", "delete", "table", "ip", "vyos_filter"])

@@ -5,6 +5,7 @@ only."""
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 import struct
 
@@ -340,3 +341,19 @@ def test_a_down_set_of_the_wrong_shape_takes_no_target_out(tmp_path, text):
     assert health_state.down_targets(str(tmp_path), "web") == set()
     (tmp_path / "targets-down.json").write_text('{"web": ["t1"]}')
     assert health_state.down_targets(str(tmp_path), "web") == {"t1"}
+
+
+def test_a_worker_log_past_its_size_is_kept_once_and_emptied(tmp_path):
+    from synlb.worker import rotate_log
+    path = tmp_path / "worker-0.log"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        os.write(fd, b"x" * 500)
+        assert not rotate_log(fd, 1000)
+        os.write(fd, b"y" * 600)
+        assert rotate_log(fd, 1000)
+        assert (tmp_path / "worker-0.log.1").read_bytes() == b"x" * 500 + b"y" * 600
+        os.write(fd, b"after\n")  # appending goes on at the new end
+        assert path.read_bytes() == b"after\n"
+    finally:
+        os.close(fd)

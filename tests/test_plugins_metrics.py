@@ -81,6 +81,7 @@ class HostView:
         self.cfg = cfg
         self.node = NodeState("MASTER", True, "vrrp")
         self.transitions = 7
+        self.failing = None  # as Host: the failing reconcile, if any
         self.plugins = [Stub("lb", {"worker_restarts": {1: 2}}),
                         Stub("health", {"targets": {"a": {"state": "down"}, "b": {"state": "up"}}})]
 
@@ -109,6 +110,7 @@ def test_exposition(tmp_path, fake):
     lines = set(text.splitlines())
     for want in ('synlb_vrrp_state{state="MASTER"} 1.0', 'synlb_vrrp_state{state="BACKUP"} 0.0',
                  "synlb_active 1.0", "synlb_transitions_total 7.0", "synlb_scrape_ok 1.0",
+                 "synlb_reconcile_failing 0.0",
                  'synlb_target_healthy{service="web",target="a"} 0.0',  # the health plugin's view wins
                  'synlb_target_healthy{service="web",target="b"} 1.0',
                  'synlb_target_connections{service="web",target="b"} 30.0',
@@ -135,3 +137,26 @@ def test_a_failing_collect_still_answers(tmp_path, fake):
     plugin = M.create(HostView(config.load(str(p))))
     lines = generate_latest(plugin.registry).decode().splitlines()
     assert "synlb_scrape_ok 0.0" in lines and 'synlb_vrrp_state{state="MASTER"} 1.0' in lines
+
+
+def test_nftables_engine_counters(tmp_path, monkeypatch):
+    p = tmp_path / "synlb.ini"
+    p.write_text(BASE.format(d=tmp_path, metrics=""))
+
+    def nft_collect(cfg):
+        st = fake_collect(cfg)
+        st["chains"] = [{"family": 4, "service": "web", "chain": "inet synlb svc4_web", "engine": "nftables",
+                         "kept_in_kernel_pkts": 900, "kept_in_kernel_bytes": 0, "queued_pkts": 0,
+                         "queued_bytes": 0, "hashed_pkts": 70, "pinned_pkts": 4, "no_target_pkts": 0,
+                         "saved_marks": 74}]
+        st["services"][0].update(engine="nftables", queues=[])
+        st["services"][0]["targets"][0]["kernel_picks"] = 33
+        return st
+    monkeypatch.setattr(status, "collect", nft_collect)
+    lines = set(generate_latest(M.create(FakeHost(config.load(str(p)))).registry).decode().splitlines())
+    for want in ('synlb_packets_kernel_total{family="4",service="web"} 900.0',
+                 'synlb_packets_hashed_kernel_total{family="4",service="web"} 70.0',
+                 'synlb_packets_pinned_kernel_total{family="4",service="web"} 4.0',
+                 'synlb_target_kernel_picks_total{service="web",target="a"} 33.0'):
+        assert want in lines, want
+    assert not any(ln.startswith('synlb_target_kernel_picks_total{service="web",target="b"}') for ln in lines)

@@ -10,6 +10,7 @@ import time
 import pytest
 from synlb import config
 from synlb.plugins import NodeState
+from synlb import trust
 from synlb.plugins import scripts as S
 
 # the ownership checks and the runs need root: lab tests (tests/conftest.py)
@@ -110,6 +111,37 @@ def test_symlink_is_judged_by_its_target(tmp_path):
     os.makedirs(link.parent)
     os.symlink(bad, link)
     assert "writable" in S.insecure(str(link))
+
+
+def test_a_link_in_a_directory_a_user_can_write_is_refused(tmp_path):
+    """The link's target is root's, but the user who owns the directory can
+    switch the link between the check and the exec: the path as given is
+    checked too, component by component (lstat)."""
+    os.chmod(tmp_path, 0o755)
+    good = make_script(tmp_path / "root" / "ok", "true")
+    user_dir = tmp_path / "user"
+    os.makedirs(user_dir)
+    os.chown(user_dir, 1000, 1000)
+    link = user_dir / "check"
+    os.symlink(good, link)
+    assert S.insecure(str(link)) == f"{user_dir} is owned by uid 1000, not root"
+    # a link the user owns, in root's sticky directory (like /tmp): refused too
+    sticky = tmp_path / "sticky"
+    os.makedirs(sticky)
+    os.chmod(sticky, 0o1777)
+    mine = sticky / "check"
+    os.symlink(good, mine)
+    os.lchown(mine, 1000, 1000)
+    assert S.insecure(str(mine)) == f"{mine} is owned by uid 1000, not root"
+
+
+def test_what_runs_is_exactly_what_was_checked(tmp_path):
+    os.chmod(tmp_path, 0o755)
+    a = make_script(tmp_path / "d" / "a", "true")
+    link = tmp_path / "d" / "link"
+    os.symlink(a, link)
+    assert trust.trusted(str(link)) == (os.path.realpath(a), None)
+    assert trust.trusted(str(tmp_path / "d" / ".." / "d" / "a"))[1].endswith("not a plain absolute path")
 
 
 def test_missing_file():

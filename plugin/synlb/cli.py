@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 
 from . import config as config_mod
 from .errors import run_reporting
@@ -22,6 +23,8 @@ def cmd_check(args) -> int:
     if args.live:
         from . import live
         live.verify(cfg)
+        for line in live.warnings(cfg):
+            print(f"warning: {line}", file=sys.stderr)
     n = len(cfg.services)
     print(f"{config_mod.config_path(args.config)}: OK ({n} service{'s' * (n != 1)}, "
           f"{len(cfg.targets)} targets, {len(cfg.files)} file{'s' * (len(cfg.files) != 1)})")
@@ -51,6 +54,17 @@ def cmd_down(args) -> int:
 def cmd_status(args) -> int:
     from . import status
     cfg = _load(args)
+    if args.check:
+        from . import dataplane
+        diffs = dataplane.drift(cfg)
+        for line in diffs:
+            print(line)
+        if diffs:
+            print(f"synlb status --check: {len(diffs)} difference{'s' * (len(diffs) != 1)} from the "
+                  "desired state", file=sys.stderr)
+            return 1
+        print("synlb status --check: the live state is the desired one")
+        return 0
     st = status.collect(cfg)
     from . import control
     st["host"] = control.request(cfg.globals.state_dir, {"cmd": "status"}, timeout=5)
@@ -119,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("status", help="counters, targets, queues, workers")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--check", action="store_true",
+                   help="compare the live kernel with the desired state; exit 1 listing every difference")
     s.set_defaults(func=cmd_status)
 
     s = sub.add_parser("run", help="the long-running plugin host (foreground)")

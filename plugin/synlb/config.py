@@ -27,9 +27,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import schema
+from . import schema, trust
 from .errors import UserError
-from .maglev import is_prime
+from .maglev import MAX_KEY_BYTES, is_prime
 from .schema import Option, OptionError
 from .schema import boolean as _bool
 from .schema import choice as _choice
@@ -39,6 +39,9 @@ from .schema import words as _list
 from .vrrp.events import VRRP_SCHEMA, VrrpConfig, vrrp_config
 
 DEFAULT_CONFIG = "/etc/synlb/synlb.ini"
+# The shipped key: public, so anyone can predict which target a flow goes to
+# (`check --live` warns while it is in use).
+DEFAULT_HASH_KEY = "synlb-maglev-v1"
 ENV_CONFIG = "SYNLB_CONFIG"
 
 # Marks derived from a target's name live in [AUTO_MARK_BASE, +0x10000) so that
@@ -103,9 +106,15 @@ class Service:
     no_target_verdict: str  # "drop" or "accept"
     shortcut: bool = True
     track_syn: bool = True
+    engine: str = "nfqueue"  # "nfqueue" (iptables + NFQUEUE workers) or "nftables" (Maglev in the kernel)
 
     @property
     def queues(self) -> range:
+        """The NFQUEUE queues of the service's workers; none for the nftables
+        engine, which has no worker (every caller that starts, supervises or
+        reports workers goes through this)."""
+        if self.engine != "nfqueue":
+            return range(0)
         return range(self.queue_first, self.queue_last + 1)
 
     def families(self) -> tuple:
@@ -162,16 +171,47 @@ class Config:
 
 
 
+# A VIP prefix shorter than these would capture a router's whole traffic
+# (vips = 0.0.0.0/0 queues every new connection that crosses the router).
+MIN_VIP_PREFIXLEN = {4: 16, 6: 48}
+MAX_QUEUES = 64  # per service: one worker process per queue, more than any router has CPUs
+# Routing protocol numbers of other daemons (iproute2's rt_protos and
+# rt_protos.d): synlb deletes every rule and route tagged with its own.
+FOREIGN_PROTOCOLS = {8: "gated", 9: "ra", 10: "mrt", 11: "zebra", 12: "bird", 13: "dnrouted", 14: "xorp",
+                     15: "ntk", 16: "dhcp", 17: "mrouted", 18: "keepalived", 42: "babel", 99: "openr",
+                     186: "bgp", 187: "isis", 188: "ospf", 189: "rip", 192: "eigrp"}
+
+
+def _special(a) -> str | None:
+    """Why address or network ``a`` cannot be a VIP or a target, or None."""
+    for test, what in (("is_unspecified", "the unspecified address"), ("is_loopback", "loopback"),
+                       ("is_multicast", "multicast"), ("is_link_local", "link-local")):
+        if getattr(a, test):
+            return what
+    if a.version == 4 and ipaddress.ip_network(a).overlaps(ipaddress.ip_network("255.255.255.255/32")):
+        return "the broadcast address"
+    return None
+
+
 def _vips(text: str) -> tuple:
     items = _list(text)
     if not items:
         raise OptionError("at least one VIP prefix is required")
     nets = []
     for item in items:
+        if "%" in item:
+            raise OptionError(f"{item!r}: a VIP has no zone (%...)")
         try:
-            nets.append(ipaddress.ip_network(item, strict=True))
+            net = ipaddress.ip_network(item, strict=True)
         except ValueError as e:
             raise OptionError(f"{item!r} is not an IP prefix ({e})") from None
+        if net.prefixlen < MIN_VIP_PREFIXLEN[net.version]:
+            raise OptionError(f"{net} would capture /{net.prefixlen} of the router's traffic; a VIP prefix "
+                              f"is /{MIN_VIP_PREFIXLEN[net.version]} or longer")
+        why = _special(net)
+        if why:
+            raise OptionError(f"{net} is {why}, not a service address")
+        nets.append(net)
     for i, a in enumerate(nets):
         for b in nets[i + 1:]:
             if a.version == b.version and a.overlaps(b):
@@ -220,6 +260,8 @@ def _queue(text: str) -> tuple[int, int]:
     last = int(m.group(2) or first)
     if not (0 <= first <= last <= 65535):
         raise OptionError(f"{text!r} is not a queue range within 0..65535")
+    if last - first + 1 > MAX_QUEUES:
+        raise OptionError(f"{last - first + 1} queues (one worker each); at most {MAX_QUEUES}")
     return first, last
 
 
@@ -243,14 +285,49 @@ def _addresses(text: str) -> tuple:
         raise OptionError("at least one address is required")
     addrs = []
     for item in items:
+        if "%" in item:
+            raise OptionError(f"{item!r}: a target address has no zone (%...)")
         try:
-            addrs.append(ipaddress.ip_address(item))
+            a = ipaddress.ip_address(item)
         except ValueError:
             raise OptionError(f"{item!r} is not an IP address") from None
+        why = _special(a)
+        if why:
+            raise OptionError(f"{a} is {why}, not a real server's address")
+        addrs.append(a)
     versions = [a.version for a in addrs]
     if len(set(versions)) != len(versions):
         raise OptionError("one address per family (IPv4, IPv6) at most")
     return tuple(addrs)
+
+
+def _route_protocol(text: str) -> int:
+    v = _int(5, 255)(text)
+    if v in FOREIGN_PROTOCOLS:
+        raise OptionError(f"{v} is {FOREIGN_PROTOCOLS[v]}'s routing protocol; synlb would delete its "
+                          f"rules and routes (the default is 229)")
+    return v
+
+
+def _hash_key(text: str) -> str:
+    t = _nonempty(text)
+    if len(t.encode()) > MAX_KEY_BYTES:
+        raise OptionError(f"{len(t.encode())} bytes; the hash uses at most {MAX_KEY_BYTES} (a longer key "
+                          "would be cut, so two keys that differ after that would hash alike)")
+    return t
+
+
+# VyOS's policy routing marks a table's packets 0x7FFFFFFF - table (tables
+# 1..200) and deletes the ip rules that carry such marks on every commit.
+VYOS_MARKS = range(0x7FFFFFFF - 200, 0x7FFFFFFF)
+
+
+def _mark(text: str) -> int:
+    v = _int(1, 0xFFFFFFFF)(text)
+    if v in VYOS_MARKS:
+        raise OptionError(f"{v:#x} is one of VyOS's policy-route marks ({VYOS_MARKS.start:#x}.."
+                          f"{VYOS_MARKS.stop - 1:#x}), whose ip rules VyOS deletes")
+    return v
 
 
 def _table_id(text: str) -> int:
@@ -274,10 +351,10 @@ def _state_dir(text: str) -> str:
 
 GLOBAL_OPTIONS = schema.Schema("synlb", [
     Option("state_dir", _state_dir, "/run/synlb", "pid files, saved sysctls, applied state"),
-    Option("hash_key", _nonempty, "synlb-maglev-v1",
+    Option("hash_key", _hash_key, DEFAULT_HASH_KEY,
            "key of the flow and Maglev hashes; must be equal on every router of a cluster"),
     Option("rule_priority", _int(1, 32765), 3000, "priority of synlb's fwmark ip rules"),
-    Option("route_protocol", _int(5, 255), 229,
+    Option("route_protocol", _route_protocol, 229,
            "routing protocol number that tags synlb's ip rules and routes"),
     Option("pickup", _bool, True,
            "turn on conntrack loose pickup while active (nf_conntrack_tcp_loose, be_liberal)"),
@@ -296,6 +373,8 @@ def _check_service(s: dict) -> list[tuple[str, str]]:
                                   "balance would be poor"))
     if s.get("track_syn") is False and s.get("mode") == "nat":
         out.append(("track_syn", "no needs mode = route (DNAT needs the connection tracked from its SYN)"))
+    if s.get("engine") == "nftables" and s.get("shortcut") is False:
+        out.append(("shortcut", "no is for the nfqueue engine only (the nftables engine has no queue)"))
     return out
 
 
@@ -315,6 +394,9 @@ SERVICE_OPTIONS = schema.Schema("service", [
     Option("shortcut", _bool, True,
            "keep marked established connections in the kernel; no = queue every packet "
            "(nfqlb-style, for comparison only)"),
+    Option("engine", _choice("nfqueue", "nftables"), "nfqueue",
+           "nfqueue: iptables chains and NFQUEUE workers pick the target of each new connection; "
+           "nftables: the Maglev table lives in the kernel (table inet synlb), no worker"),
     Option("track_syn", _bool, True,
            "conntrack the opening SYN; no = leave it untracked (route mode only), for routers "
            "that see only the client's direction (behind ECMP): the connection's first ACK "
@@ -323,7 +405,7 @@ SERVICE_OPTIONS = schema.Schema("service", [
 
 TARGET_OPTIONS = schema.Schema("target", [
     Option("address", _addresses, schema.REQUIRED, "one address per family"),
-    Option("mark", _int(1, 0xFFFFFFFF), None, "fwmark; default derived from the name"),
+    Option("mark", _mark, None, "fwmark; default derived from the name"),
     Option("table", _table_id, None, "route mode routing table; default = mark"),
 ])
 
@@ -366,7 +448,11 @@ def read_layers(main: str) -> tuple[list[str], dict, list]:
         return [main], {}, problems
     files = [main] + dropin_files(main)
     sections: dict[str, dict[str, tuple[str, str]]] = {}
-    for path in files:
+    for path in list(files):
+        if not os.path.isfile(path):  # a FIFO would hang every reader of the config
+            problems.append((path, "-", "-", "not a regular file"))
+            files.remove(path)
+            continue
         cp = configparser.ConfigParser(interpolation=None, default_section="\0none")
         cp.optionxform = str  # keys are case sensitive, as documented
         try:
@@ -472,10 +558,14 @@ def load(path: str | None = None) -> Config:
                 if t.address(fam) is None:
                     problems.append((src("targets"), sec, "targets",
                                      f"target {tname} has no IPv{fam} address but the service has IPv{fam} VIPs"))
+            for a in t.addresses:
+                if any(a in vip for vip in s.get("vips", ()) if vip.version == a.version):
+                    problems.append((src("targets"), sec, "targets",
+                                     f"target {tname}'s address {a} is one of the service's VIPs"))
         if not {"vips", "targets", "queue", "table_size"} <= s.keys():
             continue
         q1, q2 = s["queue"]
-        for q in range(q1, q2 + 1):
+        for q in range(q1, q2 + 1) if s.get("engine", "nfqueue") == "nfqueue" else ():
             if q in queues_seen:
                 problems.append((src("queue"), sec, "queue", f"queue {q} is also service {queues_seen[q]}'s"))
                 break
@@ -487,7 +577,7 @@ def load(path: str | None = None) -> Config:
             mode=s["mode"], egress=s["egress"], queue_first=q1, queue_last=q2,
             queue_bypass=s["queue_bypass"], target_names=tuple(s["targets"]),
             table_size=s["table_size"], no_target_verdict=s["no_target_verdict"],
-            shortcut=s["shortcut"], track_syn=s["track_syn"]))
+            shortcut=s["shortcut"], track_syn=s["track_syn"], engine=s["engine"]))
 
     # The same VIP:port in two services would make the first one win silently.
     for i, a in enumerate(services):
@@ -524,6 +614,13 @@ def plugin_module(name: str):
     dotted name is imported as is, for plugins shipped elsewhere. Raises
     PluginError naming the plugin when it does not import or has no create()."""
     modname = name if "." in name else f"synlb.plugins.{name}"
+    if "." in name:
+        # `synlb check` imports it, as root: never code a user could have written
+        for path in _module_files(modname):
+            why = trust.insecure(path)
+            if why:
+                raise PluginError(f"plugin {name!r} not imported: {why} (a plugin must be a root-owned "
+                                  f"file that only root can write, in such directories)")
     try:
         mod = importlib.import_module(modname)
     except ModuleNotFoundError as e:
@@ -535,6 +632,25 @@ def plugin_module(name: str):
     if not callable(getattr(mod, "create", None)):
         raise PluginError(f"plugin {name!r} ({modname}) has no create(host)")
     return mod
+
+
+def _module_files(modname: str) -> list[str]:
+    """The files ``import modname`` would run (each package's __init__, then
+    the module), found without importing anything."""
+    from importlib.machinery import PathFinder
+    files: list[str] = []
+    search = None  # sys.path
+    for part in modname.split("."):
+        spec = PathFinder.find_spec(part, search)
+        if spec is None:
+            break  # the import below says it is not found
+        if spec.origin and os.path.isabs(spec.origin):
+            files.append(spec.origin)
+        search = spec.submodule_search_locations
+        if search is None:
+            break
+        files += [d for d in search if os.path.isabs(d)]
+    return files
 
 
 def _plugin_modules(names, sections: dict, main: str, problems: list) -> list:

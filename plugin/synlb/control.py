@@ -4,12 +4,15 @@ dir; one JSON request line in, one JSON response line out."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import socketserver
 import threading
 
 from .errors import UserError
+
+log = logging.getLogger("synlb.control")
 
 SOCKET_NAME = "control.sock"
 TIMEOUT = 15.0
@@ -23,6 +26,38 @@ def socket_path(state_dir: str) -> str:
     return os.path.join(state_dir, SOCKET_NAME)
 
 
+class Bounded(socketserver.ThreadingMixIn):
+    """A threading server that serves at most ``max_clients`` connections at
+    once (more are closed at once) and gives each ``client_timeout`` seconds
+    for every read and write: 200 idle clients must not cost 200 threads."""
+
+    daemon_threads = True
+    max_clients = 8
+    client_timeout = 5.0
+
+    def process_request(self, request, client_address):
+        slots = self.__dict__.setdefault("_slots", threading.BoundedSemaphore(self.max_clients))
+        if not slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            request.settimeout(self.client_timeout)
+            super().process_request(request, client_address)
+        except BaseException:
+            slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+class _UnixServer(Bounded, socketserver.UnixStreamServer):
+    pass
+
+
 class ControlServer:
     def __init__(self, path: str, handle):
         """``handle(request: dict) -> dict`` runs in the server's thread."""
@@ -30,13 +65,26 @@ class ControlServer:
 
         class Handler(socketserver.StreamRequestHandler):
             def handle(self):
-                line = self.rfile.readline(1 << 20)
+                try:
+                    line = self.rfile.readline(1 << 20)
+                except OSError:  # a client that sends nothing within the timeout
+                    return
                 try:
                     req = json.loads(line)
-                    resp = handle(req) if isinstance(req, dict) else {"ok": False, "error": "not an object"}
-                except ValueError:
-                    resp = {"ok": False, "error": "not JSON"}
-                self.wfile.write(json.dumps(resp).encode() + b"\n")
+                except (ValueError, RecursionError):  # RecursionError: nested thousands deep
+                    req = None
+                if not isinstance(req, dict):
+                    resp = {"ok": False, "error": "not a JSON object"}
+                else:
+                    try:
+                        resp = handle(req)
+                    except Exception as e:  # noqa: BLE001 - the client gets an answer, the log the bug
+                        log.exception("control request %r failed", req.get("cmd"))
+                        resp = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+                try:
+                    self.wfile.write(json.dumps(resp).encode() + b"\n")
+                except OSError:
+                    pass
 
         if os.path.exists(path):
             if _alive(path):
@@ -44,11 +92,10 @@ class ControlServer:
             os.unlink(path)  # stale: left by a host that died
         old = os.umask(0o177)
         try:
-            self.server = socketserver.ThreadingUnixStreamServer(path, Handler)
+            self.server = _UnixServer(path, Handler)
         finally:
             os.umask(old)
         os.chmod(path, 0o600)
-        self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, name="control", daemon=True)
 
     def start(self) -> None:

@@ -13,7 +13,7 @@ import logging
 import os
 import time
 
-from . import health_state, live, netfilter, routing, rules, sysctl, workers
+from . import health_state, live, netfilter, nft_apply, nft_engine, pins_state, routing, rules, sysctl, workers
 from .config import Config
 
 log = logging.getLogger(__name__)
@@ -52,9 +52,23 @@ def _write_applied(state_dir: str, data: dict | None) -> None:
     os.replace(tmp, path)
 
 
+def nft_plan(cfg: Config) -> nft_engine.Plan:
+    """The nftables engine's table for ``cfg``, the targets' health and the
+    pins in the state dir (what the NFQUEUE workers read too)."""
+    state_dir = cfg.globals.state_dir
+    svcs = nft_engine.services(cfg)
+    down = {s.name: health_state.down_targets(state_dir, s.name) for s in svcs}
+    try:
+        pins = pins_state.load(state_dir) if svcs else {}
+    except pins_state.PinsError as e:
+        log.error("pins not loaded for the nftables engine: %s", e)
+        pins = {}
+    return nft_engine.desired(cfg, down, pins)
+
+
 def plan(cfg: Config) -> str:
     """What ``up`` would install, as text (dry run)."""
-    out = [rules.describe(rules.render(cfg))]
+    out = [t for t in (rules.describe(rules.render(cfg)), nft_engine.describe(nft_plan(cfg))) if t]
     rl, rt = routing.desired(cfg)
     out += [f"{r} proto {cfg.globals.route_protocol}" for r in sorted(rl) + sorted(rt)]
     if cfg.globals.pickup:
@@ -70,9 +84,19 @@ def _apply(config_path: str, cfg: Config, reason: str) -> list[str]:
     g = cfg.globals
     changes = []
     # workers first: a queue with a listener before its rules means no
-    # packet is ever queued to nobody
+    # packet is ever queued to nobody (and those no longer wanted stop
+    # after their rules are gone)
+    changes += workers.ensure(cfg, stop_unwanted=False)
+    # what is added goes in before what is removed: a service switching
+    # engines is never without rules (both engines restore the same marks)
+    nft = nft_plan(cfg)
+    if nft.empty:
+        changes += netfilter.reconcile(rules.render(cfg), g.state_dir)
+        changes += nft_apply.reconcile(nft, g.state_dir)
+    else:
+        changes += nft_apply.reconcile(nft, g.state_dir)
+        changes += netfilter.reconcile(rules.render(cfg), g.state_dir)
     changes += workers.ensure(cfg)
-    changes += netfilter.reconcile(rules.render(cfg), g.state_dir)
     with routing.Routing(g.route_protocol) as rt:
         changes += rt.reconcile(*routing.desired(cfg))
     if g.pickup:
@@ -98,8 +122,9 @@ def _teardown(state_dir: str, route_protocol: int) -> list[str]:
 
     changes: list[str] = []
     first: Exception | None = None
-    for step in (lambda: netfilter.remove_all(state_dir), routes, lambda: workers.stop_all(state_dir),
-                 health, lambda: sysctl.restore(state_dir)):
+    steps = (lambda: nft_apply.remove(state_dir), lambda: netfilter.remove_all(state_dir), routes,
+             lambda: workers.stop_all(state_dir), health, lambda: sysctl.restore(state_dir))
+    for step in steps:
         try:
             changes += step()
         except Exception as e:  # noqa: BLE001 - re-raised below, after the other steps
@@ -120,6 +145,19 @@ def up(config_path: str, cfg: Config, reason: str = "up") -> list[str]:
     for c in changes:
         log.debug("%s: %s", reason, c)
     return changes
+
+
+def apply_pins(cfg: Config) -> list[str]:
+    """The pins file into the nftables engine's maps, while the data plane is
+    up (the sync plugin, after writing the file). Under the lock, so a
+    reconcile never installs older pins after these."""
+    if not nft_engine.services(cfg):
+        return []
+    state_dir = cfg.globals.state_dir
+    with locked(state_dir):
+        if applied(state_dir) is None:
+            return []
+        return nft_apply.replace_pins(nft_plan(cfg), state_dir)
 
 
 def down(state_dir: str, route_protocol: int, reason: str = "down") -> list[str]:
@@ -154,3 +192,29 @@ def down_locked(state_dir: str, route_protocol: int) -> list[str]:
     if prev:
         route_protocol = prev.get("route_protocol", route_protocol)
     return _teardown(state_dir, route_protocol)
+
+
+def drift(cfg: Config) -> list[str]:
+    """Every way the live kernel differs from what this router should have
+    now: the whole data plane if it is applied (``up``, or the VRRP state
+    says active), nothing of synlb's if it is not. Changes nothing; shared by
+    ``status --check`` and the host, which reconciles when it finds any."""
+    g = cfg.globals
+    active = applied(g.state_dir) is not None
+    if active:
+        rules_want, routes_want = routing.desired(cfg)
+        desired_rules = rules.render(cfg)
+    else:
+        rules_want, routes_want = set(), set()
+        desired_rules = {fam: {n: rules.Table(n) for n in rules.TABLES} for fam in (4, 6)}
+    out = netfilter.drift(desired_rules, g.state_dir)
+    out += nft_apply.drift(nft_plan(cfg) if active else nft_engine.Plan("", "", {}), g.state_dir)
+    with routing.Routing(g.route_protocol) as rt:
+        out += rt.drift(rules_want, routes_want)
+    out += sysctl.drift(active and g.pickup)
+    if active:
+        out += workers.drift(cfg)
+    else:
+        out += [f"worker queue {w.queue} (pid {w.pid}): running while synlb is not active"
+                for w in workers.running(g.state_dir)]
+    return out

@@ -23,6 +23,8 @@ from .vrrp.events import NodeState, standalone
 
 log = logging.getLogger("synlb.host")
 
+RETRY_BACKOFF = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)  # seconds before the n-th retry of a failed reconcile
+
 
 @dataclass
 class Event:
@@ -42,6 +44,7 @@ class Host:
         self.transitions = 0
         self.started = time.time()
         self.history: list[dict] = []
+        self.failing: dict | None = None  # the last reconcile's errors and the next retry, while failing
 
     # ------------------------------------------------------------ events
     def submit(self, kind: str, data: dict | None = None, *, reason: str | None = None,
@@ -80,7 +83,12 @@ class Host:
         self.reconcile("start")
         try:
             while True:
-                batch = [self.events.get()]
+                wait = None if self.failing is None else max(0.0, self.failing["next"] - time.monotonic())
+                try:
+                    batch = [self.events.get(timeout=wait)]
+                except queue.Empty:  # a plugin failed last time: try again
+                    self.reconcile(f"retry {self.failing['attempts']} after: {self.failing['errors'][0]}")
+                    continue
                 while True:  # coalesce what piled up during the last reconcile
                     try:
                         batch.append(self.events.get_nowait())
@@ -142,12 +150,26 @@ class Host:
     def reconcile(self, reason: str) -> None:
         node = NodeState(self.node.vrrp, self.node.active, reason)
         changes = []
+        errors = []
         for p in self.plugins:
             try:
                 changes += [f"{p.name}: {c}" for c in p.reconcile(self.cfg, node)]
             except Exception as e:  # noqa: BLE001 - one plugin's failure is reported, the host goes on
                 log.error("%s: plugin %s failed: %s", reason, p.name, e)
                 changes.append(f"{p.name}: FAILED {e}")
+                errors.append(f"{p.name}: {e}")
+        # A failed reconcile (iptables-restore losing a lock, a full disk...)
+        # leaves the router short of its desired state: try again with
+        # backoff until every plugin converges, whatever event comes next.
+        if errors:
+            attempts = (self.failing or {}).get("attempts", 0) + 1
+            delay = RETRY_BACKOFF[min(attempts - 1, len(RETRY_BACKOFF) - 1)]
+            self.failing = {"since": (self.failing or {}).get("since", time.time()), "attempts": attempts,
+                            "errors": errors, "next": time.monotonic() + delay, "retry_in": delay}
+            log.warning("reconcile failed (attempt %d), retrying in %g s", attempts, delay)
+        elif self.failing is not None:
+            log.info("reconcile converged after %d failed attempts", self.failing["attempts"])
+            self.failing = None
         self.transitions += 1
         self.history = (self.history + [{"time": time.time(), "reason": reason, "node": node.vrrp,
                                          "active": node.active, "changes": len(changes)}])[-50:]
@@ -158,7 +180,8 @@ class Host:
     def handle_request(self, req: dict) -> dict:
         cmd = req.get("cmd")
         if cmd == "status":
-            return {"ok": True, "node": self.node.vrrp, "active": self.node.active,
+            failing = None if self.failing is None else {k: v for k, v in self.failing.items() if k != "next"}
+            return {"ok": True, "node": self.node.vrrp, "active": self.node.active, "failing": failing,
                     "plugins": {p.name: p.status() for p in self.plugins},
                     "transitions": self.transitions, "history": self.history[-10:],
                     "started": self.started}

@@ -33,6 +33,11 @@ def problems(cfg: Config) -> list[str]:
     for tool in ("iptables-restore", "ip6tables-restore", "iptables-save", "ip6tables-save"):
         if shutil.which(tool) is None:
             out.append(f"{main}:-:-: {tool} not found (apt-get install iptables)")
+    if any(s.engine == "nftables" for s in cfg.services):
+        from .nft_apply import available
+        if available() is None:
+            out.append(f"{main}:-:-: neither python3-nftables nor nft found, needed by engine = nftables "
+                       "(apt-get install python3-nftables)")
     if os.geteuid() != 0:
         out.append(f"{main}:-:-: must run as root to change the data plane")
     with IPRoute() as ipr:
@@ -54,6 +59,18 @@ def problems(cfg: Config) -> list[str]:
                     out.append(f"{where('vips')}:{sec}:vips: {hits[0]} is a local address of this router; "
                                "in route mode marked packets would be delivered locally (use mode = nat, "
                                "or remove the address)")
+    return out
+
+
+def warnings(cfg: Config) -> list[str]:
+    """Legal but unwise, as ``FILE:SECTION:KEY: why`` lines (never an error)."""
+    from .config import DEFAULT_HASH_KEY
+    out = []
+    if cfg.globals.hash_key == DEFAULT_HASH_KEY:
+        where = cfg.sections.get("synlb", {}).get("hash_key", (None, cfg.files[0]))[1]
+        out.append(f"{where}:synlb:hash_key: the shipped key is public: anyone can predict which target "
+                   "a flow goes to and pile connections onto one; set a secret, the same on every router "
+                   "(e.g. openssl rand -hex 32)")
     return out
 
 

@@ -34,6 +34,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from .config import Config, Service
+from .jhash import kernel_slot, service_seed
 from .maglev import Maglev
 from .packet import is_flow_key, key_of
 
@@ -64,23 +65,36 @@ def active_targets(cfg: Config, service: Service, down: Iterable[str] = ()) -> l
 
 @dataclass
 class ServiceTable:
-    """The marks a service's current Maglev table gives to flow keys."""
+    """The marks a service's current Maglev table gives to flow keys.
+
+    Both engines build the same table (slot -> mark); they differ in the
+    flow hash that picks the slot: the NFQUEUE worker's keyed BLAKE2b
+    (``Maglev.slot``), the kernel's jhash for the nftables engine
+    (``jhash.kernel_slot``, see docs/ENGINES.md)."""
     service: Service
     marks: list  # mark of each slot
     maglev: Maglev
     target_marks: frozenset  # marks of every configured target of the service
+    seed: int | None = None  # the kernel jhash seed (nftables engine), None for nfqueue
 
     @classmethod
     def build(cls, cfg: Config, service: Service, down: Iterable[str] = ()) -> "ServiceTable":
         targets = active_targets(cfg, service, down)
         maglev = Maglev([t.name for t in targets], service.table_size, cfg.globals.hash_key.encode())
+        seed = service_seed(cfg.globals.hash_key, service.name) if service.engine == "nftables" else None
         return cls(service, [targets[i].mark for i in maglev.table], maglev,
-                   frozenset(t.mark for t in cfg.targets_of(service)))
+                   frozenset(t.mark for t in cfg.targets_of(service)), seed)
+
+    def slot(self, key: bytes) -> int | None:
+        if self.seed is None:
+            return self.maglev.slot(key)
+        return kernel_slot(key, self.seed, len(self.marks))
 
     def pick(self, key: bytes) -> int | None:
         if not self.marks:
             return None
-        return self.marks[self.maglev.slot(key)]
+        slot = self.slot(key)
+        return None if slot is None else self.marks[slot]
 
 
 def _service_of(services: list[Service], proto: int, server: str, port: int | None):

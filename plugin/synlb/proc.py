@@ -1,8 +1,7 @@
 """The admin's executables that synlb runs as root: the health plugin's exec
 checks and the scripts plugin's transition scripts.
 
-- :func:`insecure`: whether a path may be run as root at all (the rule of
-  keepalived's ``enable_script_security``);
+- which paths may be run as root at all: :mod:`synlb.trust`;
 - :func:`run`: spawn one (argv, no shell; cwd ``/``; stdin from /dev/null;
   stdout and stderr together into a temporary file; its own session), wait
   at most ``timeout``, then kill its whole process group (SIGTERM, SIGKILL
@@ -14,39 +13,11 @@ from __future__ import annotations
 
 import os
 import signal
-import stat
 import subprocess
 import tempfile
 from dataclasses import dataclass
 
 KILL_GRACE = 0.5  # seconds between SIGTERM and SIGKILL of a process group that timed out
-
-
-def insecure(path: str) -> str | None:
-    """Why ``path`` must not be run as root, or None when it may.
-
-    Every component of its real path (the file and each directory above it)
-    must be owned by root and not writable by group or others; a directory
-    with the sticky bit may be writable by others (nobody but root can
-    replace root's entries in it).
-    """
-    real = os.path.realpath(path)
-    parts = real.split("/")[1:]
-    chain = ["/"] + ["/" + "/".join(parts[:i]) for i in range(1, len(parts) + 1)]
-    for p in chain:
-        try:
-            st = os.stat(p)
-        except OSError as e:
-            return f"{p}: {e.strerror}"
-        if st.st_uid != 0:
-            return f"{p} is owned by uid {st.st_uid}, not root"
-        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            if p != real and stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX:
-                continue
-            who = "group and others" if st.st_mode & stat.S_IWGRP and st.st_mode & stat.S_IWOTH \
-                else "group" if st.st_mode & stat.S_IWGRP else "others"
-            return f"{p} is writable by {who} (mode {stat.S_IMODE(st.st_mode):04o})"
-    return None
 
 
 @dataclass(frozen=True)

@@ -95,6 +95,13 @@ def _same_route(want: Route, live: Route) -> bool:
         and (want.oif is None or want.oif == live.oif)
 
 
+def _route_diff(want: set[Route], live: set[Route]) -> tuple[list[Route], list[Route]]:
+    """(live routes no wanted one matches, wanted routes no live one matches)."""
+    stale = [r for r in live if not any(_same_route(d, r) for d in want)]
+    missing = [d for d in want if not any(_same_route(d, r) for r in live)]
+    return stale, missing
+
+
 class Routing:
     """Kernel side; one netlink socket per call site, closed by the context manager."""
 
@@ -119,8 +126,7 @@ class Routing:
         """
         live_rules, live_routes = self.live()
         changes: list[str] = []
-        stale = [r for r in live_routes if not any(_same_route(d, r) for d in routes)]
-        missing = [d for d in routes if not any(_same_route(d, r) for r in live_routes)]
+        stale, missing = _route_diff(routes, live_routes)
         for r in sorted(stale):
             self._route("del", r)
             changes.append(f"del {r}")
@@ -140,6 +146,15 @@ class Routing:
                 changes.append(f"pending {r}: {e.args[1] if len(e.args) > 1 else e}")
                 log.warning("route %s not installable now (%s); retried on next reconcile", r, e)
         return changes
+
+    def drift(self, rules: set[Rule], routes: set[Route]) -> list[str]:
+        """How the live rules and routes differ from ``rules``/``routes`` (changes nothing)."""
+        live_rules, live_routes = self.live()
+        stale, missing = _route_diff(routes, live_routes)
+        return ([f"missing {r}" for r in sorted(rules - live_rules)]
+                + [f"missing {r}" for r in sorted(missing)]
+                + [f"unexpected {r}" for r in sorted(live_rules - rules)]
+                + [f"unexpected {r}" for r in sorted(stale)])
 
     def _rule(self, cmd: str, r: Rule) -> None:
         self.ipr.rule(cmd, family=FAMILIES[r.family], priority=r.priority, fwmark=r.fwmark,

@@ -82,7 +82,8 @@ def render_family(cfg: Config, family: int, active_targets: dict[str, list[str]]
     nat = Table("nat")
     raw = Table("raw")
     tables = {"mangle": mangle, "nat": nat, "raw": raw}
-    services = [s for s in cfg.services if family in s.families()]
+    # services of the nftables engine have no iptables rules (nft_engine.py)
+    services = [s for s in cfg.services if family in s.families() and s.engine == "nfqueue"]
     if not services:
         return tables
 

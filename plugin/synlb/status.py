@@ -8,7 +8,7 @@ import time
 
 import psutil
 
-from . import conntrack, dataplane, health_state, netfilter, rules, sysctl, workers
+from . import conntrack, dataplane, health_state, netfilter, nft_apply, nft_engine, rules, sysctl, workers
 from .config import Config
 
 def cpu_seconds(proc: psutil.Process) -> float:
@@ -27,7 +27,9 @@ def cpu_seconds(proc: psutil.Process) -> float:
         return cpu.user + cpu.system
 
 
-def _chain_counters(cfg: Config) -> list[dict]:
+def _chain_counters(cfg: Config, counters: dict) -> list[dict]:
+    """Per service and family: the iptables chains' counters (nfqueue engine),
+    and the nftables engine's named ``counters``."""
     out = []
     for fam in (4, 6):
         try:
@@ -35,7 +37,7 @@ def _chain_counters(cfg: Config) -> list[dict]:
         except netfilter.NetfilterError:
             continue
         for svc in cfg.services:
-            if fam not in svc.families():
+            if fam not in svc.families() or svc.engine != "nfqueue":
                 continue
             chain = c.get(rules.vip_chain(svc), [])
             kept = sum(p for p, _, r in chain if f"-j {rules.ESTABLISHED}" in r)
@@ -45,8 +47,26 @@ def _chain_counters(cfg: Config) -> list[dict]:
                         "kept_in_kernel_bytes": sum(b for _, b, r in chain if f"-j {rules.ESTABLISHED}" in r),
                         "queued_pkts": queued,
                         "queued_bytes": sum(b for _, b, r in chain if "-j NFQUEUE" in r),
-                        "saved_marks": sum(p for p, _, _ in c.get(rules.VIPOUT, []))})
+                        "saved_marks": sum(p for p, _, _ in c.get(rules.VIPOUT, [])), "engine": "nfqueue"})
+    for svc in nft_engine.services(cfg):
+        for fam in svc.families():
+            def get(kind: str, i: int = 0) -> int:
+                return counters.get(nft_engine.counter_name(kind, svc.name, fam), (0, 0))[i]
+            out.append({"family": fam, "service": svc.name, "engine": "nftables",
+                        "chain": f"{nft_engine.QUALIFIED} {nft_engine.svc_chain(svc.name, fam)}",
+                        "kept_in_kernel_pkts": get("kept"), "kept_in_kernel_bytes": get("kept", 1),
+                        "queued_pkts": 0, "queued_bytes": 0,
+                        "hashed_pkts": get("hashed"), "pinned_pkts": get("pinned"),
+                        "no_target_pkts": get("notarget"),
+                        "saved_marks": get("hashed") + get("pinned")})
+    out.sort(key=lambda c: (c["service"], c["family"]))
     return out
+
+
+def _kernel_picks(cfg: Config, counters: dict) -> dict[str, dict[int, int]]:
+    """Packets the nftables engine hashed to each target: {service: {mark: packets}}."""
+    return {s.name: {t.mark: counters.get(nft_engine.pick_counter(s.name, t.mark), (0, 0))[0]
+                     for t in cfg.targets_of(s)} for s in nft_engine.services(cfg)}
 
 
 def _worker_stats(state_dir: str, queue: int) -> dict:
@@ -76,6 +96,9 @@ def collect(cfg: Config) -> dict:
     bound = workers.bound_queues()
     marks = conntrack.count_marks(t.mark for svc in cfg.services for t in cfg.targets_of(svc))
     running = {w.queue: w for w in workers.running(g.state_dir)}
+    # one read of the nftables engine's counters (libnftables reads the whole table: ~0.2 s)
+    counters = nft_apply.counters() if applied and nft_engine.services(cfg) else {}
+    picks = _kernel_picks(cfg, counters)
     services = []
     for svc in cfg.services:
         down = health_state.down_targets(g.state_dir, svc.name)
@@ -97,12 +120,13 @@ def collect(cfg: Config) -> dict:
             queues.append(entry)
         targets = [{"name": t.name, "addresses": [str(a) for a in t.addresses], "mark": t.mark,
                     "table": t.table if svc.mode == "route" else None,
-                    "healthy": t.name not in down, "connections": marks.get(t.mark, 0)}
+                    "healthy": t.name not in down, "connections": marks.get(t.mark, 0),
+                    "kernel_picks": picks.get(svc.name, {}).get(t.mark) if svc.engine == "nftables" else None}
                    for t in cfg.targets_of(svc)]
-        services.append({"name": svc.name, "mode": svc.mode, "vips": [str(v) for v in svc.vips],
-                         "queues": queues, "targets": targets})
+        services.append({"name": svc.name, "mode": svc.mode, "engine": svc.engine,
+                         "vips": [str(v) for v in svc.vips], "queues": queues, "targets": targets})
     return {"time": time.time(), "active": applied is not None, "applied": applied, "vrrp": _vrrp(cfg),
-            "sysctl": sysctl.current(), "chains": _chain_counters(cfg) if applied else [],
+            "sysctl": sysctl.current(), "chains": _chain_counters(cfg, counters) if applied else [],
             "services": services}
 
 
@@ -118,6 +142,10 @@ def render_text(st: dict) -> str:
         restarts = host.get("plugins", {}).get("lb", {}).get("worker_restarts", {})
         out.append(f"host: running, node {host['node']}, {host['transitions']} transitions, "
                    f"worker restarts {sum(restarts.values())}")
+        if host.get("failing"):
+            f = host["failing"]
+            out.append(f"  RECONCILE FAILING ({f['attempts']} attempts, retry in {f['retry_in']:g} s): "
+                       + "; ".join(f["errors"]))
         for name, pst in sorted(host.get("plugins", {}).items()):
             if name != "lb" and pst.get("summary"):
                 out.append(f"  {name}: {pst['summary']}")
@@ -126,20 +154,33 @@ def render_text(st: dict) -> str:
     out.append("sysctl: " + " ".join(f"{k}={v}" for k, v in st["sysctl"].items()))
     if st["chains"]:
         out.append("")
-        out.append(f"{'chain':<24}{'fam':>4}{'kept in kernel':>16}{'queued':>10}{'marks saved':>13}")
+        out.append(f"{'chain':<24}{'fam':>4}{'kept in kernel':>16}{'queued':>10}{'marks saved':>13}"
+                   + (f"{'hashed in kernel':>18}{'pinned':>8}" if any("hashed_pkts" in c for c in st["chains"])
+                      else ""))
         for c in st["chains"]:
-            out.append(f"{c['chain']:<24}{'v' + str(c['family']):>4}{c['kept_in_kernel_pkts']:>16}"
-                       f"{c['queued_pkts']:>10}{c['saved_marks']:>13}")
+            line = (f"{c['chain']:<24}{'v' + str(c['family']):>4}{c['kept_in_kernel_pkts']:>16}"
+                    f"{c['queued_pkts'] if c.get('engine') != 'nftables' else '-':>10}{c['saved_marks']:>13}")
+            if "hashed_pkts" in c:
+                line += f"{c['hashed_pkts']:>18}{c['pinned_pkts']:>8}"
+            out.append(line)
     checks = host.get("plugins", {}).get("health", {}).get("targets", {}) if host and host.get("ok") else {}
     for s in st["services"]:
         out.append("")
-        out.append(f"service {s['name']} ({s['mode']}) vips {', '.join(s['vips'])}")
-        out.append(f"  {'target':<16}{'mark':>12}{'table':>12}{'health':>9}{'conns':>8}  address")
+        nft = s.get("engine") == "nftables"
+        out.append(f"service {s['name']} ({s['mode']}, engine {s.get('engine', 'nfqueue')}) "
+                   f"vips {', '.join(s['vips'])}")
+        out.append(f"  {'target':<16}{'mark':>12}{'table':>12}{'health':>9}{'conns':>8}"
+                   + (f"{'hashed':>9}" if nft else "") + "  address")
         for t in s["targets"]:
+            picks = t.get("kernel_picks")
             out.append(f"  {t['name']:<16}{t['mark']:>#12x}{str(t['table'] or '-'):>12}"
-                       f"{'up' if t['healthy'] else 'DOWN':>9}{t['connections']:>8}  {', '.join(t['addresses'])}")
+                       f"{'up' if t['healthy'] else 'DOWN':>9}{t['connections']:>8}"
+                       + (f"{'-' if picks is None else picks:>9}" if nft else "")
+                       + f"  {', '.join(t['addresses'])}")
             if t["name"] in checks:
                 out.append("    " + _health_line(checks[t["name"]]))
+        if not s["queues"]:
+            continue
         out.append(f"  {'queue':<8}{'listening':>10}{'bypass':>8}{'waiting':>9}{'q-drop':>8}{'u-drop':>8}"
                    f"{'pid':>9}{'cpu s':>9}{'rss MB':>8}{'pkts':>9}")
         for q in s["queues"]:

@@ -83,3 +83,19 @@ def restore(state_dir: str) -> list[str]:
 def current() -> dict[str, str]:
     return {name.replace("/", "."): (read(name) if os.path.exists(_path(name)) else "n/a")
             for name in PICKUP}
+
+
+def drift(active: bool) -> list[str]:
+    """The pickup sysctls that are not as they should be while synlb is
+    ``active`` (both on); nothing is expected of them while it is not."""
+    if not active:
+        return []
+    out = []
+    for name, want in PICKUP.items():
+        try:
+            have = read(name)
+        except OSError as e:
+            have = f"unreadable ({e.strerror})"
+        if have != want:
+            out.append(f"sysctl {name.replace('/', '.')} = {have}, should be {want} (loose pickup)")
+    return out

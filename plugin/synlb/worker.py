@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import threading
 import time
 from hashlib import blake2b
@@ -35,6 +36,7 @@ from .worker_table import WorkerTable, WorkerTableError
 log = logging.getLogger("synlb.worker")
 
 STATS_INTERVAL = 1.0
+LOG_MAX_BYTES = 1 << 20  # worker-N.log is copied to worker-N.log.1 and emptied past this
 
 
 class MarkTable:
@@ -216,6 +218,7 @@ class Worker:
             self.stats_due = False
             try:
                 self.write_stats()
+                rotate_log(2, LOG_MAX_BYTES)
             except OSError as e:  # runs before a packet's verdict: never let it cost the packet
                 log.warning("queue %d: stats not written: %s", self.queue, e)
 
@@ -293,6 +296,22 @@ class Worker:
 class LeaveLoop(Exception):
     """Raised by the packet callback, after the packet's verdict, to leave
     netfilterqueue's loop (nfq_handle_packet passes callback exceptions on)."""
+
+
+def rotate_log(fd: int, max_bytes: int) -> bool:
+    """When ``fd`` (the worker's stderr, which its starter opened in append
+    mode on worker-N.log) is a file larger than ``max_bytes``: copy it to
+    FILE.1 and empty it. Appending goes on at the new end, so nothing is
+    reopened; a worker that logs a lot keeps at most twice ``max_bytes``."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_size <= max_bytes:
+        return False
+    path = os.readlink(f"/proc/self/fd/{fd}")
+    with open(path, "rb") as src, open(path + ".1", "wb") as dst:
+        while chunk := src.read(1 << 16):
+            dst.write(chunk)
+    os.ftruncate(fd, 0)
+    return True
 
 
 def stats_file(state_dir: str, queue: int) -> str:

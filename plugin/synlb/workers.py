@@ -39,6 +39,11 @@ class WorkerInfo:
     queue: int
     digest: str  # of the table (worker_table) it was last told to serve
     pidfile: str
+    # who the process is, recorded when it was started: a pid alone may have
+    # been reused by anything since (see _is_ours)
+    started: float = 0.0  # psutil create_time
+    exe: str = ""
+    uid: int = -1
 
 
 def synlb_command() -> list[str]:
@@ -57,12 +62,19 @@ def pidfile(state_dir: str, queue: int) -> str:
     return os.path.join(state_dir, f"worker-{queue}.pid")
 
 
-def _cmdline_matches(proc: psutil.Process, info: WorkerInfo) -> bool:
+def _is_ours(proc: psutil.Process, info: WorkerInfo) -> bool:
+    """The process is the worker ``info`` records: same start time, same
+    executable, same owner, and a worker's command line for that queue and
+    service. Checked before a pid is signalled or adopted."""
     try:
         cmd = proc.cmdline()
+        same = (abs(proc.create_time() - info.started) < 0.01 and proc.exe() == info.exe
+                and proc.uids().real == info.uid)
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return False
-    return "worker" in cmd and f"--queue={info.queue}" in cmd and f"--service={info.service}" in cmd
+    if not cmd:  # /proc/PID/cmdline is empty for a moment right after the exec
+        return same
+    return same and "worker" in cmd and f"--queue={info.queue}" in cmd and f"--service={info.service}" in cmd
 
 
 def read(path: str) -> WorkerInfo | None:
@@ -70,7 +82,8 @@ def read(path: str) -> WorkerInfo | None:
         with open(path) as fh:
             d = json.load(fh)
         return WorkerInfo(pid=int(d["pid"]), service=d["service"], queue=int(d["queue"]),
-                          digest=d.get("digest", ""), pidfile=path)
+                          digest=d.get("digest", ""), pidfile=path, started=float(d["started"]),
+                          exe=str(d["exe"]), uid=int(d["uid"]))
     except (FileNotFoundError, ValueError, KeyError, TypeError):
         return None
 
@@ -79,7 +92,7 @@ def _write(info: WorkerInfo) -> None:
     tmp = info.pidfile + ".tmp"
     with open(tmp, "w") as fh:
         json.dump({"pid": info.pid, "service": info.service, "queue": info.queue,
-                   "digest": info.digest}, fh)
+                   "digest": info.digest, "started": info.started, "exe": info.exe, "uid": info.uid}, fh)
     os.replace(tmp, info.pidfile)
 
 
@@ -99,7 +112,7 @@ def running(state_dir: str) -> list[WorkerInfo]:
         if info is not None:
             try:
                 proc = psutil.Process(info.pid)
-                alive = proc.status() != psutil.STATUS_ZOMBIE and _cmdline_matches(proc, info)
+                alive = proc.status() != psutil.STATUS_ZOMBIE and _is_ours(proc, info)
             except psutil.NoSuchProcess:
                 alive = False
         if alive:
@@ -144,11 +157,14 @@ def start(state_dir: str, table: WorkerTable) -> WorkerInfo:
     info = WorkerInfo(pid=proc.pid, service=table.service, queue=queue, digest=table.digest(),
                       pidfile=pidfile(state_dir, queue))
     try:
+        me = psutil.Process(proc.pid)  # Popen returns after the exec: this is the worker's own image
+        info.started, info.exe, info.uid = me.create_time(), me.exe(), me.uids().real
         _write(info)
-    except OSError as e:  # a worker nobody can find would hold the queue for good
+    except (OSError, psutil.Error) as e:  # a worker nobody can find would hold the queue for good
         proc.kill()
         proc.wait(5)
-        raise WorkerError(f"{info.pidfile}: cannot record worker queue {queue}: {e.strerror}") from None
+        raise WorkerError(f"{info.pidfile}: cannot record worker queue {queue}: "
+                          f"{getattr(e, 'strerror', None) or e}") from None
     return info
 
 
@@ -197,7 +213,7 @@ def _log_tail(info: WorkerInfo) -> str:
 def stop(info: WorkerInfo, timeout: float = 3.0) -> None:
     try:
         proc = psutil.Process(info.pid)
-        if _cmdline_matches(proc, info):
+        if _is_ours(proc, info):
             proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(timeout)
@@ -252,14 +268,21 @@ def desired(cfg: Config) -> dict[int, WorkerTable]:
             for svc in cfg.services for q in svc.queues}
 
 
-def ensure(cfg: Config) -> list[str]:
-    """One worker per configured queue, serving its desired table; return changes."""
+def ensure(cfg: Config, stop_unwanted: bool = True) -> list[str]:
+    """One worker per configured queue, serving its desired table; return changes.
+
+    ``stop_unwanted=False`` leaves running the workers of queues no service
+    wants any more (the caller stops them with a second call, once their
+    NFQUEUE rules are gone: a queue never loses its listener first)."""
     state_dir = cfg.globals.state_dir
     want = desired(cfg)
     have = {w.queue: w for w in running(state_dir)}
     changes = []
     for q, w in sorted(have.items()):
         table = want.get(q)
+        if table is None and not stop_unwanted:
+            del have[q]
+            continue
         if table is None or table.service != w.service:
             stop(w)
             worker_table.remove(state_dir, q)
@@ -299,3 +322,23 @@ def _listdir(d: str) -> list[str]:
         return sorted(os.listdir(d))
     except FileNotFoundError:
         return []
+
+
+def drift(cfg: Config) -> list[str]:
+    """Queues without their worker, workers serving another table, queues no worker holds."""
+    state_dir = cfg.globals.state_dir
+    want = desired(cfg)
+    have = {w.queue: w for w in running(state_dir)}
+    bound = bound_queues()
+    out = []
+    for q, table in sorted(want.items()):
+        w = have.get(q)
+        if w is None:
+            out.append(f"worker queue {q}: not running")
+        elif w.digest != table.digest():
+            out.append(f"worker queue {q} (pid {w.pid}): serves another table than the configuration's")
+        elif not _holds_queue(w, bound):
+            out.append(f"worker queue {q} (pid {w.pid}): does not hold its queue")
+    out += [f"worker queue {q} (pid {w.pid}): not in the configuration" for q, w in sorted(have.items())
+            if q not in want]
+    return out

@@ -939,8 +939,32 @@ def _seed_on_packet(worker) -> Callable:
     return on_packet
 
 
+def _jhash_on_packet(worker) -> Callable:
+    """The worker's callback with the nftables engine's hash instead of its
+    own: the kernel's jhash of the same 5-tuple layout, seed and
+    reciprocal_scale (what the worker would run to pick the kernel's
+    target, docs/ENGINES.md). Same counters, same table."""
+    from ..jhash import kernel_slot, service_seed
+    from ..packet import flow_key
+    seed = service_seed(worker.spec.hash_key, worker.service_name)
+
+    def on_packet(pkt, _flow_key=flow_key, _slot=kernel_slot) -> None:
+        t = worker.table
+        key = _flow_key(pkt.get_payload())
+        if t.size:
+            slot = _slot(key, seed, t.size)
+            mark = t.marks[slot if slot is not None else 0]
+            pkt.set_mark(mark)
+            pkt.accept()
+            t.picks[mark] += 1
+        else:
+            pkt.drop()
+    return on_packet
+
+
 def bench_hotpath(plan: Plan) -> dict:
-    """Per-packet Python cost of the worker callback, stub packets (no kernel)."""
+    """Per-packet Python cost of the worker callback, stub packets (no kernel);
+    besides, the same callback hashing with the kernel's jhash (``kernel_jhash``)."""
     from ..config import load
     from ..worker import Worker
     with tempfile.TemporaryDirectory(prefix="synlb-bench-") as tmp:
@@ -951,7 +975,7 @@ def bench_hotpath(plan: Plan) -> dict:
         n = plan.hotpath_packets
         pkts = [_StubPacket(_syn(4 if i % 4 else 6, 1024 + i % 60000)) for i in range(4096)]
         seed = _seed_on_packet(w)
-        impls = {"current": w.on_packet, "seed": seed}
+        impls = {"current": w.on_packet, "seed": seed, "kernel_jhash": _jhash_on_packet(w)}
         # same answer for every packet
         for p in pkts[:512]:
             impls["current"](p)
@@ -970,6 +994,8 @@ def bench_hotpath(plan: Plan) -> dict:
                     fn(pkts[i & 4095])
                 best[name] = min(best[name], (time.perf_counter() - t0) / batch * 1e6)
         out = {name + "_us_per_packet": round(v, 3) for name, v in best.items()}
+        # what computing the kernel's hash would add to the worker's CPU per packet
+        out["kernel_jhash_extra_pct"] = round(100 * (best["kernel_jhash"] / best["current"] - 1), 1)
         out["packets"] = 10 * batch
         out["mix"] = "75% IPv4 SYN, 25% IPv6 SYN"
         return out

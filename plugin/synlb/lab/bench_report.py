@@ -401,6 +401,12 @@ def render_markdown(res: dict) -> str:
             "alternating with the reference callback (the hot path as first written): "
             f"**{hp['current_us_per_packet']} us** per packet; the reference: {hp['seed_us_per_packet']} us. "
             "Both give the same mark for every packet checked.")
+        if hp.get("kernel_jhash_us_per_packet"):
+            add("")
+            add(f"The same callback hashing with the nftables engine's kernel jhash (pure Python, same "
+                f"5-tuple layout, seed and reciprocal_scale): {hp['kernel_jhash_us_per_packet']} us per "
+                f"packet, {hp['kernel_jhash_extra_pct']:+.0f} % of the worker's CPU per packet "
+                "(docs/ENGINES.md: the engines keep separate hashes).")
         add("")
     pn = res.get("pins")
     if pn:

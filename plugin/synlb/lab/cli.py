@@ -2,6 +2,7 @@
 
     synlb-lab server --name t1 [--port 80 --port 8080]     (inside a target netns)
     synlb-lab client conns --vip ADDR [--port 80] [--count N] [--concurrency C]
+    synlb-lab client udp --vip ADDR [--port 80] [--count N] [--rounds R]
     synlb-lab client sessions --vip ADDR --pattern echo|push|down|up
                               [--count N] [--duration S] [--interval S]
     synlb-lab cleanup [--force]      remove labs whose owner process died
@@ -50,6 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="per connect and per reply (s)")
     cc.add_argument("--max-time", type=_nonneg_float, default=120.0,
                     help="bound on the whole run (s)")
+    cu = csub.add_parser("udp", help="N UDP flows of R datagrams; per-target counts")
+    cu.add_argument("--vip", required=True)
+    cu.add_argument("--port", type=int, default=80)
+    cu.add_argument("--count", type=_positive_int, default=30)
+    cu.add_argument("--rounds", type=_positive_int, default=3, help="datagrams per flow")
+    cu.add_argument("--concurrency", type=_positive_int, default=10)
+    cu.add_argument("--interval", type=_nonneg_float, default=0.0, help="pause between a flow's datagrams (s)")
+    cu.add_argument("--timeout", type=_nonneg_float, default=1.0, help="per answer (s)")
+    cu.add_argument("--max-time", type=_nonneg_float, default=120.0, help="bound on the whole run (s)")
     cs = csub.add_parser("sessions", help="N concurrent long sessions for a duration")
     cs.add_argument("--vip", required=True)
     cs.add_argument("--port", type=int, default=80)
@@ -86,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         from . import client
         if args.client_cmd == "conns":
             return client.main_conns(args)
+        if args.client_cmd == "udp":
+            return client.main_udp(args)
         return client.main_sessions(args)
     if args.cmd == "cleanup":
         from .netns import cleanup_stale

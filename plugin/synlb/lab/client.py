@@ -3,6 +3,11 @@ Prints one JSON document on stdout.
 
 ``conns``: N short connections (``NAME``), per-target counts and failures.
 
+``udp``: N UDP flows (one socket, so one source port, each), ``rounds``
+datagrams per flow, each answered by the target server: per-target counts
+(by a flow's first answer), flows that got answers from two targets
+(``moved``), datagrams lost.
+
 ``sessions``: N long sessions of one pattern, concurrently, for a fixed
 duration. Per session: targets seen (in order), whether it survived, the
 largest gap between successful exchanges, bytes moved. An "exchange" is:
@@ -100,6 +105,87 @@ async def run_conns(host: str, port: int, count: int, concurrency: int,
         "per_target": dict(sorted(per_target.items())),
         "errors": dict(errors),
         "order": order,
+        "elapsed": round(time.monotonic() - t0, 4),
+    }
+
+
+# ---------------------------------------------------------------- udp
+
+class _UdpFlow(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.replies: asyncio.Queue = asyncio.Queue()
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        self.replies.put_nowait(data)
+
+    def error_received(self, exc: Exception) -> None:
+        self.replies.put_nowait(exc)
+
+
+async def _udp_flow(host: str, port: int, index: int, rounds: int, interval: float,
+                    timeout: float) -> dict:
+    loop = asyncio.get_running_loop()
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    targets: list[str] = []
+    lost = 0
+    error = None
+    try:
+        transport, proto = await loop.create_datagram_endpoint(_UdpFlow, remote_addr=(host, port),
+                                                               family=family)
+    except OSError as e:
+        return {"index": index, "targets": [], "lost": rounds, "error": type(e).__name__, "sport": None}
+    try:
+        sport = transport.get_extra_info("sockname")[1]
+        for seq in range(rounds):
+            msg = f"{index} {seq}"
+            transport.sendto(msg.encode())
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    got = await asyncio.wait_for(proto.replies.get(), max(0.0, deadline - time.monotonic()))
+                except asyncio.TimeoutError:
+                    lost += 1
+                    break
+                if isinstance(got, Exception):
+                    error = type(got).__name__
+                    continue
+                parts = got.split()
+                if len(parts) >= 3 and parts[1:3] == msg.encode().split():
+                    name = parts[0].decode("ascii", "replace")
+                    if not targets or targets[-1] != name:
+                        targets.append(name)
+                    break  # a late answer to an earlier round is skipped
+            if interval:
+                await asyncio.sleep(interval)
+    finally:
+        transport.close()
+    return {"index": index, "targets": targets, "lost": lost, "error": error, "sport": sport}
+
+
+async def run_udp(host: str, port: int, count: int, rounds: int, concurrency: int, interval: float,
+                  timeout: float, max_time: float) -> dict:
+    sem = asyncio.Semaphore(max(1, concurrency))
+    t0 = time.monotonic()
+
+    async def one(i: int) -> dict:
+        async with sem:
+            return await _udp_flow(host, port, i, rounds, interval, timeout)
+
+    tasks = [asyncio.create_task(one(i)) for i in range(count)]
+    done, pending = await asyncio.wait(tasks, timeout=max_time)
+    for t in pending:
+        t.cancel()
+    flows = [t.result() for t in done]
+    per_target: Counter = Counter(f["targets"][0] for f in flows if f["targets"])
+    return {
+        "vip": host, "port": port, "count": count, "rounds": rounds,
+        "ok": sum(1 for f in flows if f["targets"] and not f["lost"]),
+        "answered": sum(1 for f in flows if f["targets"]),
+        "moved": sum(1 for f in flows if len(set(f["targets"])) > 1),
+        "lost": sum(f["lost"] for f in flows) + rounds * len(pending),
+        "per_target": dict(sorted(per_target.items())),
+        "errors": dict(Counter(f["error"] for f in flows if f["error"])),
+        "flows": sorted(flows, key=lambda f: f["index"]),
         "elapsed": round(time.monotonic() - t0, 4),
     }
 
@@ -358,6 +444,13 @@ async def run_sessions(host: str, port: int, pattern: str, count: int,
 def main_conns(args) -> int:
     res = asyncio.run(run_conns(args.vip, args.port, args.count, args.concurrency,
                                 args.timeout, args.max_time))
+    print(json.dumps(res), flush=True)
+    return 0
+
+
+def main_udp(args) -> int:
+    res = asyncio.run(run_udp(args.vip, args.port, args.count, args.rounds, args.concurrency,
+                              args.interval, args.timeout, args.max_time))
     print(json.dumps(res), flush=True)
     return 0
 

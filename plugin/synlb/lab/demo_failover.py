@@ -27,7 +27,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from . import addresses as A
@@ -127,7 +127,7 @@ class Pair:
     def __init__(self, lab: Lab, *, source: str = "notify", standby: str = "hot",
                  pickup: bool = True, firewall: bool = True, dbus_in_host: bool = False,
                  targets: Iterable[str] | None = None, plugins: str | None = None,
-                 extra: Callable[[str], str] | None = None):
+                 extra: Callable[[str], str] | None = None, engine: str | Mapping[str, str] = "nfqueue"):
         if lab.nrouters != 2:
             raise LabError("a Pair needs a 2-router lab")
         if source not in ("notify", "fifo", "dbus"):
@@ -141,6 +141,8 @@ class Pair:
         self.targets = list(targets or lab.targets)  # the targets the configs list
         self.plugins = plugins  # [synlb] plugins of the routers' `synlb run` (see start_hosts)
         self.extra = extra  # router -> more INI text (sections of those plugins)
+        # the service's engine, on every router or per router ({"lb1": "nfqueue", "lb2": "nftables"})
+        self.engines = {r: engine if isinstance(engine, str) else engine[r] for r in lab.routers}
         self.hosts: dict[str, object] = {}
         self.hook = ""
         self.listeners: dict[str, object] = {}
@@ -181,7 +183,7 @@ class Pair:
             extra += "\nplugins = lb, dbus"
         elif self.plugins:
             extra += f"\nplugins = {self.plugins}"
-        text = service_config(self.lab, r, self.targets, ports="80", extra_synlb=extra)
+        text = service_config(self.lab, r, self.targets, ports="80", extra_synlb=extra, engine=self.engines[r])
         text += f"\n[vrrp]\nsync_group = G1\nstandby = {self.standby}\n"
         if self.extra:
             text += self.extra(r)
@@ -209,6 +211,18 @@ class Pair:
             self.write_config(r)
             self.hosts[r].send_signal(signal.SIGHUP)
         for r in self.lab.routers:
+            self.wait_settled(r, self.expected_active(r), timeout)
+
+    def set_engine(self, engine: str | Mapping[str, str], routers: Iterable[str] | None = None,
+                   timeout: float = 20.0) -> None:
+        """Switch ``routers`` (default both, in the order given) to ``engine``
+        and reload their hosts (SIGHUP); returns once their data planes run it."""
+        routers = list(routers or self.lab.routers)
+        for r in routers:
+            self.engines[r] = engine if isinstance(engine, str) else engine[r]
+            self.write_config(r)
+            self.hosts[r].send_signal(signal.SIGHUP)
+        for r in routers:
             self.wait_settled(r, self.expected_active(r), timeout)
 
     def host_status(self, r: str) -> dict:
@@ -295,7 +309,7 @@ class Pair:
         while True:
             quiet = not self.busy(r) and not _notify_running(self.lab, r)
             snap = snapshot(self.lab, r, self.state_dir(r))
-            ok = quiet and shape_ok(snap, active, len(self.targets))
+            ok = quiet and shape_ok(snap, active, len(self.targets), self.engines[r])
             stable = stable + 1 if ok else 0
             if stable >= 2:
                 return snap
@@ -365,6 +379,8 @@ def snapshot(lab: Lab, r: str, state_dir: str) -> dict:
     return {
         "iptables": ruleset(out(["iptables-save"])),
         "ip6tables": ruleset(out(["ip6tables-save"])),
+        # names only: `nft list ruleset` would print the 65537 slots of the engine's table
+        "nft_tables": out(["nft", "list", "tables"]),
         "rules4": out(["ip", "-4", "rule", "show"]),
         "rules6": out(["ip", "-6", "rule", "show"]),
         "routes4": out(["ip", "-4", "route", "show", "table", "all", "proto", "229"]),
@@ -381,18 +397,27 @@ def _shape(snap: dict) -> dict:
     return {"applied": snap.get("applied"), "workers": snap.get("workers"),
             "worker_procs": snap.get("worker_procs"), "queues": snap.get("queues"),
             "synlb_chains": "synlb-" in snap.get("iptables", ""),
+            "nft_table": NFT_TABLE in snap.get("nft_tables", ""),
             "routes": bool(snap.get("routes4")), "sysctl": snap.get("sysctl")}
 
 
-def shape_ok(snap: dict, active: bool, targets: int = 3) -> bool:
+NFT_TABLE = "table inet synlb"
+
+
+def shape_ok(snap: dict, active: bool, targets: int = 3, engine: str = "nfqueue") -> bool:
     """Fully installed or fully removed (not the exact content: see snapshot equality)."""
     if active:
+        routes = (snap["routes4"].count("default via") == targets
+                  and snap["routes6"].count("default via") == targets)
+        if engine == "nftables":  # no worker, no queue, no iptables chain: the kernel table
+            return (snap["applied"] and not snap["workers"] and not snap["worker_procs"] and not snap["queues"]
+                    and NFT_TABLE in snap["nft_tables"] and "synlb-" not in snap["iptables"] and routes)
         return (snap["applied"] and snap["workers"] == ["web/0"] and snap["worker_procs"] == ["--queue=0"]
                 and snap["queues"] == [0] and "synlb-" in snap["iptables"] and "synlb-" in snap["ip6tables"]
-                and snap["routes4"].count("default via") == targets
-                and snap["routes6"].count("default via") == targets)
+                and NFT_TABLE not in snap["nft_tables"] and routes)
     return (not snap["applied"] and not snap["workers"] and not snap["worker_procs"] and not snap["queues"]
             and "synlb-" not in snap["iptables"] and "synlb-" not in snap["ip6tables"]
+            and NFT_TABLE not in snap["nft_tables"]
             and not snap["routes4"].strip() and not snap["routes6"].strip())
 
 

@@ -17,6 +17,7 @@ def synlb_exe() -> str:
 
 def render_service_config(state_dir: str, targets: list[tuple[str, str, str]], *, mode: str = "route",
                           queue: str = "0", ports: str = "80, 8080", marks: dict[str, int] | None = None,
+                          engine: str = "nfqueue", protocols: str = "tcp",
                           extra_synlb: str = "", extra_service: str = "", extra: str = "") -> str:
     """The lab's standard service ``web`` (the VIPs, over every target) as INI
     text; ``targets`` are (name, IPv4, IPv6), ``marks`` optional fwmarks by name."""
@@ -28,10 +29,11 @@ state_dir = {state_dir}
 vips = {A.VIP[4]}/32, {A.VIP[6]}/128
 ingress = {A.ROUTER_FRONT_IF}
 egress = {A.ROUTER_BACK_IF}
-protocols = tcp
+protocols = {protocols}
 ports = {ports}
 mode = {mode}
 queue = {queue}
+engine = {engine}
 targets = {names}
 {extra_service}
 """
@@ -81,6 +83,8 @@ def kernel_snapshot(lab, router: str) -> dict:
     lab.run(router, ["conntrack", "-C"], check=False)
 
     return {
+        # the whole ruleset, iptables-nft's tables included, without counters
+        "nft": out(["nft", "-s", "list", "ruleset"]),
         "iptables": strip_comments(out(["iptables-save"])),
         "ip6tables": strip_comments(out(["ip6tables-save"])),
         "rules4": out(["ip", "-4", "rule", "show"]),

@@ -17,6 +17,9 @@ starts with the target name, so a client sees at once if a session moved:
                           arrived the server sends ``<name> ACK <total> <time>``.
 anything else          -> ``<name> ERR unknown request``, then close.
 
+UDP on the same ports: every datagram D is answered ``<name> D`` from the
+address it was sent to (the VIP on ``lo``), through IP_PKTINFO.
+
 Prints ``ready <name> <ports>`` on stdout once listening; SIGTERM/SIGINT stop it.
 """
 
@@ -29,6 +32,8 @@ import sys
 import time
 
 FIRST_LINE_TIMEOUT = 30.0
+IP_PKTINFO = 8  # Linux <linux/in.h>; not in Python's socket module
+UDP_MAX = 2048
 ACK_PERIOD = 0.05
 DEFAULT_CHUNK = 16384
 MAX_CHUNK = 1 << 20
@@ -145,6 +150,44 @@ class TargetServer:
             except (asyncio.CancelledError, ConnectionError, OSError):
                 pass
 
+    def open_udp(self, port: int) -> list[socket.socket]:
+        """Wildcard UDP sockets of both families that learn each datagram's
+        destination, so a reply leaves from the VIP it was sent to."""
+        socks = []
+        for fam, bind in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+            s = socket.socket(fam, socket.SOCK_DGRAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if fam == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+            else:
+                s.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+            s.bind((bind, port))
+            s.setblocking(False)
+            socks.append(s)
+        return socks
+
+    def on_datagram(self, s: socket.socket) -> None:
+        for _ in range(64):  # what is queued now, boundedly
+            try:
+                data, anc, _, addr = s.recvmsg(UDP_MAX, 256)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                self.log(f"udp: {e!r}")
+                return
+            reply = [self.name.encode() + b" " + data.rstrip(b"\n") + b"\n"]
+            cmsg = []
+            for level, kind, value in anc:
+                if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(value) >= 12:
+                    cmsg = [(level, kind, bytes(4) + value[8:12] + bytes(4))]  # ifindex, spec_dst, addr
+                elif level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO and len(value) >= 20:
+                    cmsg = [(level, kind, value[:16] + bytes(4))]  # source address, any interface
+            try:
+                s.sendmsg(reply, cmsg, 0, addr)
+            except OSError as e:
+                self.log(f"udp reply to {addr}: {e!r}")
+
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
@@ -157,10 +200,16 @@ class TargetServer:
             servers.append(await asyncio.start_server(
                 self.handle, host=None, port=port, backlog=4096,
                 reuse_address=True, limit=MAX_CHUNK * 2))
+        udp = [u for port in self.ports for u in self.open_udp(port)]
+        for u in udp:
+            loop.add_reader(u.fileno(), self.on_datagram, u)
         print(f"ready {self.name} {' '.join(map(str, self.ports))}", flush=True)
         await stop.wait()
         for s in servers:
             s.close()
+        for u in udp:
+            loop.remove_reader(u.fileno())
+            u.close()
         # do not wait for open connections: sessions stay open forever
         self.log(f"stopping after {self.nconn} connections")
 

@@ -426,6 +426,17 @@ class Lab:
         cp = self.run(role, argv, timeout=max_time + 15)
         return json.loads(cp.stdout)
 
+    def udp_flows(self, vip: str, port: int = 80, count: int = 30, rounds: int = 3,
+                  concurrency: int = 10, interval: float = 0.0, timeout: float = 1.0,
+                  role: str = "client") -> dict:
+        """``synlb-lab client udp`` in the client namespace; parsed JSON."""
+        max_time = (timeout + interval) * rounds * (count / max(1, concurrency) + 2) + 5
+        argv = [synlb_lab_exe(), "client", "udp", "--vip", vip, "--port", str(port),
+                "--count", str(count), "--rounds", str(rounds), "--concurrency", str(concurrency),
+                "--interval", str(interval), "--timeout", str(timeout), "--max-time", str(max_time)]
+        cp = self.run(role, argv, timeout=max_time + 15)
+        return json.loads(cp.stdout)
+
     def start_sessions(self, vip: str, pattern: str = "echo", count: int = 10,
                        duration: float = 10.0, *, port: int = 80, interval: float = 0.1,
                        chunk: int = 16384, stall: float = 2.0,

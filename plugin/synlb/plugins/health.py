@@ -19,9 +19,10 @@ if it has one, else its IPv6 one).
 On every flip the down set is written to the state dir
 (``health_state.write_down``) and the host is asked to reconcile: the lb
 plugin's data plane then writes the workers' tables without the down
-targets and SIGHUPs the workers, which rebuild their Maglev table.
-Connections already established are untouched: they carry their target's
-mark in conntrack.
+targets and SIGHUPs the workers, which rebuild their Maglev table (for a
+service of the nftables engine, the reconcile changes the slots of the
+kernel's map that differ, in one transaction).  Connections already
+established are untouched: they carry their target's mark in conntrack.
 
 Cross-key problems (a tcp/http check without ``check_port``, an exec check
 without ``check_command``) are reported by ``synlb check`` as
@@ -39,7 +40,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .. import health_state, proc
+from .. import health_state, proc, trust
 from ..schema import Option, OptionError, Schema, seconds
 from ..schema import choice as _choice
 from ..schema import integer as _int
@@ -62,6 +63,8 @@ def _path(text: str) -> str:
     t = text.strip()
     if not t.startswith("/") or any(c.isspace() for c in t):
         raise OptionError(f"{text!r} is not an absolute URL path like /healthz")
+    if not all(33 <= ord(c) <= 126 for c in t):  # what an HTTP request line can carry as is
+        raise OptionError(f"{t!r} is not an absolute URL path of printable ASCII (percent-encode the rest)")
     return t
 
 
@@ -209,12 +212,12 @@ def _http(c: Check, address: str) -> tuple[bool, str]:
 
 
 def _exec(c: Check, target: str) -> tuple[bool, str]:
-    why = proc.insecure(c.command[0])  # the same rule as the admin's transition scripts
+    exe, why = trust.trusted(c.command[0])  # the same rule as the admin's transition scripts
     if why:
         return False, f"refused: {why}"
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "SYNLB_TARGET": target,
            "SYNLB_TARGET_ADDRESS": c.address or "", "SYNLB_CHECK_PORT": str(c.port or "")}
-    done = proc.run(list(c.command), env, c.timeout, keep=200)
+    done = proc.run([exe, *c.command[1:]], env, c.timeout, keep=200)  # exactly what was checked
     tail = done.output.decode("utf-8", "replace").strip().splitlines()
     last = f": {tail[-1]}" if tail else ""
     if done.rc is None:

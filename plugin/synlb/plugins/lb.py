@@ -26,6 +26,10 @@ log = logging.getLogger("synlb.lb")
 
 SECTIONS: dict = {}
 BACKOFF = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)  # seconds before the n-th quick restart
+# Another program may change what synlb installed (a router's own commit
+# rewriting nf_conntrack_tcp_loose, deleting ip rules, flushing tables):
+# compare the kernel with the desired state this often, and reconcile.
+DRIFT_INTERVAL = 1.0
 STABLE_AFTER = 30.0  # a worker that lived this long resets its backoff
 IFF_UP_RUNNING = 0x1 | 0x40  # administratively up, and carrier (operationally up)
 
@@ -40,10 +44,12 @@ class LbPlugin(Plugin):
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.active = False
+        self.repairs = 0  # reconciles asked for because the kernel drifted
+        self.last_drift: list[str] = []
 
     # ------------------------------------------------------------ host API
     def start(self) -> None:
-        for target in (self._supervise, self._watch_links):
+        for target in (self._supervise, self._watch_links, self._watch_drift):
             t = threading.Thread(target=target, name=f"lb-{target.__name__.strip('_')}", daemon=True)
             t.start()
             self._threads.append(t)
@@ -68,7 +74,27 @@ class LbPlugin(Plugin):
         self._stop.set()
 
     def status(self) -> dict:
-        return {"worker_restarts": dict(self.restarts)}
+        return {"worker_restarts": dict(self.restarts), "drift_repairs": self.repairs,
+                "last_drift": list(self.last_drift)}
+
+    # ------------------------------------------------------------ drift
+    def _watch_drift(self) -> None:
+        from .. import dataplane
+        while not self._stop.wait(DRIFT_INTERVAL):
+            if not self.active:
+                continue
+            try:
+                diffs = dataplane.drift(self.host.cfg)
+            except Exception as e:  # noqa: BLE001 - a failed look is retried next round
+                log.warning("drift check failed: %s", e)
+                continue
+            if not diffs:
+                continue
+            self.repairs += 1
+            self.last_drift = diffs
+            log.warning("the kernel drifted from the desired state: %s", "; ".join(diffs))
+            more = f" (+{len(diffs) - 1} more)" if len(diffs) > 1 else ""
+            self.host.submit("reconcile", reason=f"drift: {diffs[0]}{more}", wait=True)
 
     # ------------------------------------------------------------ supervision
     def _supervise(self) -> None:

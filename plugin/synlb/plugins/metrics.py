@@ -17,6 +17,10 @@ Metrics:
 - ``synlb_packets_queued_total{service,family}``: packets sent to a worker
   (connection openers); ``synlb_packets_kernel_total{service,family}``:
   packets of established connections kept in the kernel
+- nftables engine: ``synlb_packets_hashed_kernel_total{service,family}``
+  (packets without a conntrack mark the kernel hashed to a target),
+  ``synlb_packets_pinned_kernel_total{service,family}`` (those that followed
+  a pin), ``synlb_target_kernel_picks_total{service,target}``
 - ``synlb_queue_dropped_total{queue}``, ``synlb_user_dropped_total{queue}``
   (kernel NFQUEUE drops: queue full / netlink buffer full),
   ``synlb_queue_listening{queue}``, ``synlb_queue_waiting{queue}``
@@ -24,6 +28,7 @@ Metrics:
   ``synlb_worker_cpu_seconds_total{queue}``, ``synlb_worker_rss_bytes{queue}``
 - ``synlb_host_cpu_seconds_total``, ``synlb_host_rss_bytes``: the host process
 - ``synlb_scrape_ok``: 0 when reading the kernel's counters failed
+- ``synlb_reconcile_failing``: 1 while the last reconcile failed (the host retries with backoff)
 - with the sync plugin: ``synlb_pins_own`` (this router's misplaced
   connections, handed to its peers), ``synlb_pins_held`` (the peers' pins
   its workers follow), ``synlb_sync_peer_ok{peer}`` (1 when the last
@@ -39,6 +44,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import threading
+import time
 
 from ..schema import Option, OptionError, Schema
 from . import Plugin
@@ -84,6 +90,7 @@ SCHEMA = Schema("metrics", [
            "ADDRESS:PORT or [IPv6]:PORT of the Prometheus endpoint; default loopback only"),
 ])
 SECTIONS = {"metrics": SCHEMA}
+CACHE_SECONDS = 1.0
 
 
 class Collector:
@@ -92,10 +99,18 @@ class Collector:
     def __init__(self, plugin: MetricsPlugin):
         self.plugin = plugin
         self._lock = threading.Lock()  # one scrape at a time: each runs conntrack and iptables
+        self._cached: list = []
+        self._at = float("-inf")
 
     def collect(self):
+        # scrapes within CACHE_SECONDS of each other share one reading of the
+        # kernel: a scraper in a loop costs one conntrack and iptables dump a second
         with self._lock:
-            yield from self._collect()
+            now = time.monotonic()
+            if now - self._at >= CACHE_SECONDS:
+                self._cached = list(self._collect())
+                self._at = time.monotonic()
+            return list(self._cached)
 
     def _collect(self):
         import psutil
@@ -128,6 +143,8 @@ class Collector:
             log.error("metrics: reading the counters failed: %s", e)
             st, ok = None, 0.0
         yield GaugeMetricFamily("synlb_scrape_ok", "1 when the kernel's counters could be read", value=ok)
+        yield GaugeMetricFamily("synlb_reconcile_failing", "1 while the last reconcile failed (it is retried)",
+                                value=1.0 if host.failing else 0.0)
         if st is None:
             return
         yield GaugeMetricFamily("synlb_dataplane_installed", "1 while synlb's chains are installed",
@@ -154,12 +171,31 @@ class Collector:
                                      labels=["service", "family"])
         kernel = CounterMetricFamily("synlb_packets_kernel", "packets of established connections kept in the kernel",
                                      labels=["service", "family"])
+        hashed = CounterMetricFamily("synlb_packets_hashed_kernel",
+                                     "nftables engine: packets without a conntrack mark hashed in the kernel",
+                                     labels=["service", "family"])
+        pinned = CounterMetricFamily("synlb_packets_pinned_kernel",
+                                     "nftables engine: packets without a conntrack mark that followed a pin",
+                                     labels=["service", "family"])
         for c in st["chains"]:
             fam = str(c["family"])
             queued.add_metric([c["service"], fam], c["queued_pkts"])
             kernel.add_metric([c["service"], fam], c["kept_in_kernel_pkts"])
+            if "hashed_pkts" in c:
+                hashed.add_metric([c["service"], fam], c["hashed_pkts"])
+                pinned.add_metric([c["service"], fam], c["pinned_pkts"])
         yield queued
         yield kernel
+        yield hashed
+        yield pinned
+        picks = CounterMetricFamily("synlb_target_kernel_picks",
+                                    "nftables engine: packets the kernel hashed to the target",
+                                    labels=["service", "target"])
+        for s in st["services"]:
+            for t in s["targets"]:
+                if t.get("kernel_picks") is not None:
+                    picks.add_metric([s["name"], t["name"]], t["kernel_picks"])
+        yield picks
 
         qdrop = CounterMetricFamily("synlb_queue_dropped", "packets dropped by the kernel: queue full", labels=["queue"])
         udrop = CounterMetricFamily("synlb_user_dropped", "packets dropped by the kernel: netlink buffer full",
@@ -255,16 +291,16 @@ class MetricsPlugin(Plugin):
         # start_http_server does, kept here because Debian 12's 0.16 does not
         # return the server, which stop() and a changed `listen` need
         import socket
-        from socketserver import ThreadingMixIn
         from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
         from prometheus_client import make_wsgi_app
 
+        from ..control import Bounded
+
         addr, port = parse_listen(listen)
         self.listen = listen
 
-        class Server(ThreadingMixIn, WSGIServer):
-            daemon_threads = True
+        class Server(Bounded, WSGIServer):  # at most a few scrapes at once, each bounded in time
             address_family = socket.AF_INET6 if ":" in addr else socket.AF_INET
 
         class QuietHandler(WSGIRequestHandler):

@@ -40,8 +40,8 @@ import threading
 import time
 
 from .. import config as config_mod
-from .. import health_state, proc
-from ..proc import insecure  # noqa: F401  (the rule, also this plugin's API)
+from .. import health_state, proc, trust
+from ..trust import insecure  # noqa: F401  (the rule, also this plugin's API)
 from ..schema import Option, OptionError, Schema, seconds
 from . import Plugin
 
@@ -95,12 +95,12 @@ def scripts_of(directory: str) -> list[str]:
     return [os.path.join(directory, n) for n in names if not IGNORED.search(n)]
 
 
-def run_one(path: str, env: dict, timeout: float) -> dict:
-    """Run one script (already vetted); its record for status."""
+def run_one(path: str, exe: str, env: dict, timeout: float) -> dict:
+    """Run one script; ``exe`` is what trust.trusted vetted for ``path``. Its record for status."""
     t0 = time.monotonic()
     rec: dict = {"script": path, "time": time.time()}
     try:
-        done = proc.run([path], env, timeout, keep=OUTPUT_KEPT)
+        done = proc.run([exe], env, timeout, keep=OUTPUT_KEPT)
     except OSError as e:
         rec.update(rc=None, error=f"cannot start: {e.strerror or e}", duration=0.0, output="")
         return rec
@@ -205,14 +205,14 @@ class ScriptsPlugin(Plugin):
             if not st.st_mode & 0o111:
                 log.info("scripts: %s skipped: not executable", path)
                 continue
-            why = insecure(path)
+            exe, why = trust.trusted(path)
             if why:
                 log.error("scripts: %s REFUSED: %s", path, why)
                 rec = {"script": path, "time": time.time(), "rc": None, "refused": why, "duration": 0.0,
                        "output": ""}
                 counts["refused"] += 1
             else:
-                rec = run_one(path, env, timeout)
+                rec = run_one(path, exe, env, timeout)
                 ok = rec.get("rc") == 0
                 counts["ok" if ok else "failed"] += 1
                 tail = rec.get("output", "").strip().splitlines()[-1:] or [""]

@@ -1,5 +1,6 @@
 """sync: hand this router's misplaced connections to its peers as pins, and
-follow theirs (see pins.py and docs/STICKINESS.md).
+follow theirs (see pins.py and docs/STICKINESS.md); for the nftables engine
+the pins go into the kernel's pins maps too (docs/ENGINES.md).
 
 Every ``refresh`` seconds, and at once (then again a second later) when a
 service's table changes or this router becomes active, the plugin reads
@@ -378,9 +379,11 @@ class SyncPlugin(Plugin):
                 st.error = str(e) or type(e).__name__
 
     def _apply(self) -> None:
-        """Write the merged pins and tell the workers, when they changed."""
-        from .. import pins_state, workers
-        state_dir = self.host.cfg.globals.state_dir
+        """Write the merged pins and tell the workers, when they changed; the
+        nftables engine's pins maps get them in one transaction."""
+        from .. import dataplane, pins_state, workers
+        cfg = self.host.cfg
+        state_dir = cfg.globals.state_dir
         with self._lock:
             merged = pins_mod.merge(self._previous, *(s.pins for _, s in sorted(self._peers.items())))
             if merged == self._written:
@@ -389,7 +392,13 @@ class SyncPlugin(Plugin):
             pins_state.write(state_dir, merged)
             self._written = merged
         n = workers.reload_pins(state_dir)
-        log.info("sync: %d pins held from peers, %d workers told", pins_mod.count(merged), n)
+        try:
+            kernel = dataplane.apply_pins(cfg)
+        except Exception as e:  # noqa: BLE001 - the next reconcile installs them with the table
+            log.error("sync: pins not written to the nftables maps: %s", e)
+            kernel = []
+        log.info("sync: %d pins held from peers, %d workers told%s", pins_mod.count(merged), n,
+                 "".join(f"; {c}" for c in kernel))
 
 
 def _canonical(addr: str) -> str:

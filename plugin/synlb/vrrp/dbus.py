@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import re
 import signal
+import time
 import xml.etree.ElementTree as ET
 
 from ..errors import UserError
@@ -47,6 +48,7 @@ PROPS = "org.freedesktop.DBus.Properties"
 
 
 RESYNC_RETRY = 0.5  # seconds between reads of State while keepalived is not answering
+RESYNC_MIN_GAP = 0.2  # seconds between two resyncs that signals ask for
 RESYNC_TRIES = 10
 
 
@@ -127,6 +129,8 @@ class Listener:
         self.force = True  # apply even if unchanged (start, keepalived (re)started/reloaded)
         self.scheduled = False
         self.error: str | None = None
+        self.last_resync = float("-inf")
+        self.resync_pending = False
 
     # --- keepalived on the bus
 
@@ -202,6 +206,25 @@ class Listener:
         self.force = True
         self.schedule()
 
+    def resync_soon(self, why: str) -> None:
+        """A resync asked for by a signal: at most one per RESYNC_MIN_GAP,
+        so that a burst of signals costs one read of every State."""
+        now = time.monotonic()
+        if self.resync_pending:
+            return
+        wait = self.last_resync + RESYNC_MIN_GAP - now
+        if wait <= 0:
+            self.last_resync = now
+            self.resync(why)
+            return
+        self.resync_pending = True
+
+        def later():
+            self.resync_pending = False
+            self.last_resync = time.monotonic()
+            self.resync(why)
+        self.loop.later_once(wait, later)
+
     def _reload(self):
         try:
             return delivery.load(self.config_path)
@@ -214,7 +237,7 @@ class Listener:
     def on_status(self, code, path=None) -> None:
         if path not in self.states:
             if path not in self.excluded and self.owner() is not None:
-                self.resync(f"signal from {path}")  # an instance not seen before
+                self.resync_soon(f"signal from {path}")  # an instance not seen before
             return
         state = state_from_dbus(int(code))
         log.debug("VrrpStatusChange %s %s", path, state)
@@ -226,7 +249,7 @@ class Listener:
     def on_vrrp(self, member=None) -> None:
         log.debug("%s", member)
         if member in ("VrrpStarted", "VrrpReloaded"):
-            self.resync(member)
+            self.resync_soon(member)
         elif member == "VrrpStopped":
             self.states = {p: "STOP" for p in self.states}
             self.schedule()
@@ -235,7 +258,7 @@ class Listener:
         if name != BUS_NAME:
             return
         if new:
-            self.resync("keepalived on the bus")
+            self.resync_soon("keepalived on the bus")
         else:
             self.states = {p: "STOP" for p in self.states} or {}
             self.schedule()
@@ -269,12 +292,16 @@ class Listener:
         delivery.deliver_detached("dbus", self.config_path, ev, stamp)
 
     def subscribe(self) -> None:
+        # Any local user may send signals on the system bus: a signal counts
+        # only from the current owner of keepalived's name (dbus-python
+        # follows the owner), and NameOwnerChanged only from the bus itself;
+        # else anyone could fake FAULT or STOP and tear the master down.
         b = self.bus
-        b.add_signal_receiver(self.on_status, signal_name="VrrpStatusChange",
+        b.add_signal_receiver(self.on_status, signal_name="VrrpStatusChange", bus_name=BUS_NAME,
                               dbus_interface=IFACE_INSTANCE, path_keyword="path")
-        b.add_signal_receiver(self.on_vrrp, dbus_interface=IFACE_VRRP, path=VRRP_PATH,
+        b.add_signal_receiver(self.on_vrrp, dbus_interface=IFACE_VRRP, path=VRRP_PATH, bus_name=BUS_NAME,
                               member_keyword="member")
-        b.add_signal_receiver(self.on_owner, signal_name="NameOwnerChanged",
+        b.add_signal_receiver(self.on_owner, signal_name="NameOwnerChanged", bus_name="org.freedesktop.DBus",
                               dbus_interface="org.freedesktop.DBus", path="/org/freedesktop/DBus",
                               arg0=BUS_NAME)
         b.add_signal_receiver(self.on_disconnected, signal_name="Disconnected",

@@ -1,0 +1,506 @@
+"""The nftables engine: Maglev in the kernel, rendered as nft text (pure).
+
+Everything the engine owns is one table, ``table inet synlb``; teardown
+deletes it and nothing else on the router is touched. Per service
+``<s>`` of ``engine = nftables`` (see docs/ENGINES.md for the packet path)::
+
+    table inet synlb {
+      map slots_<s>  { typeof numgen inc mod 2 : meta mark; size M; }   # slot -> target mark
+      map pins4_<s>  { typeof meta l4proto . ip saddr . th sport . ip daddr . th dport : meta mark; }
+      map pins6_<s>  { ... ip6 ... }                                     # pinned flows -> mark
+      map picks_<s>  { type mark : counter; }                            # mark -> pick_<s>_<mark>
+      counter kept4_<s>, pinned4_<s>, hashed4_<s>, notarget4_<s> (and 6)
+      chain prerouting { type filter hook prerouting priority mangle + 1; comment "synlb <digest>";
+        iifname I ip daddr {VIPs} meta l4proto {P} th dport {ports} jump svc4_<s> ... }
+      chain svc4_<s> {
+        ct mark != 0 meta mark set ct mark counter name kept4_<s> accept
+        meta l4proto != tcp       meta mark set <5-tuple> map @pins4_<s> ct mark set meta mark ... accept
+        tcp flags & (syn|ack) != syn meta mark set <5-tuple> map @pins4_<s> ct mark set meta mark ... accept
+        meta mark set jhash <5-tuple> mod M seed S map @slots_<s> ct mark set meta mark
+            counter name hashed4_<s> counter name meta mark map @picks_<s> accept
+        counter name notarget4_<s> drop            # or accept: no_target_verdict
+      }
+      (nat mode)      chain nat_prerouting { type nat hook prerouting priority dstnat; ... dnat ip to meta mark map @dnat4_<s> }
+      (track_syn=no)  chain raw_prerouting { type filter hook prerouting priority raw; ... syn ... notrack }
+    }
+
+The *skeleton* (declarations, chains and rules, no element) changes only
+with the structure of the configuration; its digest is the base chain's
+comment. The *elements* (slots, per-target counters and DNAT addresses,
+pins) change with health, targets and pins, and are updated by
+difference: ``update_script`` deletes and re-adds only the slots whose
+mark changes, in the same transaction, so no packet ever sees a missing
+slot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from .config import Config, Service
+from .jhash import service_seed
+from .maglev import build_table
+from .packet import PORT_PROTOCOLS
+from .pins import Pins, active_targets, usable
+
+FAMILY = "inet"
+TABLE = "synlb"
+QUALIFIED = f"{FAMILY} {TABLE}"
+BASE_CHAIN = "prerouting"
+COMMENT_PREFIX = "synlb "
+PROTO_NUMBERS = {"tcp": 6, "udp": 17, "sctp": 132}
+ELEMENTS_PER_LINE = 2048  # elements per "add element" command (one transaction either way)
+
+PinKey = tuple  # (l4proto, client, client port, VIP, port)
+
+
+def services(cfg: Config) -> list[Service]:
+    """The services of the nftables engine."""
+    return [s for s in cfg.services if s.engine == "nftables"]
+
+
+# ------------------------------------------------------------------ names
+
+def slots_map(svc: str) -> str:
+    return f"slots_{svc}"
+
+
+def pins_map(svc: str, family: int) -> str:
+    return f"pins{family}_{svc}"
+
+
+def picks_map(svc: str) -> str:
+    return f"picks_{svc}"
+
+
+def dnat_map(svc: str, family: int) -> str:
+    return f"dnat{family}_{svc}"
+
+
+def svc_chain(svc: str, family: int) -> str:
+    return f"svc{family}_{svc}"
+
+
+def pick_counter(svc: str, mark: int) -> str:
+    return f"pick_{svc}_{mark:x}"
+
+
+COUNTERS = ("kept", "pinned", "hashed", "notarget")
+
+
+def counter_name(kind: str, svc: str, family: int) -> str:
+    return f"{kind}{family}_{svc}"
+
+
+# ------------------------------------------------------------------ desired state
+
+@dataclass
+class ServicePlan:
+    """What one service's elements must be."""
+    name: str
+    size: int
+    seed: int
+    mode: str
+    families: tuple  # IP versions of the service's VIPs
+    active: tuple  # ((target name, mark), ...) sorted by name: the Maglev population
+    targets: dict  # mark -> (IPv4 address or None, IPv6 address or None): every configured target
+    pins: dict = field(default_factory=dict)  # family -> {PinKey: mark}, for each of the families
+    key: bytes = field(default=b"", repr=False)  # hash_key: the Maglev permutations
+    _pins_digest: str | None = field(default=None, repr=False, compare=False)  # see pins_digest
+
+    def slots(self) -> list[int]:
+        """Mark of each slot (Maglev over the active targets), [] without one."""
+        names = [n for n, _ in self.active]
+        marks = [m for _, m in self.active]
+        return [marks[i] for i in build_table(names, self.size, self.key)] if names else []
+
+
+@dataclass
+class Plan:
+    """The whole table: skeleton text, its digest, and each service's elements."""
+    skeleton: str
+    digest: str
+    services: dict  # name -> ServicePlan
+
+    @property
+    def empty(self) -> bool:
+        return not self.services
+
+
+def pin_key(flow_key: bytes) -> tuple[int, PinKey] | None:
+    """(family, map key) of a pinned flow (packet.flow_key layout), or None
+    for a flow without ports (the engine's rules only match port protocols)."""
+    if len(flow_key) < 2 or flow_key[1] not in PORT_PROTOCOLS:
+        return None
+    fam = flow_key[0]
+    alen = {4: 4, 6: 16}.get(fam)
+    if alen is None or len(flow_key) != 2 + 2 * alen + 4:
+        return None
+    af = socket.AF_INET if fam == 4 else socket.AF_INET6
+    client = socket.inet_ntop(af, flow_key[2:2 + alen])
+    server = socket.inet_ntop(af, flow_key[2 + alen:2 + 2 * alen])
+    at = 2 + 2 * alen
+    cport = int.from_bytes(flow_key[at:at + 2], "big")
+    sport = int.from_bytes(flow_key[at + 2:at + 4], "big")
+    return fam, (flow_key[1], client, cport, server, sport)
+
+
+def service_pins(pins: Mapping[bytes, int], target_marks: Iterable[int], families: Iterable[int] = (4, 6)
+                 ) -> dict:
+    """A service's pins (flow key -> mark) as map elements per family, only
+    those whose mark is a configured target (``pins.usable``) and whose
+    family the service has."""
+    return _service_pins(pins, target_marks, families)[0]
+
+
+def _service_pins(pins: Mapping[bytes, int], target_marks: Iterable[int], families: Iterable[int]
+                  ) -> tuple[dict, str]:
+    """(service_pins, their digest): the digest hashes the flow keys in
+    byte order (cheap: 100k pins in a few tens of ms)."""
+    out: dict = {f: {} for f in families}
+    h = hashlib.sha256()
+    for key, mark in sorted(usable(pins, target_marks).items()):
+        pk = pin_key(key)
+        if pk is not None and pk[0] in out:
+            out[pk[0]][pk[1]] = mark
+            h.update(len(key).to_bytes(1, "big") + key + mark.to_bytes(4, "big"))
+    return out, h.hexdigest()[:16]
+
+
+def desired(cfg: Config, down: Mapping[str, Iterable[str]] | None = None, pins: Pins | None = None) -> Plan:
+    """The table for ``cfg`` with the ``down`` targets out of the active sets."""
+    down = down or {}
+    pins = pins or {}
+    key = cfg.globals.hash_key.encode()
+    plans = {}
+    for svc in services(cfg):
+        active = tuple((t.name, t.mark) for t in active_targets(cfg, svc, down.get(svc.name, ())))
+        targets = {t.mark: (_addr(t, 4), _addr(t, 6)) for t in cfg.targets_of(svc)}
+        spins, pdigest = _service_pins(pins.get(svc.name, {}), targets, svc.families())
+        plans[svc.name] = ServicePlan(
+            svc.name, svc.table_size, service_seed(cfg.globals.hash_key, svc.name), svc.mode, svc.families(),
+            active, targets, spins, key, pdigest)
+    skel = skeleton(cfg)
+    return Plan(skel, digest(skel), plans)
+
+
+def _addr(target, family: int) -> str | None:
+    a = target.address(family)
+    return str(a) if a is not None else None
+
+
+# ------------------------------------------------------------------ skeleton
+
+def _set(items: Sequence[str]) -> str:
+    return items[0] if len(items) == 1 else "{ " + ", ".join(items) + " }"
+
+
+def _match(svc: Service, family: int) -> str:
+    ip = "ip" if family == 4 else "ip6"
+    vips = [str(v) for v in svc.vips if v.version == family]
+    m = f'iifname "{svc.ingress}" {ip} daddr {_set(vips)} meta l4proto {_set(list(svc.protocols))}'
+    if svc.ports:
+        m += " th dport " + _set([str(a) if a == b else f"{a}-{b}" for a, b in svc.ports])
+    return m
+
+
+def _tuple(family: int) -> str:
+    ip = "ip" if family == 4 else "ip6"
+    return f"meta l4proto . {ip} saddr . th sport . {ip} daddr . th dport"
+
+
+def _service_rules(svc: Service, family: int, seed: int) -> list[str]:
+    n = svc.name
+    t = _tuple(family)
+    save = "ct mark set meta mark"
+    rules = [f"ct mark != 0 meta mark set ct mark counter name {counter_name('kept', n, family)} accept"]
+    pinned = (f"meta mark set {t} map @{pins_map(n, family)} {save} "
+              f"counter name {counter_name('pinned', n, family)} accept")
+    # pins are for packets that do not open a connection: not a TCP SYN without ACK
+    if any(p != "tcp" for p in svc.protocols):
+        rules.append(f"meta l4proto != tcp {pinned}")
+    if "tcp" in svc.protocols:
+        rules.append(f"tcp flags & (syn | ack) != syn {pinned}")
+    rules.append(f"meta mark set jhash {t} mod {svc.table_size} seed {seed:#010x} map @{slots_map(n)} {save} "
+                 f"counter name {counter_name('hashed', n, family)} counter name meta mark map @{picks_map(n)} "
+                 f"accept")
+    verdict = "accept" if svc.no_target_verdict == "accept" else "drop"
+    rules.append(f"counter name {counter_name('notarget', n, family)} {verdict}")
+    return rules
+
+
+def skeleton(cfg: Config) -> str:
+    """The table without elements (``comment`` left out: see ``with_comment``);
+    "" when no service uses the engine."""
+    svcs = services(cfg)
+    if not svcs:
+        return ""
+    out = [f"table {QUALIFIED} {{"]
+    for svc in svcs:
+        n = svc.name
+        out.append(f"\tmap {slots_map(n)} {{ typeof numgen inc mod 2 : meta mark; size {svc.table_size}; }}")
+        for fam in svc.families():
+            ip = "ip" if fam == 4 else "ip6"
+            out.append(f"\tmap {pins_map(n, fam)} {{ typeof meta l4proto . {ip} saddr . th sport . "
+                       f"{ip} daddr . th dport : meta mark; }}")
+            if svc.mode == "nat":
+                out.append(f"\tmap {dnat_map(n, fam)} {{ type mark : {'ipv4_addr' if fam == 4 else 'ipv6_addr'}; }}")
+        out.append(f"\tmap {picks_map(n)} {{ type mark : counter; }}")
+        for fam in svc.families():
+            for kind in COUNTERS:
+                out.append(f"\tcounter {counter_name(kind, n, fam)} {{ }}")
+    out.append(f"\tchain {BASE_CHAIN} {{")
+    # just after iptables' mangle PREROUTING: while a service switches from the
+    # nfqueue engine (both sets of rules for a moment), the kernel's pick is
+    # the one set last, and the one saved in conntrack
+    out.append("\t\ttype filter hook prerouting priority mangle + 1; policy accept;")
+    for svc in svcs:
+        for fam in svc.families():
+            out.append(f"\t\t{_match(svc, fam)} jump {svc_chain(svc.name, fam)}")
+    out.append("\t}")
+    for svc in svcs:
+        seed = service_seed(cfg.globals.hash_key, svc.name)
+        for fam in svc.families():
+            out.append(f"\tchain {svc_chain(svc.name, fam)} {{")
+            out.extend(f"\t\t{r}" for r in _service_rules(svc, fam, seed))
+            out.append("\t}")
+    nat = [s for s in svcs if s.mode == "nat"]
+    if nat:
+        out.append("\tchain nat_prerouting {")
+        out.append("\t\ttype nat hook prerouting priority dstnat; policy accept;")
+        for svc in nat:
+            for fam in svc.families():
+                out.append(f"\t\t{_match(svc, fam)} dnat {'ip' if fam == 4 else 'ip6'} to meta mark map "
+                           f"@{dnat_map(svc.name, fam)}")
+        out.append("\t}")
+    untracked = [s for s in svcs if not s.track_syn and "tcp" in s.protocols]
+    if untracked:
+        # the opening SYN untracked: the first ACK makes the conntrack entry
+        # (loose pickup) that keeps the mark, on a router that sees only the
+        # client's direction (see the track_syn option)
+        out.append("\tchain raw_prerouting {")
+        out.append("\t\ttype filter hook prerouting priority raw; policy accept;")
+        for svc in untracked:
+            for fam in svc.families():
+                m = _match(svc, fam).replace(f"meta l4proto {_set(list(svc.protocols))}", "meta l4proto tcp")
+                out.append(f"\t\t{m} tcp flags & (syn | ack) == syn notrack")
+        out.append("\t}")
+    out.append("}")
+    return "\n".join(out) + "\n"
+
+
+def digest(skel: str) -> str:
+    return hashlib.sha256(skel.encode()).hexdigest()[:16]
+
+
+def with_comment(skel: str, dig: str) -> str:
+    """The skeleton with its digest as the base chain's comment (what the
+    adapter reads back to know the live table is this one)."""
+    head = f"\tchain {BASE_CHAIN} {{\n"
+    return skel.replace(head, head + f'\t\tcomment "{COMMENT_PREFIX}{dig}"\n', 1)
+
+
+# ------------------------------------------------------------------ elements
+
+def _elements(cmd: str, name: str, items: list[str]) -> list[str]:
+    return [f"{cmd} element {QUALIFIED} {name} {{ {', '.join(items[i:i + ELEMENTS_PER_LINE])} }}"
+            for i in range(0, len(items), ELEMENTS_PER_LINE)]
+
+
+def _pin_item(k: PinKey, mark: int) -> str:
+    proto, client, cport, vip, vport = k
+    return f"{proto} . {client} . {cport} . {vip} . {vport} : {mark:#x}"
+
+
+def _target_adds(sp: ServicePlan, marks: Iterable[int]) -> list[str]:
+    marks = sorted(marks)
+    out = [f"add counter {QUALIFIED} {pick_counter(sp.name, m)}" for m in marks]
+    out += _elements("add", picks_map(sp.name), [f'{m:#x} : "{pick_counter(sp.name, m)}"' for m in marks])
+    if sp.mode == "nat":
+        for i, fam in enumerate((4, 6)):
+            items = [f"{m:#x} : {sp.targets[m][i]}" for m in marks if sp.targets[m][i]]
+            out += _elements("add", dnat_map(sp.name, fam), items) if _has_family(sp, fam) else []
+    return out
+
+
+def _target_deletes(sp: ServicePlan, old: Mapping[int, tuple], marks: Iterable[int]) -> list[str]:
+    marks = sorted(marks)
+    out = []
+    if sp.mode == "nat":
+        for i, fam in enumerate((4, 6)):
+            items = [f"{m:#x}" for m in marks if old[m][i]]
+            out += _elements("delete", dnat_map(sp.name, fam), items) if _has_family(sp, fam) else []
+    out += _elements("delete", picks_map(sp.name), [f"{m:#x}" for m in marks])
+    out += [f"delete counter {QUALIFIED} {pick_counter(sp.name, m)}" for m in marks]
+    return out
+
+
+def _has_family(sp: ServicePlan, fam: int) -> bool:
+    return fam in sp.families
+
+
+def _pin_element(k: PinKey) -> str:
+    return _pin_item(k, 0).rsplit(" : ", 1)[0]
+
+
+def _pins_replace(sp: ServicePlan, flush: bool) -> list[str]:
+    out = []
+    for fam, pins in sorted(sp.pins.items()):
+        if flush:
+            out.append(f"flush map {QUALIFIED} {pins_map(sp.name, fam)}")
+        out += _elements("add", pins_map(sp.name, fam), [_pin_item(k, m) for k, m in sorted(pins.items())])
+    return out
+
+
+def pins_diff(old: Mapping, new: Mapping) -> tuple[list, dict]:
+    """(keys to delete, {key: mark} to add) turning one family's pins map
+    ``old`` into ``new``: a pin whose mark changes is deleted and re-added."""
+    deletes = [k for k, m in old.items() if new.get(k) != m]
+    adds = {k: m for k, m in new.items() if old.get(k) != m}
+    return sorted(deletes), adds
+
+
+def _pins_commands(sp: ServicePlan, old: Mapping | None) -> list[str]:
+    """The pins maps from ``old`` (family -> {key: mark}, as last applied) to
+    ``sp``'s by difference; replaced whole (flush + add) when ``old`` is unknown."""
+    if old is None:
+        return _pins_replace(sp, flush=True)
+    out = []
+    for fam, pins in sorted(sp.pins.items()):
+        deletes, adds = pins_diff(old.get(fam, {}), pins)
+        out += _elements("delete", pins_map(sp.name, fam), [_pin_element(k) for k in deletes])
+        out += _elements("add", pins_map(sp.name, fam), [_pin_item(k, m) for k, m in sorted(adds.items())])
+    return out
+
+
+def slot_diff(old: Sequence[int], new: Sequence[int]) -> tuple[list[int], list[tuple[int, int]]]:
+    """(slots to delete, (slot, mark) to add) turning map ``old`` into ``new``
+    (each a mark per slot, or empty for an empty map); only differing slots."""
+    if not old:
+        return [], list(enumerate(new))
+    if not new:
+        return list(range(len(old))), []
+    if len(old) != len(new):
+        raise ValueError(f"slot tables of {len(old)} and {len(new)} entries: a new table size is a new skeleton")
+    changed = [i for i, (a, b) in enumerate(zip(old, new)) if a != b]
+    return changed, [(i, new[i]) for i in changed]
+
+
+def changed_slots(old: Sequence[int], new: Sequence[int]) -> int:
+    """How many slots ``slot_diff`` touches."""
+    deletes, adds = slot_diff(old, new)
+    return len(set(deletes) | {i for i, _ in adds})
+
+
+def _slot_commands(name: str, deletes: list[int], adds: list[tuple[int, int]]) -> list[str]:
+    return (_elements("delete", slots_map(name), [str(i) for i in deletes])
+            + _elements("add", slots_map(name), [f"{i} : {m:#x}" for i, m in adds]))
+
+
+def pins_digest(sp: ServicePlan) -> str:
+    """A fingerprint of the service's pins (``desired`` computes it from the
+    flow keys; else once per plan from the map elements)."""
+    if sp._pins_digest is None:
+        data = repr(sorted((f, sorted(p.items())) for f, p in sp.pins.items()))
+        sp._pins_digest = hashlib.sha256(data.encode()).hexdigest()[:16]
+    return sp._pins_digest
+
+
+def full_script(plan: Plan, slots: Mapping[str, Sequence[int]], replace: bool) -> str:
+    """One transaction installing the whole table (``replace``: deleting the
+    live one first, in the same transaction)."""
+    out = []
+    if replace:
+        out += [f"table {QUALIFIED} {{ }}", f"delete table {QUALIFIED}"]
+    out.append(with_comment(plan.skeleton, plan.digest).rstrip("\n"))
+    for name, sp in plan.services.items():
+        out += _target_adds(sp, sp.targets)
+        out += _slot_commands(name, [], list(enumerate(slots[name])))
+        out += _pins_replace(sp, flush=False)
+    return "\n".join(out) + "\n"
+
+
+@dataclass
+class Applied:
+    """What the live table holds, per service (the adapter's state file)."""
+    digest: str
+    active: dict  # service -> [[name, mark], ...]
+    targets: dict  # service -> {mark: (a4, a6)}
+    pins: dict  # service -> pins digest
+
+
+def update_script(old: Applied, old_slots: Mapping[str, Sequence[int]], plan: Plan,
+                  new_slots: Mapping[str, Sequence[int]], old_pins: Mapping[str, Mapping] | None = None) -> str:
+    """One transaction turning the live elements ``old`` into ``plan``'s, for
+    the same skeleton; "" when nothing differs. ``old_pins``: each service's
+    pins as last applied, when known (then only the pins that differ change)."""
+    if old.digest != plan.digest:
+        raise ValueError("update_script needs the live skeleton (full_script otherwise)")
+    out = []
+    for name, sp in plan.services.items():
+        was = old.targets.get(name, {})
+        now = sp.targets
+        gone = [m for m in was if m not in now]
+        moved = [m for m in was if m in now and was[m] != now[m]]  # addresses changed (nat mode)
+        came = [m for m in now if m not in was]
+        out += _target_deletes(sp, was, gone)
+        if sp.mode == "nat" and moved:
+            for i, fam in enumerate((4, 6)):
+                if not _has_family(sp, fam):
+                    continue
+                out += _elements("delete", dnat_map(name, fam), [f"{m:#x}" for m in sorted(moved) if was[m][i]])
+                out += _elements("add", dnat_map(name, fam),
+                                 [f"{m:#x} : {now[m][i]}" for m in sorted(moved) if now[m][i]])
+        out += _target_adds(sp, came)
+        if [list(a) for a in sp.active] != [list(a) for a in old.active.get(name, [])]:
+            out += _slot_commands(name, *slot_diff(old_slots.get(name, []), new_slots[name]))
+        if pins_digest(sp) != old.pins.get(name):
+            out += _pins_commands(sp, (old_pins or {}).get(name))
+    return "\n".join(out) + "\n" if out else ""
+
+
+def pins_script(old: Applied, plan: Plan, old_pins: Mapping[str, Mapping] | None = None) -> str:
+    """One transaction changing the pins of every service whose pins differ
+    from ``old``'s (the skeleton must be the live one); "" if none. By
+    difference from ``old_pins`` when known, else replacing them whole."""
+    if old.digest != plan.digest:
+        raise ValueError("pins_script needs the live skeleton")
+    out = []
+    for name, sp in plan.services.items():
+        if pins_digest(sp) != old.pins.get(name):
+            out += _pins_commands(sp, (old_pins or {}).get(name))
+    return "\n".join(out) + "\n" if out else ""
+
+
+def applied_of(plan: Plan) -> Applied:
+    """The state record of a plan once applied."""
+    return Applied(plan.digest, {n: [list(a) for a in sp.active] for n, sp in plan.services.items()},
+                   {n: dict(sp.targets) for n, sp in plan.services.items()},
+                   {n: pins_digest(sp) for n, sp in plan.services.items()})
+
+
+# ------------------------------------------------------------------ dry run
+
+def describe(plan: Plan, slots: Mapping[str, Sequence[int]] | None = None) -> str:
+    """Human text of the table (dry run): the skeleton, then a summary of the
+    elements instead of the M slot lines."""
+    if plan.empty:
+        return ""
+    out = [f"# nft (one transaction): table {QUALIFIED}", with_comment(plan.skeleton, plan.digest).rstrip("\n")]
+    for name, sp in plan.services.items():
+        table = slots[name] if slots is not None else sp.slots()
+        share = {m: 0 for _, m in sp.active}
+        for m in table:
+            share[m] += 1
+        names = dict((m, n) for n, m in sp.active)
+        spread = ", ".join(f"{names[m]} {c}" for m, c in share.items()) or "no active target"
+        out.append(f"# {slots_map(name)}: {len(table)} elements slot : mark ({spread}); "
+                   f"seed {sp.seed:#010x} = blake2b({name!r}, key=hash_key, person=synlb-jhash)")
+        out.append(f"# {picks_map(name)}: {len(sp.targets)} targets, counters "
+                   + ", ".join(pick_counter(name, m) for m in sorted(sp.targets)))
+        for fam, p in sorted(sp.pins.items()):
+            out.append(f"# {pins_map(name, fam)}: {len(p)} pins")
+    return "\n".join(out)
