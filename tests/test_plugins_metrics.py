@@ -139,7 +139,7 @@ def test_a_failing_collect_still_answers(tmp_path, fake):
     assert "synlb_scrape_ok 0.0" in lines and 'synlb_vrrp_state{state="MASTER"} 1.0' in lines
 
 
-def test_nftables_engine_counters(tmp_path, monkeypatch):
+def test_nftables_engine_counters(tmp_path, fake):
     p = tmp_path / "synlb.ini"
     p.write_text(BASE.format(d=tmp_path, metrics=""))
 
@@ -152,8 +152,8 @@ def test_nftables_engine_counters(tmp_path, monkeypatch):
         st["services"][0].update(engine="nftables", queues=[])
         st["services"][0]["targets"][0]["kernel_picks"] = 33
         return st
-    monkeypatch.setattr(status, "collect", nft_collect)
-    lines = set(generate_latest(M.create(FakeHost(config.load(str(p)))).registry).decode().splitlines())
+    fake(status, "collect", nft_collect)
+    lines = set(generate_latest(M.create(HostView(config.load(str(p)))).registry).decode().splitlines())
     for want in ('synlb_packets_kernel_total{family="4",service="web"} 900.0',
                  'synlb_packets_hashed_kernel_total{family="4",service="web"} 70.0',
                  'synlb_packets_pinned_kernel_total{family="4",service="web"} 4.0',

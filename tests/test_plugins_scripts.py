@@ -113,6 +113,7 @@ def test_symlink_is_judged_by_its_target(tmp_path):
     assert "writable" in S.insecure(str(link))
 
 
+@root
 def test_a_link_in_a_directory_a_user_can_write_is_refused(tmp_path):
     """The link's target is root's, but the user who owns the directory can
     switch the link between the check and the exec: the path as given is
@@ -135,6 +136,7 @@ def test_a_link_in_a_directory_a_user_can_write_is_refused(tmp_path):
     assert S.insecure(str(mine)) == f"{mine} is owned by uid 1000, not root"
 
 
+@root
 def test_what_runs_is_exactly_what_was_checked(tmp_path):
     os.chmod(tmp_path, 0o755)
     a = make_script(tmp_path / "d" / "a", "true")
