@@ -1,5 +1,5 @@
 """`synlb-lab bench --quick` end to end in the lab: every section runs, the
-report has the figures the issue asks for, with sane values. Speed is
+report has the headline figures (README, benchmark table), with sane values. Speed is
 not asserted (the machine is shared); the targets are the benchmark's job."""
 
 from __future__ import annotations
@@ -8,16 +8,13 @@ import json
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
 
 import pytest
 
-pytestmark = [pytest.mark.lab,
-              pytest.mark.skipif(os.geteuid() != 0 or not all(shutil.which(t) for t in ("wrk", "iperf3", "nginx")),
-                                 reason="needs root, wrk, iperf3 and nginx")]
+pytestmark = pytest.mark.lab(tools=("ip", "wrk", "iperf3", "nginx", "keepalived", "conntrack", "iptables"))
 
 KEYS = ("throughput_ratio", "all_packets_ratio", "conn_rate_ratio", "cpu_us_per_conn", "worker_rss_mb",
         "maglev_build_ms_100", "failover_gap_s", "sessions_kept_ratio")
@@ -43,8 +40,9 @@ def test_quick_bench_writes_a_sane_report(tmp_path):
     assert 0.1 < res["conn_rate_ratio"] < 10
     assert 0 < res["cpu_us_per_conn"] < 10_000
     assert 5 < res["worker_rss_mb"] < 1000
-    assert 0 < res["maglev_build_ms_100"] < 60_000
-    assert 0 <= res["failover_gap_s"] < 30
+    # timings lie within the run that measured them (their size is the benchmark's job)
+    assert 0 < res["maglev_build_ms_100"] <= took * 1000
+    assert 0 <= res["failover_gap_s"] <= took
     assert 0 <= res["sessions_kept_ratio"] <= 1
     assert res["quick"] is True
 

@@ -70,28 +70,28 @@ def test_every_user_error_has_one_base(cls):
     assert not issubclass(cls, RuntimeError)  # a RuntimeError is a bug, never printed as the user's
 
 
-def test_up_without_conntrack_is_a_user_error(tmp_path, monkeypatch, capsys):
+def test_up_without_conntrack_is_a_user_error(tmp_path, fake, capsys):
     path = write_config(tmp_path)
-    monkeypatch.setattr(sysctl, "_path", lambda name: str(tmp_path / "no-proc-sys" / name))
+    fake(sysctl, "_path", lambda name: str(tmp_path / "no-proc-sys" / name))
     # the data plane as far as the pickup sysctls (nothing else is touched)
-    monkeypatch.setattr(dataplane, "up", lambda p, cfg, reason: sysctl.activate(cfg.globals.state_dir))
+    fake(dataplane, "up", lambda config_path, cfg, reason="up": sysctl.activate(cfg.globals.state_dir))
     assert cli.main(["-c", path, "up"]) == 1
     err = capsys.readouterr().err
     assert err == "synlb up: conntrack sysctls missing: is nf_conntrack loaded? (modprobe nf_conntrack)\n"
 
 
-def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
+def test_a_bug_keeps_its_traceback(tmp_path, fake):
     path = write_config(tmp_path)
 
     def bug(*a, **k):
         raise RuntimeError("a bug, not the user's")
 
-    monkeypatch.setattr(dataplane, "up", bug)
+    fake(dataplane, "up", bug)
     with pytest.raises(RuntimeError, match="a bug"):
         cli.main(["-c", path, "up"])
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="synlb run checks the live system as root")
+@pytest.mark.lab  # synlb run checks the live system as root
 def test_run_while_another_host_runs_is_a_user_error(tmp_path):
     """The second host stops before starting anything. (Its plugins are only
     `scripts`, with an empty directory: even a host that wrongly started would

@@ -84,7 +84,7 @@ def test_a_fifo_among_the_drop_ins_is_refused_not_read(tmp_path):
     assert e.value.lines() == [f"{tmp_path}/synlb.d/50-pipe.ini:-:-: not a regular file"]
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown)")
+@pytest.mark.lab  # root: chown
 def test_a_plugin_a_user_could_write_is_not_imported(tmp_path):
     pkg = tmp_path / "mine"
     pkg.mkdir()

@@ -62,10 +62,10 @@ def test_bad_requests_get_an_answer(tmp_path):
         srv.stop()
 
 
-def test_metrics_scrapes_within_a_second_share_one_reading(monkeypatch):
+def test_metrics_scrapes_within_a_second_share_one_reading(fake):
     from synlb.plugins import metrics
     calls = []
-    monkeypatch.setattr(metrics.Collector, "_collect", lambda self: iter([calls.append(1) or "family"]))
+    fake(metrics.Collector, "_collect", lambda self: iter([calls.append(1) or "family"]))
     c = metrics.Collector(plugin=None)
     assert [c.collect() for _ in range(50)] == [["family"]] * 50
     assert len(calls) == 1

@@ -27,11 +27,10 @@ from synlb.lab.ecmp import (
     write_config,
     write_configs,
 )
-from synlb.lab.netns import list_netns
 from synlb.lab.scenario import kernel_snapshot
 from synlb.plugins.sync import AGAIN_AFTER
 
-pytestmark = pytest.mark.lab
+pytestmark = pytest.mark.lab(tools=("ip", "conntrack", "iptables"))
 
 COUNT = 20  # sessions per pattern and family
 PATTERNS = ("echo", "up")
@@ -39,11 +38,8 @@ FAMILIES = (4, 6)
 
 
 @pytest.fixture
-def lab():
-    with EcmpLab(routers=3, targets=3, server_ports=(80,)) as lab:
-        yield lab
-    assert not [ns for ns in list_netns() if ns.startswith(lab.prefix + "-")]
-    assert lab.leftovers() == {"namespaces": [], "processes": []}
+def lab(open_lab):
+    return open_lab(EcmpLab, routers=3, targets=3, server_ports=(80,))
 
 
 def fronts(lab, routers, fam):

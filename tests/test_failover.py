@@ -1,4 +1,4 @@
-"""Issue 3 in the netns lab: two routers with real keepalived (Debian's 2.2),
+"""Failover in the netns lab: two routers with real keepalived (Debian's 2.2),
 synlb on both, real TCP sessions through failovers.
 
 Every router starts with conntrack loose pickup off and a firewall dropping
@@ -29,14 +29,15 @@ from synlb.lab.demo_failover import (
     summarize,
 )
 from synlb.lab import addresses as A
-from synlb.lab.netns import list_netns, netns_exec_argv
+from synlb.lab.netns import netns_exec_argv, netns_pids
 from synlb.vrrp import dbus as vrrp_dbus
 from synlb.lab.scenario import synlb_exe
 from synlb.lab.topology import Lab
 
-pytestmark = pytest.mark.lab
+pytestmark = pytest.mark.lab(tools=("ip", "keepalived", "conntrack", "iptables", "dbus-daemon"))
 
 COUNT = 20  # sessions per pattern and family
+PICKUP_OFF_HOLD = 3.0  # s before and after the failover without pickup: more than the client's stall limit
 
 
 def report(title: str, res: dict) -> None:
@@ -46,11 +47,27 @@ def report(title: str, res: dict) -> None:
         print(f"  {k:<8} kept {v['kept']}/{v['sessions']} moved {v['moved']} gap {v['max_gap']:.3f} {v['errors']}")
 
 
-def assert_all_kept(res: dict, gap: float | None = GAP_LIMIT) -> None:
+def assert_all_kept(res: dict) -> None:
     bad = {k: v for k, v in res["per"].items() if v["kept"] != v["sessions"] or v["moved"]}
     assert not bad, bad
-    if gap is not None:
-        assert res["max_gap"] <= gap, {k: v["max_gap"] for k, v in res["per"].items()}
+
+
+def log_marks(pair: Pair) -> dict[str, int]:
+    """Where each router's vrrp.log stands now (see assert_hot_takeovers)."""
+    return {r: len(pair.vrrp_log(r)) for r in pair.lab.routers}
+
+
+def assert_hot_takeovers(pair: Pair, since: dict[str, int], takeovers: int) -> None:
+    """Hot standby: a router that becomes MASTER has nothing left to install,
+    so the running sessions wait for VRRP and TCP only, never for synlb. That
+    is what keeps the failover gap to about VRRP's detection time (the gap
+    is printed against GAP_LIMIT by report(); `make bench` judges it against
+    its target). Every MASTER event the notify hook recorded since ``since``
+    changed nothing in the data plane, and there were ``takeovers`` of them."""
+    masters = [(r, e) for r in pair.lab.routers for e in pair.vrrp_log(r)[since[r]:]
+               if not e.get("ignored") and e.get("stored") and e["event"]["state"] == "MASTER"]
+    assert len(masters) == takeovers, masters
+    assert all(e.get("changes") == [] for _, e in masters), masters
 
 
 def sources(pair: Pair, r: str) -> set:
@@ -58,11 +75,8 @@ def sources(pair: Pair, r: str) -> set:
 
 
 @pytest.fixture
-def lab():
-    with Lab(routers=2, targets=3, server_ports=(80,)) as lab:
-        yield lab
-    assert not [ns for ns in list_netns() if ns.startswith(lab.prefix + "-")]
-    assert lab.leftovers() == {"namespaces": [], "processes": []}
+def lab(open_lab):
+    return open_lab(Lab, routers=2, targets=3, server_ports=(80,))
 
 
 # ---------------------------------------------------------------- sessions survive
@@ -77,10 +91,14 @@ def test_sessions_survive_failover_and_failback(lab, engine):
     pair.start()
     active_ref = {r: snapshot(lab, r, pair.state_dir(r)) for r in lab.routers}
 
+    marks = log_marks(pair)
     links = run_failover(pair, "links", COUNT)
     report("links down", links)
+    assert_hot_takeovers(pair, marks, takeovers=2)  # over to lb2, back to lb1
+    marks = log_marks(pair)
     stop = run_failover(pair, "keepalived", COUNT)
     report("keepalived stopped", stop)
+    assert_hot_takeovers(pair, marks, takeovers=2)
     for res in (links, stop):
         assert_all_kept(res)
         assert res["sessions"] == COUNT * len(PATTERNS) * len(FAMILIES)
@@ -104,16 +122,31 @@ def test_sessions_survive_failover_and_failback(lab, engine):
 
 def test_failover_without_pickup_loses_sessions(lab):
     """The same failover with pickup = no: the new master drops the running
-    sessions' packets as INVALID, so the test above can fail."""
+    sessions' packets as INVALID, so the test above can fail.
+
+    "Lost" is what the sessions did after the failover, whatever its speed.
+    The client counts a session as kept unless it failed or its final silence
+    exceeds its stall limit (2 s). run_failover stops the sessions ``hold``
+    seconds after fail_over returned; with the default 1 s, a failover that
+    settled within about a second left the dead sessions' final silence under
+    2 s, and they counted as kept (30 of 40 once, on a loaded machine). Held
+    longer than the stall limit, a session whose data stopped at the failover
+    cannot pass, and every session's final silence shows that nothing came
+    after the failover."""
     pair = Pair(lab, pickup=False)
     pair.prepare()
     pair.start()
     for r in lab.routers:
         assert snapshot(lab, r, pair.state_dir(r))["sysctl"] == {
             "net.netfilter.nf_conntrack_tcp_loose": "0", "net.netfilter.nf_conntrack_tcp_be_liberal": "0"}
-    res = run_failover(pair, "links", 5, back=False)
+    res = run_failover(pair, "links", 5, back=False, hold=PICKUP_OFF_HOLD)
     report("links down, pickup off", res)
+    assert all(r["stall"] < PICKUP_OFF_HOLD for r in res["results"].values())
     assert res["kept"] == 0, res["per"]
+    # no session got anything through after the failover: each one's last
+    # exchange came before fail_over returned, PICKUP_OFF_HOLD before the end
+    quiet = [s["last_gap"] for r in res["results"].values() for s in r["sessions"]]
+    assert len(quiet) == res["sessions"] and min(quiet) >= PICKUP_OFF_HOLD - 0.001, sorted(quiet)[:5]
     pair.close()
 
 
@@ -152,7 +185,7 @@ def _cold_failover(pair: Pair, over: str, back: str) -> None:
     finally:
         res = summarize(stop_sessions(handles))
     report(f"cold standby via {pair.source}: {over}", res)
-    assert_all_kept(res, gap=None)  # cold: the takeover waits for the workers to start
+    assert_all_kept(res)  # cold: the takeover waits for the workers to start (not a hot takeover)
 
 
 def test_dbus_alone_drives_failover(lab):
@@ -217,6 +250,20 @@ def fire_notifies(pair: Pair, r: str, states: list[str]) -> None:
         assert p.returncode == 0, err
 
 
+def notify_pids(lab: Lab, r: str) -> set[int]:
+    """The notify hooks (keepalived-notify, synlb notify) running in router ``r``."""
+    out = set()
+    for pid in netns_pids(lab.ns(r)):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                argv = [a.decode("utf-8", "replace") for a in fh.read().split(b"\0") if a]
+        except OSError:
+            continue
+        if "notify" in argv and any("synlb" in a or "keepalived-notify" in a for a in argv):
+            out.add(pid)
+    return out
+
+
 def test_transitions_and_races_end_in_the_clean_state(lab):
     pair = Pair(lab)
     pair.prepare()
@@ -225,12 +272,25 @@ def test_transitions_and_races_end_in_the_clean_state(lab):
     active = {r: snapshot(lab, r, pair.state_dir(r)) for r in lab.routers}
     assert all(active[r] != inactive[r] for r in lab.routers)
 
-    # 20 transitions in 10 s from keepalived itself: lb1's links flap
+    # 20 transitions from keepalived itself: lb1's links flap, a change every
+    # 0.5 s, each one once keepalived has started the notify hook for the
+    # previous one (so each change is a transition of its own)
     n0 = len(pair.vrrp_log("lb1"))
+    seen = notify_pids(lab, "lb1")
+    racing = 0  # changes made while an earlier hook still ran
     t0 = time.monotonic()
-    for i in range(20):  # a link change every 0.5 s
+    for i in range(20):
         time.sleep(max(0.0, t0 + 0.5 * i - time.monotonic()))
+        racing += bool(notify_pids(lab, "lb1"))
         (lab.restore_links if i % 2 else lab.fail_links)("lb1")
+        deadline = time.monotonic() + 10
+        while True:
+            pids = notify_pids(lab, "lb1")
+            if pids - seen or len(pair.vrrp_log("lb1")) - n0 > i:
+                seen |= pids
+                break
+            assert time.monotonic() < deadline, f"keepalived started no notify hook for link change {i}"
+            time.sleep(0.01)
     elapsed = time.monotonic() - t0
     lab.wait_state("lb1", "MASTER", 30)
     lab.wait_state("lb2", "BACKUP", 10)
@@ -238,8 +298,9 @@ def test_transitions_and_races_end_in_the_clean_state(lab):
         assert pair.wait_settled(r, True, 60) == active[r], r
     events = [e for e in pair.vrrp_log("lb1")[n0:] if not e.get("ignored")]
     states = [e["event"]["state"] for e in events]
-    print(f"\nlinks flapped 10 times in {elapsed:.1f} s: lb1 got {len(states)} notifications: {states}")
-    assert elapsed < 10 and states.count("FAULT") >= 10 and len(states) >= 21  # + the final MASTER
+    print(f"\nlinks flapped 10 times in {elapsed:.1f} s ({racing} changes while a hook still ran): "
+          f"lb1 got {len(states)} notifications: {states}")
+    assert states.count("FAULT") >= 10 and len(states) >= 21  # + the final MASTER
 
     # notify calls fired concurrently in shuffled order: the last one wins,
     # and the result is exactly what one clean transition to it gives
@@ -272,6 +333,10 @@ def test_events_go_through_synlb_run_when_it_runs(lab):
     res = run_failover(pair, "links", 5, patterns=("echo", "down"), back=False)
     report("links down, through synlb run", res)
     assert_all_kept(res)
+    # hot standby through the host too: lb2's host had nothing to install when it became MASTER
+    history = pair.host_status("lb2")["host"]["history"]
+    became = [h for h in history if h["node"] == "MASTER"]
+    assert became and became[0]["changes"] == 0, history
     for r, node in (("lb1", "FAULT"), ("lb2", "MASTER")):
         last = pair.vrrp_log(r)[-1]
         assert last["latest"] == node and last["host"] == {"ok": True, "node": node}, last
@@ -297,6 +362,7 @@ def test_host_follows_dbus_itself(lab):
     pair.close()
 
 
+@pytest.mark.lab(tools=("dbus-send",))
 def test_dbus_signals_from_anyone_but_keepalived_are_ignored(lab):
     """Any local user can send signals on the system bus: VrrpStopped, a
     FAULT VrrpStatusChange or a NameOwnerChanged saying keepalived left,

@@ -1,4 +1,4 @@
-"""Issue 4 in the netns lab: `synlb run` with the lb, health, scripts and
+"""The plugin host in the netns lab: `synlb run` with the lb, health, scripts and
 metrics plugins, on one router and four targets (t4 joins by SIGHUP).
 
 Each test starts its own host (own config and state dir) and stops it with
@@ -20,13 +20,9 @@ from synlb.lab import addresses as A
 from synlb.lab.scenario import kernel_snapshot, status, synlb, synlb_exe
 from synlb.lab.topology import Lab
 
-pytestmark = [pytest.mark.lab,
-              pytest.mark.skipif(os.geteuid() != 0, reason="needs root and network namespaces")]
+pytestmark = pytest.mark.lab(tools=("ip", "iptables", "curl"))
 
 INTERVAL, TIMEOUT, RISE, FALL = 0.3, 0.2, 2, 2
-# what the kernel, the host thread and a loaded 2-core machine add to a
-# check's own bound (interval x fall): a failed connect, a reconcile, a SIGHUP
-SLACK = 0.3
 VIP = A.VIP[4]
 METRICS = "127.0.0.1:9712"
 
@@ -75,18 +71,18 @@ def write(path: str, text: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def lab():
-    with Lab(routers=1, targets=4) as lab:
-        # the scripts plugin's directory: root-owned, 0755 all the way up
-        sd = os.path.join(lab.role_dir("lb1"), "scripts.d", "standalone")
-        os.makedirs(sd, mode=0o755, exist_ok=True)
-        record = os.path.join(lab.role_dir("lb1"), "scripts-ran.jsonl")
-        script = os.path.join(sd, "10-record")
-        write(script, f"#!{sys.executable}\nimport json, os\n"
-                      f"with open({record!r}, 'a') as fh:\n"
-                      f"    fh.write(json.dumps({{k: v for k, v in os.environ.items()}}) + '\\n')\n")
-        os.chmod(script, 0o755)
-        yield lab
+def lab(open_module_lab):
+    lab = open_module_lab(Lab, routers=1, targets=4)
+    # the scripts plugin's directory: root-owned, 0755 all the way up
+    sd = os.path.join(lab.role_dir("lb1"), "scripts.d", "standalone")
+    os.makedirs(sd, mode=0o755, exist_ok=True)
+    record = os.path.join(lab.role_dir("lb1"), "scripts-ran.jsonl")
+    script = os.path.join(sd, "10-record")
+    write(script, f"#!{sys.executable}\nimport json, os\n"
+                  f"with open({record!r}, 'a') as fh:\n"
+                  f"    fh.write(json.dumps({{k: v for k, v in os.environ.items()}}) + '\\n')\n")
+    os.chmod(script, 0o755)
+    return lab
 
 
 class Host:
@@ -180,26 +176,37 @@ def session_result(sessions) -> tuple[dict, list]:
     return res["summary"], res["sessions"]
 
 
-# A probe run in the client namespace: one new connection every STEP seconds
-# for DURATION seconds, each in its own thread; prints their start/end times.
+# A probe run in the client namespace: one new connection every STEP
+# seconds, each in its own thread, until a number N arrives on stdin: then N
+# more, and it prints their start/end times and how many SYNs the kernel had
+# to send again ("retrans", tcp_info's total_retrans once connected: a SYN
+# dropped while no worker listened is sent again about a second later).
 PROBE = r"""
-import json, socket, sys, threading, time
-vip, port, duration, step = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+import json, socket, struct, sys, threading, time
+vip, port, step = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 out = []
 def one():
     t0 = time.time()
     try:
         with socket.create_connection((vip, port), timeout=4) as s:
+            info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+            retrans = struct.unpack_from("I", info, 100)[0]  # tcpi_total_retrans
             s.settimeout(4)
             s.sendall(b"NAME\n")
             name = s.makefile().readline().strip()
-        out.append({"start": t0, "end": time.time(), "ok": bool(name), "target": name})
+        out.append({"start": t0, "end": time.time(), "ok": bool(name), "target": name, "retrans": retrans})
     except OSError as e:
         out.append({"start": t0, "end": time.time(), "ok": False, "error": type(e).__name__})
+more = []
+threading.Thread(target=lambda: more.append(int(sys.stdin.readline() or 0)), daemon=True).start()
 threads = []
 t_start = time.monotonic()
-for i in range(int(duration / step)):
-    time.sleep(max(0.0, t_start + i * step - time.monotonic()))
+stop_at = None
+while (stop_at is None or len(threads) < stop_at) and len(threads) < 5000:
+    if stop_at is None and more:
+        stop_at = len(threads) + more[0]
+        continue
+    time.sleep(max(0.0, t_start + len(threads) * step - time.monotonic()))
     th = threading.Thread(target=one, daemon=True)
     th.start()
     threads.append(th)
@@ -213,13 +220,22 @@ def test_worker_killed_during_traffic(lab, host):
     h = host()
     sessions = lab.start_sessions(VIP, "echo", count=20, duration=15, interval=0.05)
     assert sessions.wait_ready()["connected"] == 20
-    probe = lab.popen("client", [sys.executable, "-c", PROBE, VIP, "80", "3.0", "0.05"], name="probe",
-                      stdout=subprocess.PIPE)
+    probe = lab.popen("client", [sys.executable, "-c", PROBE, VIP, "80", "0.05"], name="probe",
+                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     time.sleep(0.7)
     pid = h.worker_pid()
     t_kill = time.time()
     os.kill(pid, signal.SIGKILL)
-    attempts = json.loads(probe.communicate(timeout=20)[0])
+
+    def restarted() -> bool:
+        try:
+            return h.worker_pid() != pid and h.queue()["listening"]
+        except (OSError, ValueError, KeyError):  # the pid file is being replaced
+            return False
+    h.wait(restarted, "worker restarted", 15)
+    t_listening = time.time()
+    # 30 more connections, all started once the new worker listens
+    attempts = json.loads(probe.communicate(input=b"30\n", timeout=60)[0])
     time.sleep(0.5)
     summary, _ = session_result(sessions)
 
@@ -227,14 +243,17 @@ def test_worker_killed_during_traffic(lab, host):
     assert summary["survived"] == 20 and summary["moved"] == 0, summary
     # every new connection succeeded (a SYN dropped while no worker listened is retransmitted)
     assert all(a["ok"] for a in attempts), [a for a in attempts if not a["ok"]]
-    # from some point within 1 s of the kill on, every new connection got through at once
+    # once the new worker listened, every new connection got through at once: no SYN sent twice
     after = [a for a in attempts if a["start"] >= t_kill]
-    slow = [a for a in after if a["end"] - a["start"] > 0.5]
+    slow = [a for a in after if a["retrans"]]
+    once_listening = [a for a in attempts if a["start"] >= t_listening]
+    assert len(once_listening) >= 30 and not [a for a in once_listening if a["retrans"]], once_listening
     recovered = max((a["start"] for a in slow), default=t_kill) - t_kill
-    first_ok = min(a["end"] for a in after if a["end"] - a["start"] <= 0.5) - t_kill
-    print(f"\nworker kill: last slow connect started {recovered:.3f} s after the kill, "
-          f"first fast connect done {first_ok:.3f} s after it; {len(slow)} of {len(after)} waited for a retransmit")
-    assert recovered < 1.0 and first_ok < 1.0
+    print(f"\nworker kill: the new worker listened {t_listening - t_kill:.3f} s after the kill; the last "
+          f"connection that needed a retransmitted SYN started {recovered:.3f} s after it; {len(slow)} of "
+          f"{len(after)} did (longest connect {max(a['end'] - a['start'] for a in after):.3f} s)")
+    assert slow  # the kill was felt: SYNs that came while no worker listened were dropped and sent again
+    assert all(a["start"] < t_listening for a in slow)
     assert len(after) - len(slow) >= 30
 
     st = h.status()
@@ -260,13 +279,24 @@ def test_failed_target_leaves_and_returns(lab, host):
     st = h.status()
     t1 = st["host"]["plugins"]["health"]["targets"]["t1"]
     assert t1["state"] == "down" and [e["state"] for e in t1["history"]] == ["up", "down"], t1
+    # in order: the server stopped, t1 failed FALL checks in a row and went down, and
+    # the worker's table followed that flip (its log's times have ms resolution)
+    down_at = t1["history"][-1]["time"]
+    assert t_stop <= down_at <= t_out + 0.001, (t_stop, down_at, t_out)
+    assert t1["recent"].endswith("-" * FALL), t1
     assert [t["healthy"] for t in st["services"][0]["targets"]] == [False, True, True]
     assert h.metrics()['synlb_target_healthy{service="web",target="t1"}'] == 0.0
 
+    t_restart = time.time()
     lab.start_servers(targets=["t1"])
     t_start = time.time()
     t_back = h.rebuilt_at("t1,t2,t3", t_start)
     back = t_back - t_start
+    # in order again: the server came back, t1 passed RISE checks and went up, the table followed
+    t1 = h.status()["host"]["plugins"]["health"]["targets"]["t1"]
+    assert [e["state"] for e in t1["history"]] == ["up", "down", "up"], t1
+    up_at = t1["history"][-1]["time"]
+    assert t_restart <= up_at <= t_back + 0.001, (t_restart, up_at, t_back)
     res = lab.open_connections(VIP, count=60, concurrency=10)
     assert res["ok"] == 60 and set(res["per_target"]) == {"t1", "t2", "t3"}, res
     summary, per_session = session_result(sessions)
@@ -277,18 +307,19 @@ def test_failed_target_leaves_and_returns(lab, host):
     print(f"\nt1 out {eject:.3f} s after its server stopped (interval x fall = {INTERVAL * FALL:.1f} s), "
           f"back {back:.3f} s after it listened again (interval x rise = {INTERVAL * RISE:.1f} s); "
           f"{len(others)} sessions on t2/t3 all kept")
-    assert eject <= INTERVAL * FALL + SLACK
-    assert back <= INTERVAL * RISE + SLACK
 
     text = synlb(lab, "lb1", h.conf, "status").stdout
     line = next(ln for ln in text.splitlines() if ln.strip().startswith("check tcp 10.64.2.11:80"))
     assert " down (Connection refused)" in line and line.rstrip().endswith("up"), line
     log = h.log()
     # both of t1's addresses are probed; the IPv4 one failed first
-    assert re.search(r"health: target t1 DOWN after 2 failed checks "
+    assert re.search(rf"health: target t1 DOWN after {FALL} failed checks "
                      r"\(tcp 10\.64\.2\.11:80, \[fd64:[0-9a-f:]+\]:80: Connection refused\)", log), log
     assert re.search(r"health: t1 down: node STANDALONE \(active\): lb: reloaded worker queue 0", log)
-    assert re.search(r"health: target t1 UP after 2 good checks", log)
+    assert re.search(rf"health: target t1 UP after {RISE} good checks", log)
+    # each flip asked for the reconcile that rebuilt the worker's table
+    assert log.index("health: target t1 DOWN") < log.index("health: t1 down: node STANDALONE")
+    assert log.index("health: target t1 UP") < log.index("health: t1 up: node STANDALONE")
 
 
 def test_sighup_broken_config_then_new_target(lab, host):

@@ -134,19 +134,43 @@ def assert_balanced(table, n, size):
         assert ideal * 0.99 <= count <= ideal * 1.01
 
 
-# -- disruption: removing one target moves its entries and <= 1% of the rest
+# -- disruption. Maglev promises exact balance, and little disruption on
+# average only (paper, section 3.4; docs/DESIGN-NOTES.md#8): when a target
+# leaves, all of its entries move, and a few of the others' move too. How
+# many depends on how many targets share the table and on its size
+# (measured on random names):
+# - M = 65537 with 20..200 targets: every removal moved at most 0.8 % of the
+#   others' entries (mean 0.35 % at 20, 0.57 % at 100; about 1.0 % at 400);
+# - a few targets: the mean is lower (0.05 % at 3) but single removals spread
+#   wide: 1.2 % (4 targets, the example below), 1.9 % (8), 2.7 % (3, one
+#   hypothesis found against the 1 % bound this test used to apply to any N);
+# - smaller tables move several percent (1009, 5003).
+# So the per-removal bound is stated where it holds, and the few-target case
+# by its mean and a documented outlier.
+
+MANY_TARGETS = st.lists(target_names, min_size=20, max_size=100, unique=True)
 
 
 @settings(max_examples=8, deadline=None)
-@given(st.lists(target_names, min_size=2, max_size=100, unique=True), st.data())
+@given(MANY_TARGETS, st.data())
 def test_removing_a_target_moves_little_else(names, data):
-    # At M = 65537 Maglev keeps other targets' entries stable within 1% for
-    # N up to ~300 (measured: ~0.7% at 100, ~1.0% at 400).  Smaller tables
-    # disrupt more (several % at 1009/5003): the algorithm trades some
-    # stability for its perfect balance (paper, section 5.3).
+    """M = 65537, 20..100 targets: removing one moves its own entries and at
+    most 1 % of the others'."""
     names = sorted(names)
     removed = data.draw(st.sampled_from(names))
     assert moved_fraction(names, removed, 65537, KEY) <= 0.01
+
+
+def test_removing_one_of_a_few_targets_moves_little_on_average():
+    """M = 65537, 2..8 targets: no per-removal bound (the outlier below moves
+    1.2 %), but over every removal of t1..tN the mean stays under 0.5 %."""
+    fractions = []
+    for n in (2, 3, 4, 6, 8):
+        names = [f"t{i}" for i in range(1, n + 1)]
+        fractions += [moved_fraction(names, removed, 65537, KEY) for removed in names]
+    assert sum(fractions) / len(fractions) <= 0.005, fractions
+    # a few-target removal that moves more than 1 % of the others' entries
+    assert 0.01 < moved_fraction(["__version__", "a2v", "qcsp7teqauu4", "z1"], "z1", 65537, KEY) < 0.013
 
 
 def moved_fraction(names, removed, size, key):

@@ -54,11 +54,11 @@ class FakeNft:
 
 
 @pytest.fixture
-def nft(monkeypatch):
-    fake = FakeNft()
-    monkeypatch.setattr(A, "run", fake.run)
-    monkeypatch.setattr(A, "available", lambda: "libnftables")
-    return fake
+def nft(fake):
+    nft = FakeNft()
+    fake(A, "run", nft.run)
+    fake(A, "available", lambda: "libnftables")
+    return nft
 
 
 def test_install_update_nothing_and_remove(tmp_path, nft):
@@ -100,7 +100,7 @@ def test_doubt_means_the_whole_table(tmp_path, nft):
     assert A.reconcile(E.desired(cfg, {"web": ["c"]}), sd) == []
 
 
-def test_no_service_no_table_and_no_nft_needed(tmp_path, monkeypatch):
-    monkeypatch.setattr(A, "available", lambda: None)
+def test_no_service_no_table_and_no_nft_needed(tmp_path, fake):
+    fake(A, "available", lambda: None)
     assert A.reconcile(E.Plan("", E.digest(""), {}), str(tmp_path)) == []
     assert A.remove(str(tmp_path)) == []

@@ -1,4 +1,4 @@
-"""What switching engines costs (issue 11): the two engines hash flows
+"""What switching engines costs: the two engines hash flows
 independently (docs/ENGINES.md), so a session picked up by a router on the
 other engine lands on another target with probability ~ 1 - 1/targets.
 
@@ -11,20 +11,16 @@ from __future__ import annotations
 import pytest
 
 from synlb.lab.demo_failover import Pair, fail_over, start_sessions, stop_sessions, summarize
-from synlb.lab.netns import list_netns
 from synlb.lab.topology import Lab
 
-pytestmark = pytest.mark.lab
+pytestmark = pytest.mark.lab(tools=("ip", "nft", "keepalived", "conntrack", "iptables"))
 
 COUNT = 15  # sessions per pattern and family: 60 in all
 
 
 @pytest.fixture
-def lab():
-    with Lab(routers=2, targets=3, server_ports=(80,)) as lab:
-        yield lab
-    assert not [ns for ns in list_netns() if ns.startswith(lab.prefix + "-")]
-    assert lab.leftovers() == {"namespaces": [], "processes": []}
+def lab(open_lab):
+    return open_lab(Lab, routers=2, targets=3, server_ports=(80,))
 
 
 def test_failover_between_engines_moves_two_thirds_of_the_sessions(lab):

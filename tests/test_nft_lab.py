@@ -1,4 +1,4 @@
-"""The nftables engine in the netns lab: Maglev in the kernel (issue 11).
+"""The nftables engine in the netns lab: Maglev in the kernel (docs/ENGINES.md).
 
 One router; the service's packets never reach user space (no worker, no
 queue): every packet without a conntrack mark is hashed by the kernel,
@@ -21,16 +21,15 @@ from synlb.lab.scenario import kernel_snapshot, render_service_config, status, s
 from synlb.lab.topology import Lab
 from synlb.packet import key_of
 
-pytestmark = pytest.mark.lab
+pytestmark = pytest.mark.lab(tools=("ip", "nft", "iptables", "conntrack"))
 
 CONNS = 150
 FLOWS = 90
 
 
 @pytest.fixture(scope="module")
-def lab():
-    with Lab(routers=1) as lab:
-        yield lab
+def lab(open_module_lab):
+    return open_module_lab(Lab, routers=1)
 
 
 @pytest.fixture

@@ -21,7 +21,6 @@ import contextlib
 import glob
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -45,9 +44,8 @@ CONF = "/etc/synlb/synlb.ini"
 PACKAGES = ("synlb", "python3-netfilterqueue")
 UPGRADE_SUFFIX = "+upgrade1"  # the same code, rebuilt with a higher version
 
-lab = pytest.mark.lab
-needs_root = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("dpkg-buildpackage"),
-                                reason="needs root and the build dependencies (make deps)")
+# root, the build dependencies (make deps), and the machine's dpkg database
+lab = pytest.mark.lab(tools=("dpkg-buildpackage", "lintian", "apt-get"))
 
 
 # ---------------------------------------------------------------- no kernel, no package
@@ -165,7 +163,7 @@ def _mkman(tmp_path) -> dict[str, str]:
     return {name: (tmp_path / name).read_text() for name in ("synlb.8", "synlb.ini.5")}
 
 
-@pytest.mark.skipif(not shutil.which("groff"), reason="needs groff")
+@pytest.mark.lab(tools=("groff",))
 def test_man_pages_come_from_the_parser_and_the_schemas(tmp_path):
     """Every command, option and INI key is in the pages (generated, so they
     cannot drift), groff renders them without a warning, and the example in
@@ -329,7 +327,6 @@ def installed(pytestconfig, built, pkglab):
 
 
 @lab
-@needs_root
 def test_both_packages_build_lintian_clean(built):
     """dpkg-buildpackage from a copy of the tree (the checkout stays clean);
     lintian: no error, no warning (the build fails otherwise; overridden
@@ -343,7 +340,6 @@ def test_both_packages_build_lintian_clean(built):
 
 
 @lab
-@needs_root
 def test_package_contents_and_relations(built):
     synlb_deb, nfq_deb = built["debs"]["synlb"], built["debs"]["python3-netfilterqueue"]
     listing = subprocess.run(["dpkg-deb", "-c", synlb_deb], capture_output=True, text=True, check=True).stdout
@@ -375,7 +371,6 @@ def test_package_contents_and_relations(built):
 
 
 @lab
-@needs_root
 def test_installed_synlb_is_inert_and_documented(installed, pytestconfig, tmp_path):
     """After `apt-get install`: the shipped configuration balances nothing
     and check says so (postinst reported it and did not fail); synlb runs
@@ -439,7 +434,6 @@ def test_installed_synlb_is_inert_and_documented(installed, pytestconfig, tmp_pa
 
 
 @lab
-@needs_root
 def test_failover_through_the_installed_synlb_and_hook(installed, pytestconfig):
     """Two routers with keepalived running the shipped example with the
     installed hook /usr/lib/synlb/keepalived-notify (enable_script_security)
@@ -484,7 +478,6 @@ def test_failover_through_the_installed_synlb_and_hook(installed, pytestconfig):
 
 
 @lab
-@needs_root
 def test_installed_host_is_ready_once_the_data_plane_is_up(installed, pkglab, tmp_path):
     """What synlb.service (Type=notify) sees, without systemd: the installed
     `synlb run` sends READY=1 on $NOTIFY_SOCKET only once its data plane is
@@ -529,7 +522,6 @@ def _configured(lab) -> str:
 
 
 @lab
-@needs_root
 def test_upgrade_keeps_an_edited_conffile_and_the_data_plane(installed, upgrade_deb, pkglab, pytestconfig):
     """The admin configured the router (the conffile edited) and synlb is up;
     installing the same code rebuilt with a higher version keeps the edited
@@ -556,7 +548,6 @@ def test_upgrade_keeps_an_edited_conffile_and_the_data_plane(installed, upgrade_
 
 
 @lab
-@needs_root
 def test_purge_leaves_no_file_and_no_kernel_state(installed, pkglab):
     """`apt-get purge`: prerm's `synlb down` removes what synlb installed in
     lb1 (chains, routes, workers, sysctls: lb1 is exactly as before the

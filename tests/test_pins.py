@@ -292,7 +292,7 @@ def test_worker_follows_pins_only_for_picked_up_connections(tmp_path):
     assert w.pins == {}
 
 
-def test_a_table_rebuild_never_holds_a_packet(tmp_path, monkeypatch):
+def test_a_table_rebuild_never_holds_a_packet(tmp_path, fake):
     """SIGHUP's rebuild runs aside: packets keep the running table until the
     new one is built, then the next packet swaps it in."""
     import threading
@@ -311,11 +311,11 @@ def test_a_table_rebuild_never_holds_a_packet(tmp_path, monkeypatch):
     real = worker_mod.MarkTable
 
     class SlowTable(real):
-        def __init__(self, spec):
+        def __init__(self, table):
             building.set()
             assert release.wait(10)
-            super().__init__(spec)
-    monkeypatch.setattr(worker_mod, "MarkTable", SlowTable)
+            super().__init__(table)
+    fake(worker_mod, "MarkTable", SlowTable)
     woken = threading.Event()
     w.notify_built = woken.set
 

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -17,8 +15,8 @@ from synlb.plugins import NodeState
 from synlb.plugins import health as H
 
 SYNLB = os.path.join(os.path.dirname(sys.executable), "synlb")
-ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
-                               reason="needs root (unshare --net, root-owned scripts)")
+# root: unshare --net, and exec checks refuse scripts not owned by root
+ROOT_ONLY = pytest.mark.lab(tools=("unshare", "ip"))
 
 BASE = """
 [synlb]
@@ -142,18 +140,6 @@ def test_rise_and_fall_counting():
 
 # ------------------------------------------------------------------ the plugin
 
-class FakeHost:
-    def __init__(self, path):
-        self.config_path = path
-        self.cfg = config.load(path)
-        self.submitted: list = []
-        self.event = threading.Event()
-
-    def submit(self, kind, wait=False, timeout=30.0, **data):
-        self.submitted.append((kind, data.get("reason")))
-        self.event.set()
-
-
 def wait_for(pred, timeout=5.0):
     deadline = time.monotonic() + timeout
     while not pred():
@@ -162,14 +148,19 @@ def wait_for(pred, timeout=5.0):
         time.sleep(0.01)
 
 
-def test_flip_writes_down_set_and_asks_for_reconcile(tmp_path, monkeypatch):
+def test_flip_writes_down_set_and_asks_for_reconcile(tmp_path, fake, FakeHost):
     results = {"a": True, "b": True}
     calls: dict[str, int] = {}
+    # per failed check: whether the plugin still counted the target up when it ran
+    failed_while_up: dict[str, list[bool]] = {"a": [], "b": []}
 
-    def fake(check, target):
+    def fake_check(c, target):
         calls[target] = calls.get(target, 0) + 1
-        return results[target], "ok" if results[target] else "Connection refused"
-    monkeypatch.setattr(H, "run_check", fake)
+        ok = results[target]
+        if not ok:
+            failed_while_up[target].append(p.targets[target].up)
+        return ok, "ok" if ok else "Connection refused"
+    fake(H, "run_check", fake_check)
     host = FakeHost(write(tmp_path, BASE.format(d=tmp_path)))
     state_dir = host.cfg.globals.state_dir
     os.makedirs(state_dir)
@@ -183,14 +174,18 @@ def test_flip_writes_down_set_and_asks_for_reconcile(tmp_path, monkeypatch):
 
         t0 = time.monotonic()
         results["a"] = False
-        wait_for(lambda: ("reconcile", "health: a down") in host.submitted)
-        took = time.monotonic() - t0
-        assert took <= 0.05 * 3 + 0.1, took  # interval x fall, plus one interval of phase
+        wait_for(lambda: "health: a down" in host.reasons())
+        print(f"a down {time.monotonic() - t0:.3f} s after its checks began to fail (interval x fall = 0.15 s)")
+        # out at its fall-th (3rd) failed check, not later: the 4th found it down
+        wait_for(lambda: len(failed_while_up["a"]) >= 4)
+        assert failed_while_up["a"][:4] == [True, True, True, False], failed_while_up["a"]
         assert health_state.down_targets(state_dir, "web") == {"a"}
         assert health_state.down_targets(state_dir, "api") == set()
 
         results["b"] = False  # fall = 1: out at the first failure, from both services
-        wait_for(lambda: ("reconcile", "health: b down") in host.submitted)
+        wait_for(lambda: "health: b down" in host.reasons())
+        wait_for(lambda: len(failed_while_up["b"]) >= 2)
+        assert failed_while_up["b"][:2] == [True, False], failed_while_up["b"]
         assert health_state.down_targets(state_dir, "web") == {"a", "b"}
         assert health_state.down_targets(state_dir, "api") == {"b"}
         st = p.status()
@@ -198,16 +193,16 @@ def test_flip_writes_down_set_and_asks_for_reconcile(tmp_path, monkeypatch):
         assert st["targets"]["a"]["history"][-1]["detail"] == "Connection refused"
 
         results["a"] = results["b"] = True
-        wait_for(lambda: ("reconcile", "health: a up") in host.submitted)
-        wait_for(lambda: ("reconcile", "health: b up") in host.submitted)
+        wait_for(lambda: "health: a up" in host.reasons())
+        wait_for(lambda: "health: b up" in host.reasons())
         assert not os.path.exists(os.path.join(state_dir, "targets-down.json"))  # all up: no file
         assert [e["state"] for e in p.status()["targets"]["a"]["history"]] == ["up", "down", "up"]
     finally:
         p.stop()
 
 
-def test_inactive_node_keeps_checking_but_writes_nothing(tmp_path, monkeypatch):
-    monkeypatch.setattr(H, "run_check", lambda check, target: (False, "refused"))
+def test_inactive_node_keeps_checking_but_writes_nothing(tmp_path, fake, FakeHost):
+    fake(H, "run_check", lambda c, target: (False, "refused"))
     host = FakeHost(write(tmp_path, BASE.format(d=tmp_path)))
     state_dir = host.cfg.globals.state_dir
     os.makedirs(state_dir)
@@ -215,7 +210,7 @@ def test_inactive_node_keeps_checking_but_writes_nothing(tmp_path, monkeypatch):
     p.reconcile(host.cfg, NodeState("BACKUP", False, "start"))
     p.start()
     try:
-        wait_for(lambda: ("reconcile", "health: a down") in host.submitted)
+        wait_for(lambda: "health: a down" in host.reasons())
         assert not os.path.exists(os.path.join(state_dir, "targets-down.json"))
         # becoming active (the data plane teardown had cleared the file): restored at once,
         # and the workers get it by one more reconcile
@@ -225,22 +220,22 @@ def test_inactive_node_keeps_checking_but_writes_nothing(tmp_path, monkeypatch):
         changes = p.reconcile(host.cfg, NodeState("MASTER", True, "vrrp"))
         assert health_state.down_targets(state_dir, "web") == {"a", "b"}
         assert changes == ["down set rewritten: api: b; web: a, b"]
-        assert ("reconcile", "health: down set restored") in host.submitted
+        assert "health: down set restored" in host.reasons()
         host.submitted.clear()
         assert p.reconcile(host.cfg, NodeState("MASTER", True, "again")) == []  # idempotent
-        assert ("reconcile", "health: down set restored") not in host.submitted
+        assert "health: down set restored" not in host.reasons()
         # a data plane that failed to come up (its teardown cleared the file): rewritten,
         # but no new reconcile, which would only retry the failure in a loop
         os.unlink(os.path.join(state_dir, "applied.json"))
         health_state.clear(state_dir)
         assert p.reconcile(host.cfg, NodeState("MASTER", True, "failed up")) != []
-        assert ("reconcile", "health: down set restored") not in host.submitted
+        assert "health: down set restored" not in host.reasons()
     finally:
         p.stop()
 
 
-def test_reload_adds_and_removes_targets(tmp_path, monkeypatch):
-    monkeypatch.setattr(H, "run_check", lambda check, target: (True, "ok"))
+def test_reload_adds_and_removes_targets(tmp_path, fake, FakeHost):
+    fake(H, "run_check", lambda c, target: (True, "ok"))
     path = write(tmp_path, BASE.format(d=tmp_path))
     host = FakeHost(path)
     p = H.create(host)

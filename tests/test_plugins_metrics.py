@@ -72,7 +72,11 @@ class Stub:
         return self._st
 
 
-class FakeHost:
+class HostView:
+    """What the metrics plugin reads of synlb.host.Host (tests/test_fakes.py
+    checks that a real Host has these attributes)."""
+    ATTRIBUTES = ("cfg", "node", "transitions", "plugins")
+
     def __init__(self, cfg):
         self.cfg = cfg
         self.node = NodeState("MASTER", True, "vrrp")
@@ -97,11 +101,11 @@ def fake_collect(cfg):
                                       {"name": "b", "healthy": True, "connections": 30}]}]}
 
 
-def test_exposition(tmp_path, monkeypatch):
+def test_exposition(tmp_path, fake):
     p = tmp_path / "synlb.ini"
     p.write_text(BASE.format(d=tmp_path, metrics=""))
-    monkeypatch.setattr(status, "collect", fake_collect)
-    plugin = M.create(FakeHost(config.load(str(p))))  # no server until start()
+    fake(status, "collect", fake_collect)
+    plugin = M.create(HostView(config.load(str(p))))  # no server until start()
     text = generate_latest(plugin.registry).decode()
     lines = set(text.splitlines())
     for want in ('synlb_vrrp_state{state="MASTER"} 1.0', 'synlb_vrrp_state{state="BACKUP"} 0.0',
@@ -123,19 +127,19 @@ def test_exposition(tmp_path, monkeypatch):
     assert "# TYPE synlb_worker_cpu_seconds_total counter" in lines
 
 
-def test_a_failing_collect_still_answers(tmp_path, monkeypatch):
+def test_a_failing_collect_still_answers(tmp_path, fake):
     p = tmp_path / "synlb.ini"
     p.write_text(BASE.format(d=tmp_path, metrics=""))
 
     def broken(cfg):
         raise RuntimeError("iptables gone")
-    monkeypatch.setattr(status, "collect", broken)
-    plugin = M.create(FakeHost(config.load(str(p))))
+    fake(status, "collect", broken)
+    plugin = M.create(HostView(config.load(str(p))))
     lines = generate_latest(plugin.registry).decode().splitlines()
     assert "synlb_scrape_ok 0.0" in lines and 'synlb_vrrp_state{state="MASTER"} 1.0' in lines
 
 
-def test_nftables_engine_counters(tmp_path, monkeypatch):
+def test_nftables_engine_counters(tmp_path, fake):
     p = tmp_path / "synlb.ini"
     p.write_text(BASE.format(d=tmp_path, metrics=""))
 
@@ -148,8 +152,8 @@ def test_nftables_engine_counters(tmp_path, monkeypatch):
         st["services"][0].update(engine="nftables", queues=[])
         st["services"][0]["targets"][0]["kernel_picks"] = 33
         return st
-    monkeypatch.setattr(status, "collect", nft_collect)
-    lines = set(generate_latest(M.create(FakeHost(config.load(str(p)))).registry).decode().splitlines())
+    fake(status, "collect", nft_collect)
+    lines = set(generate_latest(M.create(HostView(config.load(str(p)))).registry).decode().splitlines())
     for want in ('synlb_packets_kernel_total{family="4",service="web"} 900.0',
                  'synlb_packets_hashed_kernel_total{family="4",service="web"} 70.0',
                  'synlb_packets_pinned_kernel_total{family="4",service="web"} 4.0',

@@ -51,13 +51,25 @@ def test_route_mode_ipv4(tmp_path):
 
 
 def test_only_unmarked_or_new_packets_are_queued(tmp_path):
-    """Pitfalls 1 and 4: the queue rule catches ctstate NEW (not --syn), and the
-    short-cut only takes connections that already carry a mark."""
+    """docs/DESIGN-NOTES.md#1 and #4 (picked-up connections start without a
+    SYN; unmarked established connections): the queue rule catches every
+    packet the short-cut leaves (not only --syn), and the short-cut only
+    takes connections that already carry a mark."""
     r = rules.render_family(load(tmp_path), 4)["mangle"].rules
     assert not any("--syn" in x for x in r)
     shortcut = [x for x in r if "-j synlb-ESTABLISHED" in x]
     assert shortcut == ["-A synlb-VIP-web -m conntrack --ctstate ESTABLISHED -m connmark ! --mark 0 "
                         "-j synlb-ESTABLISHED"]
+
+
+def test_queue_bypass_is_rendered_per_service(tmp_path):
+    """docs/DESIGN-NOTES.md#7 (no worker, no verdict): only a service with
+    queue_bypass = yes lets new connections pass while no worker listens."""
+    extra = ("[service:api]\nvips = 10.0.0.2/32\ningress = front\nprotocols = tcp\nqueue = 1\n"
+             "queue_bypass = yes\ntargets = a\n")
+    m = rules.render_family(load(tmp_path, extra=extra), 4)["mangle"].rules
+    assert "-A synlb-VIP-web -j NFQUEUE --queue-num 0" in m
+    assert "-A synlb-VIP-api -j NFQUEUE --queue-num 1 --queue-bypass" in m
 
 
 def test_nat_mode_ipv6_and_queue_balance(tmp_path):

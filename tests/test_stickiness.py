@@ -31,12 +31,11 @@ from synlb.lab.demo_failover import (
     stop_sessions,
     summarize,
 )
-from synlb.lab.netns import list_netns
 from synlb.lab.scenario import synlb_exe, write_config
 from synlb.lab.topology import Lab
 from synlb.plugins.sync import AGAIN_AFTER
 
-pytestmark = pytest.mark.lab
+pytestmark = pytest.mark.lab(tools=("ip", "keepalived", "conntrack", "iptables"))
 
 COUNT = 10  # sessions per pattern and family: 80 in all
 ENGINES = ("nfqueue", "nftables")
@@ -44,11 +43,8 @@ HEALTH = "check = tcp\ncheck_port = 8080\ncheck_interval = 0.2\ncheck_timeout = 
 
 
 @pytest.fixture
-def lab():
-    with Lab(routers=2, targets=3, server_ports=(80, 8080)) as lab:
-        yield lab
-    assert not [ns for ns in list_netns() if ns.startswith(lab.prefix + "-")]
-    assert lab.leftovers() == {"namespaces": [], "processes": []}
+def lab(open_lab):
+    return open_lab(Lab, routers=2, targets=3, server_ports=(80, 8080))
 
 
 def write_key(lab: Lab) -> str:

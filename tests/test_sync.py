@@ -183,8 +183,6 @@ DRIVER = textwrap.dedent(r"""
 
 
 def run_driver(tmp_path, same_key: bool) -> dict:
-    if os.geteuid() != 0:
-        pytest.skip("needs root (network namespace)")
     ns = f"synlb-sync-{uuid.uuid4().hex[:6]}"
     keys = []
     for name, text in (("a.key", "a" * 32), ("b.key", "a" * 32 if same_key else "b" * 32)):
@@ -202,7 +200,7 @@ def run_driver(tmp_path, same_key: bool) -> dict:
         subprocess.run(["ip", "netns", "delete", ns], check=False)
 
 
-@pytest.mark.lab
+@pytest.mark.lab(tools=("ip", "conntrack"))
 def test_pins_travel_between_peers_and_strangers_are_refused(tmp_path):
     out = run_driver(tmp_path, same_key=True)
     a, b = out["a"], out["b"]
@@ -218,7 +216,7 @@ def test_pins_travel_between_peers_and_strangers_are_refused(tmp_path):
     assert out["b_after"]["held_pins"] == 5
 
 
-@pytest.mark.lab
+@pytest.mark.lab(tools=("ip", "conntrack"))
 def test_a_peer_with_another_key_is_refused(tmp_path):
     out = run_driver(tmp_path, same_key=False)
     assert out["b"]["held_pins"] == 0 and out["a"]["held_pins"] == 0

@@ -5,7 +5,8 @@ Everything synlb installs carries ``route_protocol`` (``ip rule ... proto
 objects and leaves every other rule and route alone.
 
 Reconcile, never apply deltas: the kernel deletes the routes of a table when
-their link goes down and does not restore them on link up (DESIGN pitfall 3),
+their link goes down and does not restore them on link up
+(docs/DESIGN-NOTES.md#3, routes are lost with their link),
 so every call compares the whole desired state with the live one.
 """
 

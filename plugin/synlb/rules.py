@@ -4,7 +4,7 @@ What synlb owns, and nothing else, in every family:
 - user chains whose name starts with ``synlb-``;
 - rules in built-in chains carrying ``-m comment --comment synlb:<service>``.
 
-The packet path (DESIGN.md): only packets that are not an ESTABLISHED,
+The packet path (docs/DESIGN-NOTES.md): only packets that are not an ESTABLISHED,
 already-marked connection reach the NFQUEUE worker; the worker's mark is
 saved into the connmark on the way out (VIPOUT), and every later packet has
 it restored in the kernel (ESTABLISHED).
@@ -112,7 +112,8 @@ def render_family(cfg: Config, family: int, active_targets: dict[str, list[str]]
                 mangle.rules.append(" ".join(["-A", "POSTROUTING"] + m + ["-j", VIPOUT]))
         # Only connections that already carry a mark are short-cut: after a
         # failover a connection first seen in the reply direction has
-        # connmark 0 and must still reach the worker (DESIGN pitfall 4).
+        # connmark 0 and must still reach the worker (docs/DESIGN-NOTES.md#4,
+        # unmarked established connections).
         if svc.shortcut and svc.track_syn:
             mangle.rules.append(f"-A {chain} -m conntrack --ctstate ESTABLISHED -m connmark ! --mark 0 "
                                 f"-j {ESTABLISHED}")

@@ -36,7 +36,8 @@ Sections (see bench/README.md for how to read the report):
                 pattern's own pause, is reported beside it.
 ``maglev``      table build time for 10, 100, 1000 targets at M = 65537.
 ``hotpath``     the worker's per-packet Python path with a stub packet
-                (no kernel): the current ``Worker.on_packet`` and the seed's.
+                (no kernel): the current ``Worker.on_packet`` and the reference
+                callback (:func:`_seed_on_packet`, the hot path as first written).
 ``pins``        what keeping sessions across target changes costs
                 (bench_pins.py): the hot path with and without pins against
                 the callback before pins, the sync plugin's conntrack read
@@ -82,7 +83,8 @@ ADVERT_INT = 0.03  # conf/keepalived.conf.example's, which the failover section 
 # client first every 0.1 s, server first every 0.3 s, a continuous download and upload
 FAILOVER_PATTERNS = ("echo", "push", "down", "up")
 
-# Targets of the issue (the benchmark reports them; tests never assert them).
+# The figures synlb aims for (README, benchmark table): the benchmark reports
+# them met or missed; tests never assert them.
 TARGETS = {
     "throughput_ratio": (">=", 0.95),
     "conn_rate_ratio": (">=", 0.9),
@@ -905,8 +907,12 @@ def _syn(family: int, sport: int) -> bytes:
 
 
 def _seed_on_packet(worker) -> Callable:
-    """The seed's hot path (before issue 5), for comparison: the same
-    callback, flow key without the IPv4 fast path, Maglev.slot."""
+    """The reference hot path: the worker callback as first written, before
+    the IPv4 fast path of ``packet.flow_key`` and the flattened mark table
+    (flow key by the general parser, ``Maglev.slot``). It must give the
+    same mark as ``Worker.on_packet`` for every packet; the benchmark times
+    both. (Its name and the ``seed_*`` result keys are kept for the results
+    already published.)"""
     from ..packet import FALLBACK_BYTES, FALLBACK_VERSION, _parse_key
 
     def flow_key(p: bytes) -> bytes:
@@ -976,7 +982,7 @@ def bench_hotpath(plan: Plan) -> dict:
             m1 = p.mark
             seed(p)
             if p.mark != m1:
-                raise BenchError("hot path and seed disagree on a packet's mark")
+                raise BenchError("hot path and the reference callback disagree on a packet's mark")
         # short batches, the two callbacks alternating, best batch of each:
         # a burst of load from the rest of the machine hits both alike
         best = {name: float("inf") for name in impls}

@@ -108,8 +108,9 @@ def _why(key: str, res: dict) -> str:
                     "each wake-up. At this rate every SYN wakes the worker on its own: one recv and "
                     "one verdict syscall per packet, nothing to amortize. This 2-vCPU VM is also "
                     "slow: kernel-only HMARK makes about "
-                    f"{_fmt(cr.get('median', {}).get('hmark'))} conn/s in this lab, where DESIGN.md "
-                    "measured 22.7k on its lab machine (the seed worker's 21 us there). What would "
+                    f"{_fmt(cr.get('median', {}).get('hmark'))} conn/s in this lab, where the first "
+                    "lab measured 22.7k (docs/DESIGN-NOTES.md; the first Python worker's 21 us there). "
+                    "What would "
                     "cut it further is not in Python: batched verdicts (netfilterqueue has none) or "
                     "a worker in C.")
         return txt
@@ -397,8 +398,9 @@ def render_markdown(res: dict) -> str:
         add("## Worker hot path (Python only, stub packets)")
         add("")
         add(f"`Worker.on_packet` on {hp['packets']} stub packets ({hp['mix']}), best of 10 batches "
-            f"alternating with the seed's callback: **{hp['current_us_per_packet']} us** per packet; "
-            f"the seed's: {hp['seed_us_per_packet']} us. Both give the same mark for every packet checked.")
+            "alternating with the reference callback (the hot path as first written): "
+            f"**{hp['current_us_per_packet']} us** per packet; the reference: {hp['seed_us_per_packet']} us. "
+            "Both give the same mark for every packet checked.")
         if hp.get("kernel_jhash_us_per_packet"):
             add("")
             add(f"The same callback hashing with the nftables engine's kernel jhash (pure Python, same "

@@ -25,6 +25,10 @@ its interval). echo - reply received minus request sent; push, down - line
 received minus the server's send time (the lab shares one clock); up - ack
 received minus the write of the oldest bytes it newly covers (so it also
 counts the server's ack period).
+``last_ok_at``: when the session's last exchange happened, on the
+monotonic clock, which the client shares with every process of the lab
+(tests compare it with their own ``time.monotonic()`` to tell whether data
+still flowed after an event).
 A progress line ``{"event": "ready", ...}`` goes to stderr once every
 session has had its first exchange (or failed).
 """
@@ -233,6 +237,7 @@ class Session:
         for k in ("max_gap", "last_gap", "max_delay", "connect_time"):
             if d[k] is not None:
                 d[k] = round(d[k], 4)
+        d["last_ok_at"] = round(self._last_ok, 6) if self.exchanges else None
         return d
 
 

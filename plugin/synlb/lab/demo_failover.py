@@ -41,7 +41,10 @@ HOOK = REPO / "hooks" / "keepalived-notify"
 
 ADVERT_INT = 0.03  # as in the example
 PREEMPT_DELAY = 5.0  # as in the example
-GAP_LIMIT = 3 * ADVERT_INT + 0.5  # the issue's bound on the longest gap
+# the demo's bound on the longest gap between two deliveries: three missed
+# adverts (VRRP's master-down time), plus 0.5 s for a retransmission and the
+# patterns' own pauses (push: 0.3 s)
+GAP_LIMIT = 3 * ADVERT_INT + 0.5
 
 PATTERNS = ("echo", "push", "down", "up")
 FAMILIES = (4, 6)

@@ -55,8 +55,8 @@ tracking, the registry (``synlb-lab cleanup``), teardown, the test servers,
 ``open_connections`` and ``start_sessions`` (:class:`Sessions`) are Lab's.
 
 The module's functions run synlb in the routers (configs, ``up``/``down``, the
-``synlb run`` host) and the scenario for issue 9,
-:func:`run_target_added_then_router_leaves`.
+``synlb run`` host) and the scenario of a target added under traffic, then a
+router leaving: :func:`run_target_added_then_router_leaves`.
 """
 
 from __future__ import annotations
@@ -315,7 +315,8 @@ class EcmpLab(Lab):
         ``before_nexthop(router)`` if given, then its nexthop added upstream.
 
         The kernel deleted synlb's per-target routes with the back link
-        (DESIGN pitfall 3): without a ``synlb run`` host, which restores them
+        (docs/DESIGN-NOTES.md#3, routes are lost with their link): without a
+        ``synlb run`` host, which restores them
         on link up, pass ``before_nexthop`` that runs ``synlb up``."""
         self.restore_links(router)
         cmds = self._router_routes()
@@ -544,7 +545,7 @@ def flows_seen(lab: Lab, router: str, family: int, port: int = 80) -> set[int]:
     ``router`` has handled, from its conntrack table: entries a client packet
     created (original destination the VIP), and entries a target's packet
     created that then got a mark (the worker handled a client packet of it:
-    DESIGN pitfall 4). Entries outlive the router's part in a flow, so the
+    docs/DESIGN-NOTES.md#4, unmarked established connections). Entries outlive the router's part in a flow, so the
     difference of two calls is the flows that came to the router in between."""
     cp = lab.run(router, ["conntrack", "-L", "-f", "ipv4" if family == 4 else "ipv6", "-p", "tcp"],
                  check=False)
@@ -570,7 +571,7 @@ def flows_by_router(lab: EcmpLab, family: int, port: int = 80) -> dict[str, set[
     return {r: flows_seen(lab, r, family, port) for r in lab.routers}
 
 
-# ---------------------------------------------------------------- issue 9 scenario
+# ---------------------------------------------------------------- a target added, then a router leaves
 
 def _default_ready(lab: EcmpLab, configs: Mapping[str, RouterConfig]) -> None:
     wait_targets_installed(lab, configs)
@@ -583,7 +584,7 @@ def run_target_added_then_router_leaves(
         reload: Callable[[EcmpLab, str, RouterConfig], Any] = reload_router,
         ready: Callable[[EcmpLab, Mapping[str, RouterConfig]], Any] = _default_ready,
         hold: float = 1.0, settle: float = 1.0) -> dict:
-    """Issue 9: a target added under traffic, then a router leaves.
+    """A target added under traffic, then a router leaves (docs/STICKINESS.md).
 
     Precondition: every router of ``configs`` runs synlb (``synlb up`` or
     :func:`start_host`) with its config, whose targets do not include

@@ -4,8 +4,8 @@ converged while the host runs.
 Besides reconciling on every transition it supervises the workers (a worker
 that dies is restarted within a second, with backoff when it keeps dying) and
 watches links: the kernel drops per-target routes when a link goes down and
-never puts them back (DESIGN pitfall 3), so a link coming up triggers a
-reconcile.
+never puts them back (docs/DESIGN-NOTES.md#3, routes are lost with their
+link), so a link coming up triggers a reconcile.
 """
 
 from __future__ import annotations
