@@ -26,8 +26,7 @@ from synlb.lab.netns import list_netns
 from synlb.lab.scenario import synlb
 from synlb.plugins.sync import AGAIN_AFTER
 
-pytestmark = [pytest.mark.lab,
-              pytest.mark.skipif(not frr.available(), reason="FRR not installed (apt-get install frr)")]
+pytestmark = pytest.mark.lab(tools=("vtysh",))  # FRR (apt-get install frr)
 
 COUNT = 20  # sessions per pattern and family
 PATTERNS = ("echo", "up")

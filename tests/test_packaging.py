@@ -305,7 +305,8 @@ def installed(pytestconfig, built, pkglab):
     from synlb.lab.scenario import kernel_snapshot
     for pkg in PACKAGES:
         if _installed(pkg):
-            pytest.skip(f"{pkg} is installed on this machine already; not touching it")
+            pytest.fail(f"{pkg} is installed on this machine already: these tests install and purge "
+                        "it; remove it first")
     # the installed synlb must run on Debian's python3 and libraries alone
     saved = {k: os.environ.pop(k) for k in ("PYTHONPATH", "PYTHONHOME") if k in os.environ}
     apt = Apt(pkglab)

@@ -13,8 +13,7 @@ import pytest
 from synlb.lab import reliability
 from synlb.lab.netns import list_netns
 
-pytestmark = [pytest.mark.lab,
-              pytest.mark.skipif(os.geteuid() != 0, reason="needs root and network namespaces")]
+pytestmark = pytest.mark.lab
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from synlb.vrrp import dbus as vrrp_dbus
 from synlb.vrrp import delivery, journal
 from synlb.vrrp.events import VrrpEvent
 
-root_only = pytest.mark.skipif(os.geteuid() != 0, reason="ownership is only checked as root")
+root_only = pytest.mark.lab  # ownership is only checked as root
 
 OTHER_UID = 65534  # nobody
 
@@ -267,7 +267,7 @@ def test_a_missing_state_dir_is_created_0700_parents_too(tmp_path):
     for p in (tmp_path / "a", tmp_path / "a" / "b", d):
         st = os.lstat(p)
         assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o700, p
-        assert st.st_uid == os.geteuid()
+        assert st.st_uid == os.getuid()
     statedir.ensure(str(d))  # a second time: fine
     statedir.ensure(str(tmp_path / "other"), create=False)  # status: a missing one is not made
     assert not os.path.exists(tmp_path / "other")
@@ -337,8 +337,9 @@ def test_state_dir_error_is_a_user_error():
 
 # ------------------------------------------------------------------ every command checks it first
 
-def _bad_dirs(tmp_path):
-    """(how, state dir) for each kind of state dir that must be refused."""
+def _bad_dirs(tmp_path, owners: bool = False):
+    """(how, state dir) for each kind of state dir that must be refused
+    (``owners``: a directory of another user too, which needs root)."""
     out = []
     ww = tmp_path / "world-writable"
     ww.mkdir()
@@ -349,7 +350,7 @@ def _bad_dirs(tmp_path):
     link = tmp_path / "symlinked"
     link.symlink_to(real)
     out.append(("symlink", link))
-    if os.geteuid() == 0:
+    if owners:
         other = tmp_path / "not-roots"
         other.mkdir(mode=0o700)
         os.chown(other, OTHER_UID, OTHER_UID)
@@ -363,6 +364,7 @@ def _forbid(monkeypatch, obj, name):
     monkeypatch.setattr(obj, name, forbidden)
 
 
+@root_only
 @pytest.mark.parametrize("argv", [["up"], ["status"], ["status", "--check"], ["down"], ["run"], ["notify", "GROUP", "G1", "MASTER", "0"],
                                   ["fifo", "/nonexistent.fifo"], ["dbus"], ["worker"]])
 def test_every_command_refuses_a_bad_state_dir_with_one_line(tmp_path, monkeypatch, capsys, argv):
@@ -370,7 +372,7 @@ def test_every_command_refuses_a_bad_state_dir_with_one_line(tmp_path, monkeypat
                       (dataplane, "down_locked"), (dataplane, "drift"), (status, "collect"), (host, "main"),
                       (delivery, "run_detached"), (vrrp_dbus, "connect"), (worker, "main")):
         _forbid(monkeypatch, obj, name)
-    for how, d in _bad_dirs(tmp_path):
+    for how, d in _bad_dirs(tmp_path, owners=True):
         path = write_config(tmp_path, d)
         args = (["worker", f"--state-dir={d}", "--service=web", "--queue=0"] if argv == ["worker"]
                 else ["-c", path, *argv])
@@ -392,7 +394,7 @@ def test_the_vrrp_sources_refuse_it_when_loading_the_config(tmp_path):
     assert os.listdir(d) == []  # nothing recorded, nothing logged
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="unshare --net needs root")
+@pytest.mark.lab(tools=("unshare",))
 def test_synlb_up_and_status_refuse_a_world_writable_state_dir(tmp_path):
     """The installed command: one line on stderr, exit 1, nothing done."""
     import subprocess

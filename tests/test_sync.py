@@ -6,7 +6,6 @@ is refused."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
