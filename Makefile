@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: deps demo lint-imports test unit bench reliability deb deb-synlb clean
 
-$(STAMP): pyproject.toml packaging/apt-deps.txt
+$(STAMP): pyproject.toml lab/pyproject.toml packaging/apt-deps.txt
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
 	    $$(grep -v '^#' packaging/apt-deps.txt) \
 	  || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml packaging/apt-deps.txt
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[test]'
+	$(VENV)/bin/pip install -q -e ./lab
 	touch $(STAMP)
 
 deps: $(STAMP)
@@ -48,7 +49,7 @@ deb-synlb: $(STAMP)
 # every fault, load and bad-input scenario in the lab (well under 15 minutes):
 # writes docs/RELIABILITY.md and bench/results/reliability.json
 reliability: $(STAMP)
-	$(VENV)/bin/python -m synlb.lab.reliability
+	$(VENV)/bin/python -m synlb_lab.reliability
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info plugin/*.egg-info
+	rm -rf $(VENV) build dist *.egg-info plugin/*.egg-info lab/*.egg-info

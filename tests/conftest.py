@@ -80,7 +80,7 @@ def pytest_runtest_makereport(item, call):
 def assert_torn_down(lab, pids=None) -> None:
     """The lab is closed and left nothing: no namespace with its prefix, none
     of its processes (``pids``: every process it started), no lab directory."""
-    from synlb.lab.netns import list_netns
+    from synlb_lab.netns import list_netns
 
     assert not [ns for ns in list_netns() if lab.prefix and ns.startswith(lab.prefix + "-")]
     assert lab.leftovers() == {"namespaces": [], "processes": []}
@@ -100,7 +100,7 @@ class Labs:
 
     def __call__(self, cls=None, **kw):
         if cls is None:
-            from synlb.lab.topology import Lab as cls
+            from synlb_lab.topology import Lab as cls
         lab = self._stack.enter_context(cls(**kw))
         self._opened.append(lab)
         return lab

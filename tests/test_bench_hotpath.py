@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from synlb.lab import bench
-from synlb.lab.bench_report import render_markdown, summary_lines
+from synlb_lab import bench
+from synlb_lab.bench_report import render_markdown, summary_lines
 from synlb.maglev import Maglev
 from synlb.packet import FALLBACK_BYTES, FALLBACK_VERSION, _parse_key, flow_key
 from synlb.config import load
@@ -124,7 +124,7 @@ def test_check_targets():
 
 def test_advert_int_is_the_shipped_one():
     """The bench's target and the failover lab assume conf/keepalived.conf.example's advert_int."""
-    from synlb.lab import demo_failover
+    from synlb_lab import demo_failover
 
     text = demo_failover.EXAMPLE.read_text()
     values = {float(v) for v in re.findall(r"^\s*advert_int\s+([0-9.]+)", text, re.M)}

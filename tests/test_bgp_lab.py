@@ -1,4 +1,4 @@
-"""Active-active with BGP (synlb.lab.bgp): three routers, each running FRR
+"""Active-active with BGP (synlb_lab.bgp): three routers, each running FRR
 and `synlb run` (lb, sync, bgp; track_syn = no), announce the VIPs over
 eBGP to an upstream router (FRR, ECMP, BFD 3 x 100 ms); the targets' replies
 go through lb1, so lb2 and lb3 see one direction only. Sessions: echo and
@@ -10,10 +10,10 @@ import contextlib
 import time
 
 import pytest
-from synlb.lab import frr
-from synlb.lab.bgp import BgpLab, bgp_configs, bgp_status, stop_host_watching, wait_pins_everywhere
-from synlb.lab.demo_failover import start_sessions, stop_sessions, summarize
-from synlb.lab.ecmp import (
+from synlb_lab import frr
+from synlb_lab.bgp import BgpLab, bgp_configs, bgp_status, stop_host_watching, wait_pins_everywhere
+from synlb_lab.demo_failover import start_sessions, stop_sessions, summarize
+from synlb_lab.ecmp import (
     flows_by_router,
     reload_router,
     run_target_added_then_router_leaves,
@@ -22,8 +22,8 @@ from synlb.lab.ecmp import (
     vip_chain_packets,
     wait_targets_installed,
 )
-from synlb.lab.netns import list_netns
-from synlb.lab.scenario import synlb
+from synlb_lab.netns import list_netns
+from synlb_lab.scenario import synlb
 from synlb.plugins.sync import AGAIN_AFTER
 
 pytestmark = pytest.mark.lab(tools=("vtysh",))  # FRR (apt-get install frr)

@@ -12,9 +12,9 @@ import pytest
 
 from synlb import health_state
 from synlb import worker as worker_mod
-from synlb.lab import addresses as A
-from synlb.lab.scenario import kernel_snapshot, status, synlb, write_config
-from synlb.lab.topology import Lab
+from synlb_lab import addresses as A
+from synlb_lab.scenario import kernel_snapshot, status, synlb, write_config
+from synlb_lab.topology import Lab
 
 pytestmark = pytest.mark.lab(tools=("ip", "iptables", "ip6tables", "conntrack"))
 

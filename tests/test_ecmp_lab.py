@@ -1,4 +1,4 @@
-"""Active-active behind ECMP (synlb.lab.ecmp): three routers running synlb
+"""Active-active behind ECMP (synlb_lab.ecmp): three routers running synlb
 behind an upstream router with a static multipath route to the VIP; the
 targets' replies all go through lb1, so lb2 and lb3 see only the client's
 direction of the flows ECMP gives them."""
@@ -10,9 +10,9 @@ import secrets
 import time
 
 import pytest
-from synlb.lab import addresses as A
-from synlb.lab.demo_failover import start_sessions, stop_sessions, summarize
-from synlb.lab.ecmp import (
+from synlb_lab import addresses as A
+from synlb_lab.demo_failover import start_sessions, stop_sessions, summarize
+from synlb_lab.ecmp import (
     EcmpLab,
     flows_by_router,
     reload_router,
@@ -27,7 +27,7 @@ from synlb.lab.ecmp import (
     write_config,
     write_configs,
 )
-from synlb.lab.scenario import kernel_snapshot
+from synlb_lab.scenario import kernel_snapshot
 from synlb.plugins.sync import AGAIN_AFTER
 
 pytestmark = pytest.mark.lab(tools=("ip", "conntrack", "iptables"))

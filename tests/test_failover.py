@@ -15,7 +15,7 @@ import time
 
 import pytest
 from synlb.vrrp import events as vrrp
-from synlb.lab.demo_failover import (
+from synlb_lab.demo_failover import (
     FAMILIES,
     GAP_LIMIT,
     PATTERNS,
@@ -28,11 +28,11 @@ from synlb.lab.demo_failover import (
     stop_sessions,
     summarize,
 )
-from synlb.lab import addresses as A
-from synlb.lab.netns import netns_exec_argv, netns_pids
+from synlb_lab import addresses as A
+from synlb_lab.netns import netns_exec_argv, netns_pids
 from synlb.vrrp import dbus as vrrp_dbus
-from synlb.lab.scenario import synlb_exe
-from synlb.lab.topology import Lab
+from synlb_lab.scenario import synlb_exe
+from synlb_lab.topology import Lab
 
 pytestmark = pytest.mark.lab(tools=("ip", "keepalived", "conntrack", "iptables", "dbus-daemon"))
 

@@ -16,9 +16,9 @@ import sys
 import time
 
 import pytest
-from synlb.lab import addresses as A
-from synlb.lab.scenario import kernel_snapshot, status, synlb, synlb_exe
-from synlb.lab.topology import Lab
+from synlb_lab import addresses as A
+from synlb_lab.scenario import kernel_snapshot, status, synlb, synlb_exe
+from synlb_lab.topology import Lab
 
 pytestmark = pytest.mark.lab(tools=("ip", "iptables", "curl"))
 

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from synlb.lab import Lab, LabError
-from synlb.lab.keepalived import render_keepalived_conf
-from synlb.lab.nginx import render_nginx_conf
+from synlb_lab import Lab, LabError
+from synlb_lab.keepalived import render_keepalived_conf
+from synlb_lab.nginx import render_nginx_conf
 
 # real namespaces and processes (tests/conftest.py skips them without root or these tools)
 labtest = pytest.mark.lab(tools=("ip",))

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from synlb.lab.demo_failover import Pair, fail_over, start_sessions, stop_sessions, summarize
-from synlb.lab.topology import Lab
+from synlb_lab.demo_failover import Pair, fail_over, start_sessions, stop_sessions, summarize
+from synlb_lab.topology import Lab
 
 pytestmark = pytest.mark.lab(tools=("ip", "nft", "keepalived", "conntrack", "iptables"))
 

@@ -16,9 +16,9 @@ import pytest
 
 from synlb import config as config_mod
 from synlb import conntrack, health_state, pins, pins_state
-from synlb.lab import addresses as A
-from synlb.lab.scenario import kernel_snapshot, render_service_config, status, synlb, write_config
-from synlb.lab.topology import Lab
+from synlb_lab import addresses as A
+from synlb_lab.scenario import kernel_snapshot, render_service_config, status, synlb, write_config
+from synlb_lab.topology import Lab
 from synlb.packet import key_of
 
 pytestmark = pytest.mark.lab(tools=("ip", "nft", "iptables", "conntrack"))

@@ -293,7 +293,7 @@ class Apt:
 @pytest.fixture(scope="module")
 def pkglab():
     """A one-router lab whose lb1 is where the maintainer scripts run."""
-    from synlb.lab.topology import Lab
+    from synlb_lab.topology import Lab
     with Lab(routers=1, targets=1, servers=False) as lab:
         yield lab
 
@@ -302,7 +302,7 @@ def pkglab():
 def installed(pytestconfig, built, pkglab):
     """`apt-get install ./dist/*.deb` (in lb1's network namespace); on the
     way out, whatever happened, both packages are purged again."""
-    from synlb.lab.scenario import kernel_snapshot
+    from synlb_lab.scenario import kernel_snapshot
     for pkg in PACKAGES:
         if _installed(pkg):
             pytest.fail(f"{pkg} is installed on this machine already: these tests install and purge "
@@ -441,9 +441,9 @@ def test_failover_through_the_installed_synlb_and_hook(installed, pytestconfig):
     and /usr/bin/synlb: sessions through a failover and a failback, every
     one kept; the workers are Debian's python3 with the packaged
     NetfilterQueue; after `synlb down` each router is as before."""
-    from synlb.lab.demo_failover import Pair, run_failover
-    from synlb.lab.netns import netns_pids
-    from synlb.lab.topology import Lab
+    from synlb_lab.demo_failover import Pair, run_failover
+    from synlb_lab.netns import netns_pids
+    from synlb_lab.topology import Lab
     with open("/usr/share/doc/synlb/examples/keepalived.conf.example") as a, \
             open(os.path.join(ROOT, "conf", "keepalived.conf.example")) as b:
         assert a.read() == b.read()  # what the lab renders is what the package ships
@@ -473,7 +473,7 @@ def test_failover_through_the_installed_synlb_and_hook(installed, pytestconfig):
         assert {e["event"]["source"] for r in lab.routers for e in pair.vrrp_log(r)
                 if not e.get("ignored")} == {"notify"}
         pair.close()
-        from synlb.lab.demo_failover import snapshot
+        from synlb_lab.demo_failover import snapshot
         for r in lab.routers:
             assert snapshot(lab, r, pair.state_dir(r)) == pair.baseline[r], r
 
@@ -516,7 +516,7 @@ def _configured(lab) -> str:
     """A real configuration for lb1 of ``lab`` (one target) in the default
     state dir, with the shipped (public) hash_key: what an admin writes into
     the conffile."""
-    from synlb.lab import addresses as A
+    from synlb_lab import addresses as A
     return (f"# edited by test_packaging\n[synlb]\n[service:web]\nvips = {A.VIP[4]}/32\n"
             f"ingress = {A.ROUTER_FRONT_IF}\negress = {A.ROUTER_BACK_IF}\nprotocols = tcp\nports = 80\n"
             f"targets = t1\n[target:t1]\naddress = {A.target(1, 4)}\n")
@@ -555,7 +555,7 @@ def test_purge_leaves_no_file_and_no_kernel_state(installed, pkglab):
     install), and no file of either package is left on disk: not the ones
     `dpkg -L` listed, not /etc/synlb, the state dir, the unit's symlinks or
     byte code."""
-    from synlb.lab.scenario import kernel_snapshot
+    from synlb_lab.scenario import kernel_snapshot
     r = installed["apt"].get("purge", *PACKAGES)
     out = r.stdout + r.stderr
     assert not [p for p in PACKAGES if _installed(p)]
@@ -583,7 +583,7 @@ def test_purge_leaves_no_file_and_no_kernel_state(installed, pkglab):
 
 
 def _pids(lab) -> list[int]:
-    from synlb.lab.netns import netns_pids
+    from synlb_lab.netns import netns_pids
     return netns_pids(lab.ns("lb1"))
 
 

@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, given, settings
 
 from synlb import cli, config
 from synlb.errors import EXIT_UNCONFIGURED
-from synlb.lab import addresses as A
-from synlb.lab import badinput, flood, reliability
-from synlb.lab.scenario import render_service_config
+from synlb_lab import addresses as A
+from synlb_lab import badinput, flood, reliability
+from synlb_lab.scenario import render_service_config
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import os
 
 import pytest
 
-from synlb.lab import reliability
-from synlb.lab.netns import list_netns
+from synlb_lab import reliability
+from synlb_lab.netns import list_netns
 
 pytestmark = pytest.mark.lab
 

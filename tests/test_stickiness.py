@@ -20,8 +20,8 @@ import time
 import pytest
 from synlb import config as config_mod
 from synlb import conntrack, pins
-from synlb.lab import addresses as A
-from synlb.lab.demo_failover import (
+from synlb_lab import addresses as A
+from synlb_lab.demo_failover import (
     FAMILIES,
     PATTERNS,
     Pair,
@@ -31,8 +31,8 @@ from synlb.lab.demo_failover import (
     stop_sessions,
     summarize,
 )
-from synlb.lab.scenario import synlb_exe, write_config
-from synlb.lab.topology import Lab
+from synlb_lab.scenario import synlb_exe, write_config
+from synlb_lab.topology import Lab
 from synlb.plugins.sync import AGAIN_AFTER
 
 pytestmark = pytest.mark.lab(tools=("ip", "keepalived", "conntrack", "iptables"))

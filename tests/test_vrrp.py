@@ -15,7 +15,7 @@ import time
 import pytest
 from synlb import config
 from synlb.cli import main as cli_main
-from synlb.lab import demo_failover
+from synlb_lab import demo_failover
 from synlb.vrrp import delivery, journal
 from synlb.vrrp import events as vrrp
 from synlb.vrrp import fifo as vrrp_fifo

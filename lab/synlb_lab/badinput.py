@@ -22,7 +22,7 @@ import struct
 import time
 from collections import Counter
 
-from ..packet import FALLBACK_BYTES, FALLBACK_VERSION, _parse_key, flow_key, is_flow_key, opens_connection
+from synlb.packet import FALLBACK_BYTES, FALLBACK_VERSION, _parse_key, flow_key, is_flow_key, opens_connection
 
 # ---------------------------------------------------------------- packets
 

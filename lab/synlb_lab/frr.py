@@ -8,7 +8,7 @@ by the ``frr`` user: the daemons drop to ``-u frr -g frr`` (as root they
 refuse, root not being in ``frrvty``). ``-P 0``: no vty TCP port. Nothing
 is shared with another namespace or with an FRR of the machine itself.
 
-    from synlb.lab import frr
+    from synlb_lab import frr
     procs = frr.start(lab, "up", bgpd_conf_text, bfdd_conf=frr.bfd_profile())
     print(frr.vtysh(lab, "up", "show bgp summary"))
     frr.stop(lab, "up")

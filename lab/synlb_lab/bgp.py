@@ -1,8 +1,8 @@
-"""Active-active lab with BGP: the ECMP lab (synlb.lab.ecmp) where the
+"""Active-active lab with BGP: the ECMP lab (synlb_lab.ecmp) where the
 upstream router ``up`` learns its multipath route to the VIPs over eBGP
 from the synlb routers, each running FRR, with BFD.
 
-    from synlb.lab.bgp import BgpLab, bgp_configs
+    from synlb_lab.bgp import BgpLab, bgp_configs
     with BgpLab(routers=3) as lab:            # FRR on up and on every router
         confs = bgp_configs(lab)
         for r in lab.routers:

@@ -1,5 +1,5 @@
 """Per-router costs of active-active with BGP, measured on the BGP lab
-(synlb.lab.bgp): ``python -m synlb.lab.bench_bgp [--json]`` as root, about a
+(synlb_lab.bgp): ``python -m synlb_lab.bench_bgp [--json]`` as root, about a
 minute. The figures feed the N-router model of bench/README.md; this
 machine (2 vCPUs shared by every namespace) cannot show the scaling itself.
 
@@ -44,7 +44,7 @@ def _cpu(pids) -> float:
 
 
 def _worker_pids(lab, r) -> list[int]:
-    from .. import workers
+    from synlb import workers
     return [w.pid for w in workers.running(state_dir(lab, r))]
 
 

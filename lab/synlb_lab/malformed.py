@@ -1,6 +1,6 @@
 """Malformed, truncated, fragmented and oversized packets and ICMP errors at
 the VIP, built with scapy and sent as raw Ethernet frames from the lab's
-client namespace to its gateway (``python -m synlb.lab.malformed``); one
+client namespace to its gateway (``python -m synlb_lab.malformed``); one
 JSON line out: packets sent per kind.
 
 Frames go out of the client's ``eth0`` to the gateway's MAC address with the
@@ -192,7 +192,7 @@ def frames(packets: dict, gw_mac: str, seed: int = 6) -> dict[str, list]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m synlb.lab.malformed")
+    p = argparse.ArgumentParser(prog="python -m synlb_lab.malformed")
     p.add_argument("--vip4", required=True)
     p.add_argument("--vip6", required=True)
     p.add_argument("--src4", required=True)

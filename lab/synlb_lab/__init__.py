@@ -1,6 +1,6 @@
 """Network-namespace lab for synlb tests, demo and benchmark.
 
-    from synlb.lab import Lab
+    from synlb_lab import Lab
     with Lab(routers=2, targets=3) as lab:
         lab.start_keepalived()
         print(lab.open_connections("10.64.2.11", count=10))

@@ -1,5 +1,5 @@
 """Bounded packet generators for the reliability scenarios, run inside the
-lab's client namespace (``python -m synlb.lab.flood ...``); one JSON line out.
+lab's client namespace (``python -m synlb_lab.flood ...``); one JSON line out.
 
 ``syn``: TCP SYNs to the VIP (IPv4 and IPv6 alternately, every source port
 in turn), as fast as one process can send them on raw sockets, until
@@ -121,7 +121,7 @@ def udp_fill(addresses: list[str], sources: int, count: int, seconds: float) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m synlb.lab.flood")
+    p = argparse.ArgumentParser(prog="python -m synlb_lab.flood")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("syn")
     s.add_argument("--vip4", required=True)

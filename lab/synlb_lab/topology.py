@@ -2,7 +2,7 @@
 
 Namespaces (``<prefix>-<role>``, prefix ``sl`` + 4 hex chars): ``sw`` (two
 bridges ``front`` and ``back``), ``client``, ``lb1`` [``lb2``], ``t1``..``tN``.
-Addresses per synlb.lab.addresses (binding table in docs/ARCHITECTURE.md).
+Addresses per synlb_lab.addresses (binding table in docs/ARCHITECTURE.md).
 Nothing is added to the root namespace: veth pairs are created inside the
 switch namespace with their peer directly in the host namespace.
 
@@ -49,7 +49,7 @@ class Lab:
     ``servers``: start the test server (``synlb-lab server``) in every
     target on ``server_ports``. ``keepalived`` (2 routers only): start
     keepalived on both routers and wait for lb1 MASTER (``True`` or a dict
-    of :func:`synlb.lab.keepalived.render_keepalived_conf` keywords);
+    of :func:`synlb_lab.keepalived.render_keepalived_conf` keywords);
     default off, call :meth:`start_keepalived` yourself to pass hooks.
     Without keepalived a 2-router lab has no client/target gateway.
     """
@@ -459,7 +459,7 @@ class Lab:
         return self._k[router]
 
     def start_keepalived(self, routers: Sequence[str] | None = None, **kw):
-        """See :func:`synlb.lab.keepalived.start_keepalived`."""
+        """See :func:`synlb_lab.keepalived.start_keepalived`."""
         if self.nrouters != 2:
             raise LabError("keepalived needs a 2-router lab")
         return K.start_keepalived(self, routers, **kw)

@@ -1,7 +1,7 @@
 """Active-active lab: N synlb routers behind an upstream router with a
 static multipath (ECMP) route to the VIP.
 
-    from synlb.lab.ecmp import EcmpLab, write_configs, synlb_up
+    from synlb_lab.ecmp import EcmpLab, write_configs, synlb_up
     with EcmpLab(routers=3, targets=3) as lab:
         confs = write_configs(lab)
         for r in lab.routers:
@@ -10,7 +10,7 @@ static multipath (ECMP) route to the VIP.
 
 Namespaces (``<prefix>-<role>``): ``sw`` (bridges ``front`` and ``back``),
 ``client``, ``up`` (the upstream router), ``lb1``..``lbN`` (N 2..4),
-``t1``..``tK``. Addresses: synlb.lab.addresses (the ECMP rows of the table
+``t1``..``tK``. Addresses: synlb_lab.addresses (the ECMP rows of the table
 in docs/ARCHITECTURE.md).
 
 ::
@@ -50,7 +50,7 @@ last) leaving sends its flows to lb2 and some of lb2's to lb1. Joining again
 moves each flow back where it was. :func:`flows_seen` tells which flows a
 router handled.
 
-EcmpLab is a :class:`synlb.lab.topology.Lab` with another topology: process
+EcmpLab is a :class:`synlb_lab.topology.Lab` with another topology: process
 tracking, the registry (``synlb-lab cleanup``), teardown, the test servers,
 ``open_connections`` and ``start_sessions`` (:class:`Sessions`) are Lab's.
 
@@ -121,7 +121,7 @@ class EcmpLab(Lab):
     """
 
     #: up gets the static multipath route at build (a subclass routing
-    #: with BGP, synlb.lab.bgp, sets it False)
+    #: with BGP, synlb_lab.bgp, sets it False)
     static_upstream = True
 
     def __init__(self, routers: int = 3, targets: int = 3, *, servers: bool = True,
@@ -357,7 +357,7 @@ def state_dir(lab: Lab, router: str) -> str:
 
 
 def render_config(lab: Lab, router: str, targets: Sequence[str] | None = None, **kw: Any) -> str:
-    """:func:`synlb.lab.scenario.render_service_config` for ``router``: its
+    """:func:`synlb_lab.scenario.render_service_config` for ``router``: its
     state dir, service ``web`` on port 80 (unless ``ports``) over
     ``targets`` (default: all the lab's targets)."""
     names = list(targets) if targets is not None else list(lab.targets)
@@ -603,7 +603,7 @@ def run_target_added_then_router_leaves(
     4. ``leaver`` leaves (:meth:`EcmpLab.router_leave`), ``hold`` seconds;
     5. the sessions are stopped and summarized.
 
-    Returns :func:`synlb.lab.demo_failover.summarize`'s dict (``per``,
+    Returns :func:`synlb_lab.demo_failover.summarize`'s dict (``per``,
     ``sessions``, ``kept``, ``moved``, ``max_gap``, ...) plus ``results`` (the
     raw session results), ``configs`` (the new RouterConfigs, to ``down``
     with), ``steps`` (seconds each step took) and ``established``: the

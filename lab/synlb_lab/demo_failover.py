@@ -35,7 +35,7 @@ from .netns import LabError, netns_pids
 from .scenario import service_config, synlb_exe
 from .topology import Lab
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "conf" / "keepalived.conf.example"
 HOOK = REPO / "hooks" / "keepalived-notify"
 

@@ -856,7 +856,7 @@ def bench_failover(plan: Plan) -> dict:
 # ---------------------------------------------------------------- pure parts
 
 def bench_maglev(plan: Plan) -> dict:
-    from ..maglev import Maglev
+    from synlb.maglev import Maglev
     out = {}
     key = b"synlb-maglev-v1"
     for n in (10, 100, 1000):
@@ -913,7 +913,7 @@ def _seed_on_packet(worker) -> Callable:
     same mark as ``Worker.on_packet`` for every packet; the benchmark times
     both. (Its name and the ``seed_*`` result keys are kept for the results
     already published.)"""
-    from ..packet import FALLBACK_BYTES, FALLBACK_VERSION, _parse_key
+    from synlb.packet import FALLBACK_BYTES, FALLBACK_VERSION, _parse_key
 
     def flow_key(p: bytes) -> bytes:
         key = _parse_key(p)
@@ -944,8 +944,8 @@ def _jhash_on_packet(worker) -> Callable:
     own: the kernel's jhash of the same 5-tuple layout, seed and
     reciprocal_scale (what the worker would run to pick the kernel's
     target, docs/ENGINES.md). Same counters, same table."""
-    from ..jhash import kernel_slot, service_seed
-    from ..packet import flow_key
+    from synlb.jhash import kernel_slot, service_seed
+    from synlb.packet import flow_key
     seed = service_seed(worker.spec.hash_key, worker.service_name)
 
     def on_packet(pkt, _flow_key=flow_key, _slot=kernel_slot) -> None:
@@ -965,8 +965,8 @@ def _jhash_on_packet(worker) -> Callable:
 def bench_hotpath(plan: Plan) -> dict:
     """Per-packet Python cost of the worker callback, stub packets (no kernel);
     besides, the same callback hashing with the kernel's jhash (``kernel_jhash``)."""
-    from ..config import load
-    from ..worker import Worker
+    from synlb.config import load
+    from synlb.worker import Worker
     with tempfile.TemporaryDirectory(prefix="synlb-bench-") as tmp:
         conf = os.path.join(tmp, "synlb.ini")
         with open(conf, "w") as fh:
@@ -1105,7 +1105,7 @@ def run(plan: Plan, out_dir: str, sections: list[str] | None = None) -> dict:
 def default_out_dir() -> str:
     """<repo>/bench/results when running from a source checkout, else ./bench/results."""
     here = os.path.dirname(os.path.abspath(__file__))
-    repo = os.path.abspath(os.path.join(here, "..", "..", ".."))
+    repo = os.path.abspath(os.path.join(here, "..", ".."))
     if os.path.exists(os.path.join(repo, "pyproject.toml")):
         return os.path.join(repo, "bench", "results")
     return os.path.join(os.getcwd(), "bench", "results")

@@ -31,9 +31,9 @@ import time
 import tracemalloc
 import uuid
 
-from .. import pins as P
-from ..config import load
-from ..packet import key_of
+from synlb import pins as P
+from synlb.config import load
+from synlb.packet import key_of
 
 CONFIG = """[synlb]
 state_dir = {state}
@@ -85,8 +85,8 @@ def _tcp4(sport: int, flags: int) -> bytes:
 
 def _before_on_packet(w):
     """Worker.on_packet as it was before pins (commit 8dfb696), bound to ``w``."""
-    from ..packet import flow_key
-    from ..worker import LeaveLoop
+    from synlb.packet import flow_key
+    from synlb.worker import LeaveLoop
 
     def on_packet(pkt, _from_bytes=int.from_bytes, _flow_key=flow_key) -> None:
         if w.attention:
@@ -127,7 +127,7 @@ def _rounds_us(fns: dict, pkts: dict, batch: int, rounds: int = 20) -> dict:
 
 
 def bench_hotpath(packets: int) -> dict:
-    from ..worker import Worker
+    from synlb.worker import Worker
     with tempfile.TemporaryDirectory(prefix="synlb-bench-pins-") as tmp:
         conf = os.path.join(tmp, "synlb.ini")
         os.makedirs(os.path.join(tmp, "state"))
@@ -163,7 +163,7 @@ def bench_hotpath(packets: int) -> dict:
 
 
 def _entries(n: int) -> list:
-    from ..conntrack import Entry
+    from synlb.conntrack import Entry
     out = []
     for i in range(n):
         client = f"10.64.{1 + i // 60000}.{10 + (i // 250) % 240}"

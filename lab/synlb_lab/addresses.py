@@ -14,7 +14,7 @@ Pure data and helpers; nothing here touches the kernel.
 | target K (1..)                         | 10.64.2.1K      | fd64:2::1K     |
 | service VIP (targets' lo, route mode)  | 10.64.100.1     | fd64:100::1    |
 
-ECMP lab (synlb.lab.ecmp): the client sits behind an upstream router ``up``
+ECMP lab (synlb_lab.ecmp): the client sits behind an upstream router ``up``
 on a net of its own; ``up`` reaches the routers on the front net and has a
 multipath route to the VIP through them. lb1 owns the back VRRP address
 statically (targets' replies go through it only); routers 1..4.
@@ -44,7 +44,7 @@ VIP4, VIP6 = VIP[4], VIP[6]
 MAX_ROUTERS = 2
 MAX_TARGETS = 9
 
-#: ECMP lab (synlb.lab.ecmp)
+#: ECMP lab (synlb_lab.ecmp)
 ECMP_CLIENT_NET = {4: "10.64.0.0/24", 6: "fd64::/64"}
 ECMP_CLIENT = {4: "10.64.0.10", 6: "fd64::10"}
 UPSTREAM_CLIENT = {4: "10.64.0.1", 6: "fd64::1"}
