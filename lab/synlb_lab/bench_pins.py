@@ -35,6 +35,8 @@ from synlb import pins as P
 from synlb.config import load
 from synlb.packet import key_of
 
+from .bench import _StubPacket
+
 CONFIG = """[synlb]
 state_dir = {state}
 
@@ -55,25 +57,6 @@ mark = 0x102
 address = 10.64.2.13, fd64:2::13
 mark = 0x103
 """
-
-
-class _Pkt:
-    __slots__ = ("payload", "mark")
-
-    def __init__(self, payload: bytes):
-        self.payload, self.mark = payload, 0
-
-    def get_payload(self) -> bytes:
-        return self.payload
-
-    def set_mark(self, mark: int) -> None:
-        self.mark = mark
-
-    def accept(self) -> None:
-        pass
-
-    def drop(self) -> None:
-        pass
 
 
 def _tcp4(sport: int, flags: int) -> bytes:
@@ -134,7 +117,7 @@ def bench_hotpath(packets: int) -> dict:
         with open(conf, "w") as fh:
             fh.write(CONFIG.format(state=os.path.join(tmp, "state")))
         w = Worker.from_config(load(conf), "web")
-        syns = [_Pkt(_tcp4(1024 + i, 0x02)) for i in range(4096)]
+        syns = [_StubPacket(_tcp4(1024 + i, 0x02)) for i in range(4096)]
         before = _before_on_packet(w)
         for p in syns[:512]:  # the same answer
             w.on_packet(p)
@@ -143,7 +126,7 @@ def bench_hotpath(packets: int) -> dict:
             if p.mark != m:
                 raise RuntimeError("current and pre-pins hot paths disagree")
         many = {key_of(6, "10.64.2.200", "10.64.100.1", 20000 + i, 80): 0x101 for i in range(10_000)}
-        acks = [_Pkt(_tcp4(1024 + i, 0x10)) for i in range(4096)]
+        acks = [_StubPacket(_tcp4(1024 + i, 0x10)) for i in range(4096)]
         hits = {key_of(6, "10.64.1.10", "10.64.100.1", 1024 + i, 80): 0x101 for i in range(4096)}
         batch = max(1000, packets // 10)
         w.pins = {}

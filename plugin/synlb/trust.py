@@ -28,6 +28,20 @@ def _unsafe(p: str, st: os.stat_result, last: bool) -> str | None:
     return None
 
 
+def _walk(path: str, stat_of) -> str | None:
+    """Why some component of ``path`` (read with ``stat_of``) is unsafe, or None."""
+    chain = _chain(path)
+    for i, p in enumerate(chain):
+        try:
+            st = stat_of(p)
+        except OSError as e:
+            return f"{p}: {e.strerror}"
+        why = _unsafe(p, st, i == len(chain) - 1)
+        if why:
+            return why
+    return None
+
+
 def trusted(path: str) -> tuple[str | None, str | None]:
     """``(what to run, None)`` when ``path`` may be run as root, else
     ``(None, why)``.
@@ -42,25 +56,10 @@ def trusted(path: str) -> tuple[str | None, str | None]:
     """
     if not path.startswith("/") or "/../" in path + "/" or "/./" in path + "/":
         return None, f"{path}: not a plain absolute path"
-    given = _chain(path)
-    for i, p in enumerate(given):
-        try:
-            st = os.lstat(p)
-        except OSError as e:
-            return None, f"{p}: {e.strerror}"
-        why = _unsafe(p, st, i == len(given) - 1)
-        if why:
-            return None, why
     real = os.path.realpath(path)
-    chain = _chain(real)
-    for i, p in enumerate(chain):
-        try:
-            st = os.stat(p)
-        except OSError as e:
-            return None, f"{p}: {e.strerror}"
-        why = _unsafe(p, st, i == len(chain) - 1)
-        if why:
-            return None, why
+    why = _walk(path, os.lstat) or _walk(real, os.stat)
+    if why:
+        return None, why
     return real, None
 
 
