@@ -192,6 +192,8 @@ def test_target_added_then_a_router_leaves_keeps_every_session(lab):
     confs = sync_configs(lab)
     for r in lab.routers:
         start_host(lab, r, confs[r])
+    # the control socket answers before the host's first reconcile is done
+    wait_targets_installed(lab, confs)
     own: dict = {}
     changed: list[float] = []
 
@@ -233,6 +235,7 @@ def test_without_sync_a_router_leaving_resets_the_moved_sessions(lab):
     confs = write_configs(lab, targets=("t1", "t2"), extra_service="track_syn = no")
     for r in lab.routers:
         start_host(lab, r, confs[r])
+    wait_targets_installed(lab, confs)
     res = run_target_added_then_router_leaves(lab, confs, count=COUNT, leaver="lb2",
                                               patterns=PATTERNS, families=FAMILIES)
     print(f"\nno sync: {res['kept']}/{res['sessions']} kept, established {res['established']}")

@@ -75,6 +75,9 @@ def assert_kernel_picks_are_the_python_ones(lab, conf: str, down=()) -> int:
     return n
 
 
+REUSED_PORTS_AT_MOST = 3  # of CONNS connections, the same client port twice (seen: once)
+
+
 def test_balances_tcp_and_udp_over_both_families_in_the_kernel(lab, clean):
     conf = nft_config(lab)
     dry = synlb(lab, "lb1", conf, "up", "--dry-run").stdout
@@ -92,16 +95,21 @@ def test_balances_tcp_and_udp_over_both_families_in_the_kernel(lab, clean):
     st = status(lab, "lb1", conf)
     assert not [q for s in st["services"] for q in s["queues"]]  # no worker, no queue
     assert not lab.run("lb1", ["cat", "/proc/net/netfilter/nfnetlink_queue"]).stdout.strip()
+    # Every flow conntrack holds got the kernel's pick; a client port the kernel
+    # reuses within the batch meets its predecessor's TIME_WAIT entry and
+    # keeps that mark (one flow to conntrack, hashed once): a few at most.
+    flows = assert_kernel_picks_are_the_python_ones(lab, conf)
+    assert flows >= 2 * (CONNS + FLOWS) - REUSED_PORTS_AT_MOST
     for family, c in chains(st).items():
         assert c["engine"] == "nftables" and c["queued_pkts"] == 0
         # the opening packets (and the UDP flows' first datagrams) were hashed in the kernel...
-        assert c["hashed_pkts"] >= CONNS + FLOWS, c
+        assert c["hashed_pkts"] >= CONNS + FLOWS - REUSED_PORTS_AT_MOST, c
         # ...and everything after them restored its mark from conntrack
         assert c["kept_in_kernel_pkts"] >= 3 * CONNS + 2 * FLOWS, c
+    assert sum(c["hashed_pkts"] for c in st["chains"]) >= flows
     picks = {t["name"]: t["kernel_picks"] for t in st["services"][0]["targets"]}
     assert sum(picks.values()) == sum(c["hashed_pkts"] for c in st["chains"]) and min(picks.values()) > 0
-    assert sum(t["connections"] for t in st["services"][0]["targets"]) >= 2 * (CONNS + FLOWS)
-    assert assert_kernel_picks_are_the_python_ones(lab, conf) >= 2 * (CONNS + FLOWS)
+    assert sum(t["connections"] for t in st["services"][0]["targets"]) >= flows
     text = synlb(lab, "lb1", conf, "status").stdout
     assert "inet synlb svc4_web" in text and "engine nftables" in text
     synlb(lab, "lb1", conf, "down")
