@@ -74,7 +74,7 @@ from typing import Any
 from . import addresses as A
 from .netns import LabError, ip_binary, run_cmd
 from .scenario import render_service_config, synlb, synlb_exe
-from .topology import Lab, Sessions
+from .topology import Lab, Sessions, host_addrs
 
 __all__ = [
     "EcmpLab",
@@ -196,25 +196,7 @@ class EcmpLab(Lab):
             self.sysctl(t, {**base, "net.ipv4.conf.all.arp_ignore": 1,
                             "net.ipv4.conf.all.arp_announce": 2})
 
-        # switch: bridges + veth pairs whose peer is created in the host netns
-        sw = ["link set lo up"]
-        for br in ("front", "back"):
-            sw += [f"link add {br} type bridge stp_state 0 mcast_snooping 0",
-                   f"link set {br} up"]
-        ports = [("u0", "up", A.UPSTREAM_FRONT_IF, "front")]
-        for i, r in enumerate(self.routers, 1):
-            ports += [(f"r{i}f", r, A.ROUTER_FRONT_IF, "front"),
-                      (f"r{i}b", r, A.ROUTER_BACK_IF, "back")]
-        for k, t in enumerate(self.targets, 1):
-            ports.append((f"t{k}", t, A.HOST_IF, "back"))
-        for port, role, peer, br in ports:
-            sw += [f"link add {port} type veth peer name {peer} netns {self.ns(role)}",
-                   f"link set {port} master {br}", f"link set {port} up"]
-        self.ip_batch("sw", sw)
-
-        def host_addrs(ifname: str, a4: str, a6: str) -> list[str]:
-            return [f"addr add {A.with_prefix(a4, 4)} dev {ifname}",
-                    f"addr add {A.with_prefix(a6, 6)} dev {ifname} nodad"]
+        self._build_switch(("u0", "up", A.UPSTREAM_FRONT_IF))
 
         # client <-> up: a link of their own
         self.ip_batch("client", [

@@ -299,6 +299,26 @@ class Lab:
 
     # ------------------------------------------------------------ build
 
+    def _build_switch(self, *front: tuple[str, str, str]) -> None:
+        """The switch: bridges ``front`` and ``back``, and veth pairs whose peer
+        is created in the host's namespace: ``front`` (switch port, role,
+        peer interface name) on the front bridge, then every router's front
+        and back, every target on the back."""
+        sw = ["link set lo up"]
+        for br in ("front", "back"):
+            sw += [f"link add {br} type bridge stp_state 0 mcast_snooping 0",
+                   f"link set {br} up"]
+        ports = [(port, role, peer, "front") for port, role, peer in front]
+        for i, r in enumerate(self.routers, 1):
+            ports += [(f"r{i}f", r, A.ROUTER_FRONT_IF, "front"),
+                      (f"r{i}b", r, A.ROUTER_BACK_IF, "back")]
+        for k, t in enumerate(self.targets, 1):
+            ports.append((f"t{k}", t, A.HOST_IF, "back"))
+        for port, role, peer, br in ports:
+            sw += [f"link add {port} type veth peer name {peer} netns {self.ns(role)}",
+                   f"link set {port} master {br}", f"link set {port} up"]
+        self.ip_batch("sw", sw)
+
     def _build(self) -> None:
         ipb = ip_binary()
         for role in self.roles:
@@ -322,25 +342,7 @@ class Lab:
             self.sysctl(t, {**base, "net.ipv4.conf.all.arp_ignore": 1,
                             "net.ipv4.conf.all.arp_announce": 2})
 
-        # switch: bridges + veth pairs whose peer is created in the host netns
-        sw = ["link set lo up"]
-        for br in ("front", "back"):
-            sw += [f"link add {br} type bridge stp_state 0 mcast_snooping 0",
-                   f"link set {br} up"]
-        ports = [("c0", "client", A.HOST_IF, "front")]
-        for i, r in enumerate(self.routers, 1):
-            ports += [(f"r{i}f", r, A.ROUTER_FRONT_IF, "front"),
-                      (f"r{i}b", r, A.ROUTER_BACK_IF, "back")]
-        for k, t in enumerate(self.targets, 1):
-            ports.append((f"t{k}", t, A.HOST_IF, "back"))
-        for port, role, peer, br in ports:
-            sw += [f"link add {port} type veth peer name {peer} netns {self.ns(role)}",
-                   f"link set {port} master {br}", f"link set {port} up"]
-        self.ip_batch("sw", sw)
-
-        def host_addrs(ifname: str, a4: str, a6: str) -> list[str]:
-            return [f"addr add {A.with_prefix(a4, 4)} dev {ifname}",
-                    f"addr add {A.with_prefix(a6, 6)} dev {ifname} nodad"]
+        self._build_switch(("c0", "client", A.HOST_IF))
 
         cmds = ["link set lo up", f"link set {A.HOST_IF} up",
                 *host_addrs(A.HOST_IF, A.CLIENT[4], A.CLIENT[6]),
@@ -565,6 +567,12 @@ class Sessions:
             raise LabError(f"sessions client rc={self.proc.returncode}, bad output "
                            f"{bytes(self._out[:200])!r}; stderr {self.stderr_lines[-5:]}") from e
         return self._result
+
+
+def host_addrs(ifname: str, a4: str, a6: str) -> list[str]:
+    """``ip`` batch lines giving ``ifname`` a lab host's IPv4 and IPv6 address."""
+    return [f"addr add {A.with_prefix(a4, 4)} dev {ifname}",
+            f"addr add {A.with_prefix(a6, 6)} dev {ifname} nodad"]
 
 
 def _readline_timeout(stream, timeout: float) -> bytes:
