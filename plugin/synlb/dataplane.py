@@ -45,7 +45,7 @@ def nft_plan(cfg: Config) -> nft_engine.Plan:
     pins in the state dir (what the NFQUEUE workers read too)."""
     state_dir = cfg.globals.state_dir
     svcs = nft_engine.services(cfg)
-    down = {s.name: health_state.down_targets(state_dir, s.name) for s in svcs}
+    down = health_state.down_sets(state_dir, [s.name for s in svcs])
     try:
         pins = pins_state.load(state_dir) if svcs else {}
     except pins_state.PinsError as e:

@@ -19,22 +19,30 @@ def _path(state_dir: str) -> str:
 
 
 def down_targets(state_dir: str, service: str) -> set[str]:
-    """The service's targets out of the active set. A file that is not what
-    ``write_down`` writes counts as none down (logged): the health plugin
-    rewrites it at its next check round, and until then every target stays
-    in rather than the whole data plane failing."""
+    """The service's targets out of the active set (see :func:`down_sets`)."""
+    return down_sets(state_dir, [service])[service]
+
+
+def down_sets(state_dir: str, services) -> dict[str, set[str]]:
+    """Each of ``services``' targets out of the active set, from one read of
+    the file. A file that is not what ``write_down`` writes counts as none
+    down (logged): the health plugin rewrites it at its next check round, and
+    until then every target stays in rather than the whole data plane failing."""
+    none: dict[str, set[str]] = {s: set() for s in services}
     try:
         data = statedir.read_json(_path(state_dir))
     except FileNotFoundError:
-        return set()
+        return none
     except ValueError as e:
         log.warning("%s: not JSON, read as no target down: %s", _path(state_dir), e)
-        return set()
-    names = data.get(service, []) if isinstance(data, dict) else None
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        log.warning("%s: not a {service: [target, ...]} object, read as no target down", _path(state_dir))
-        return set()
-    return set(names)
+        return none
+    for svc in services:
+        names = data.get(svc, []) if isinstance(data, dict) else None
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            log.warning("%s: not a {service: [target, ...]} object, read as no target down", _path(state_dir))
+            continue
+        none[svc] = set(names)
+    return none
 
 
 def write_down(state_dir: str, down: dict[str, list[str]]) -> None:

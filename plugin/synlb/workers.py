@@ -254,8 +254,8 @@ def desired(cfg: Config) -> dict[int, WorkerTable]:
     """The table each queue's worker must serve: the config's targets less
     those the health checks took out (the state dir's down set)."""
     state_dir = cfg.globals.state_dir
-    return {q: worker_table.build(cfg, svc, q, health_state.down_targets(state_dir, svc.name))
-            for svc in cfg.services for q in svc.queues}
+    down = health_state.down_sets(state_dir, [s.name for s in cfg.services])
+    return {q: worker_table.build(cfg, svc, q, down[svc.name]) for svc in cfg.services for q in svc.queues}
 
 
 def ensure(cfg: Config, stop_unwanted: bool = True) -> list[str]:

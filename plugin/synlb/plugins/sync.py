@@ -202,8 +202,8 @@ class SyncPlugin(Plugin):
     def reconcile(self, cfg, node) -> list[str]:
         from .. import health_state
         state_dir = cfg.globals.state_dir
-        signature = (cfg.digest(), tuple(sorted(
-            (s.name, tuple(sorted(health_state.down_targets(state_dir, s.name)))) for s in cfg.services)))
+        down = health_state.down_sets(state_dir, [s.name for s in cfg.services])
+        signature = (cfg.digest(), tuple(sorted((n, tuple(sorted(d))) for n, d in down.items())))
         changes = []
         with self._lock:
             self._opts = self._options(cfg)
@@ -257,7 +257,7 @@ class SyncPlugin(Plugin):
         from .. import conntrack, health_state
         cfg = self.host.cfg
         marks = {t.mark for s in cfg.services for t in cfg.targets_of(s)}
-        down = {s.name: health_state.down_targets(cfg.globals.state_dir, s.name) for s in cfg.services}
+        down = health_state.down_sets(cfg.globals.state_dir, [s.name for s in cfg.services])
         return pins_mod.misplaced(cfg, conntrack.dump(marks), down)
 
     def _next_seq(self) -> int:
