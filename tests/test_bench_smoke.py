@@ -14,10 +14,13 @@ import time
 
 import pytest
 
-pytestmark = pytest.mark.lab(tools=("ip", "wrk", "iperf3", "nginx", "keepalived", "conntrack", "iptables"))
+pytestmark = pytest.mark.lab(tools=("ip", "wrk", "iperf3", "nginx", "keepalived", "conntrack", "iptables", "nft",
+                                    "gcc", "pkg-config"))
 
 KEYS = ("throughput_ratio", "all_packets_ratio", "conn_rate_ratio", "cpu_us_per_conn", "worker_rss_mb",
-        "maglev_build_ms_100", "failover_gap_s", "sessions_kept_ratio")
+        "maglev_build_ms_100", "failover_gap_s", "sessions_kept_ratio",
+        "nft_conn_rate_ratio", "nft_throughput_ratio", "nft_update_ms_100", "nfqueue_cpu_vs_c",
+        "nfqueue_conn_rate_vs_c", "nft_sessions_kept_ratio")
 
 
 def synlb_lab() -> str:
@@ -27,7 +30,7 @@ def synlb_lab() -> str:
 def test_quick_bench_writes_a_sane_report(tmp_path):
     t0 = time.monotonic()
     cp = subprocess.run([synlb_lab(), "bench", "--quick", "--out", str(tmp_path)],
-                        capture_output=True, text=True, timeout=300)
+                        capture_output=True, text=True, timeout=480)
     took = time.monotonic() - t0
     assert cp.returncode == 0, cp.stderr[-3000:]
     print(f"\nquick bench took {took:.1f} s\n{cp.stdout}")
@@ -56,6 +59,23 @@ def test_quick_bench_writes_a_sane_report(tmp_path):
     for arm in ("synlb", "synlb_mq", "synlb_nic"):
         assert 0.9 <= cr["queued_per_conn"][arm] <= 1.2, cr["queued_per_conn"]  # one SYN per connection
     assert all(r["queued_packets"] == 0 for r in cr["runs"] if r["arm"].startswith("hmark"))
+    # the nftables engine: no worker, nothing queued, in either section
+    assert queued["nft"] == 0
+    assert res["nft_user_space_packets"] == 0 and cr["nft_workers"] == 0
+    assert all(r["queued_packets"] == 0 for r in cr["runs"] if r["arm"] == "nft")
+    # the C reference worker served the same connections (one SYN each), hashing as synlb does
+    for arm in ("cref", "cref_nic"):
+        assert 0.9 <= cr["queued_per_conn"][arm] <= 1.2, cr["queued_per_conn"]
+        assert 0 < cr["cpu_us_per_conn"][arm] < 10_000
+    assert all(cr["vs_c"]["hash_check"].values()) and len(cr["vs_c"]["hash_check"]) == 4
+    # a health flip of 100 targets changes ~1% of the slots, in one transaction, with no
+    # new connection failing meanwhile
+    nu = res["single_router"]["nft_update"]
+    assert nu["flips"] and all(600 <= f["slots"] <= 1400 for f in nu["flips"]), nu["flips"]
+    assert nu["wrk"]["requests"] > 0 and nu["connections_failed"] == 0, nu["wrk"]
+    assert res["nft_connections_failed_in_update"] == 0
+    fn = res["failover_nft"]
+    assert fn["engine"] == "nftables" and len(fn["events"]) >= 1 and fn["sessions"] > 0
     # the worker's CPU on NIC-like router links is the headline; the plain veth figure beside it
     assert res["cpu_us_per_conn"] == cr["cpu_us_per_conn"]["synlb_nic"]
     assert 0 < res["cpu_us_per_conn_veth"] < 10_000

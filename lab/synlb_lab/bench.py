@@ -54,19 +54,24 @@ import json
 import os
 import platform
 import re
+import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import psutil
 
+from synlb import health_state, worker_table
+
 from . import addresses as A
+from . import cref
 from .netns import LabError
 from .scenario import render_service_config, synlb_exe
 from .topology import Lab
@@ -74,6 +79,7 @@ from .topology import Lab
 SCHEMA = 1
 IPERF_PORT = 5201
 IPERF_QUEUE = 8
+CREF_QUEUE = 5  # the C reference worker's; no service of the bench uses it
 NGINX_PORT = 8081
 SESSION_PORT = 80
 MARK_BASE = 0x101  # t1, t2, t3 = 0x101, 0x102, 0x103: HMARK's offset + hash % 3
@@ -95,6 +101,16 @@ TARGETS = {
     "sessions_kept_ratio": (">=", 1.0),
     # pins cost nothing while there are none: the same per-packet cost as before them, within noise
     "pins_normal_path_ratio": ("<=", 1.05),
+    # the nftables engine (Maglev in a kernel map): kernel speed, no user space on the packet path
+    "nft_conn_rate_ratio": (">=", 0.97),
+    "nft_throughput_ratio": (">=", 0.97),
+    "nft_update_ms_100": ("<", 100.0),
+    "nft_connections_failed_in_update": ("<=", 0),
+    "nft_user_space_packets": ("<=", 0),
+    "nft_sessions_kept_ratio": (">=", 1.0),
+    # the Python worker against the reference C worker on the same links, same rounds
+    "nfqueue_cpu_vs_c": ("<=", 1.1),
+    "nfqueue_conn_rate_vs_c": (">=", 0.95),
 }
 
 
@@ -155,7 +171,7 @@ def rounded(x: float | None, nd: int = 3) -> float | None:
 
 # ---------------------------------------------------------------- synlb in a router
 
-def render_config(state_dir: str, *, queue: str = "0", shortcut: bool = True,
+def render_config(state_dir: str, *, queue: str = "0", shortcut: bool = True, engine: str = "nfqueue",
                   iperf_service: bool = True, ports: str = f"80, 8080, {NGINX_PORT}") -> str:
     """The bench's synlb configuration for one router.
 
@@ -163,7 +179,7 @@ def render_config(state_dir: str, *, queue: str = "0", shortcut: bool = True,
     0x101..0x103 so that an HMARK rule (offset 0x101, mod 3) can stand in
     for the worker. ``ipf``: the same VIPs on the iperf3 port with t1 only,
     because an iperf3 test (control + data connections) must reach one
-    server; its queue is separate (8)."""
+    server; its queue is separate (8). ``engine`` is both services'."""
     sc = "yes" if shortcut else "no"
     ipf = ""
     if iperf_service:
@@ -177,11 +193,12 @@ ports = {IPERF_PORT}
 queue = {IPERF_QUEUE}
 targets = t1
 shortcut = {sc}
+engine = {engine}
 """
     targets = [(f"t{k}", A.target(k, 4), A.target(k, 6)) for k in (1, 2, 3)]
     marks = {f"t{k}": MARK_BASE + k - 1 for k in (1, 2, 3)}
     return "# written by synlb-lab bench\n" + render_service_config(
-        state_dir, targets, queue=queue, ports=ports, marks=marks,
+        state_dir, targets, queue=queue, ports=ports, marks=marks, engine=engine,
         extra_service=f"table_size = {TABLE_SIZE}\nshortcut = {sc}", extra=ipf)
 
 
@@ -531,17 +548,21 @@ def bench_throughput(lab: Lab, sl: Synlb, plan: Plan, foreign: Foreign, wait_bud
         elif arm == "conntrack_only":  # synlb up, traffic not to the VIP: conntrack + table walk
             sl.up(shortcut=True)
             addr = A.target(1, 4)
+        elif arm == "nft":  # the nftables engine: Maglev in the kernel, no worker
+            sl.up(engine="nftables")
+            addr = A.VIP[4]
         else:
             sl.up(shortcut=(arm == "syn_only"))
             addr = A.VIP[4]
-        q0 = sl.chain_packets("synlb-VIP-ipf", "NFQUEUE") if sl.active else 0
+        nfqueue = sl.active and arm != "nft"
+        q0 = sl.chain_packets("synlb-VIP-ipf", "NFQUEUE") if nfqueue else 0
         k0 = sl.queue_counters().get(IPERF_QUEUE, {})
         a = cpu_snapshot()
         res = foreign.measure(lambda: run_iperf(lab, addr, plan))
         res["cpu"] = cpu_busy(a, cpu_snapshot())
         res["gbps_per_cpu"] = res["gbps"] / res["lab_cpus"] if res["lab_cpus"] else 0.0
         k1 = sl.queue_counters().get(IPERF_QUEUE, {})
-        res["queued_packets"] = (sl.chain_packets("synlb-VIP-ipf", "NFQUEUE") - q0 if sl.active else 0)
+        res["queued_packets"] = (sl.chain_packets("synlb-VIP-ipf", "NFQUEUE") - q0 if nfqueue else 0)
         # the rule counts what it saw (GSO packets of up to 64 KB); the queue counts
         # entries, after the kernel segmented them (netfilterqueue cannot ask for GSO)
         res["queue_entries"] = k1.get("id_sequence", 0) - k0.get("id_sequence", 0)
@@ -558,15 +579,16 @@ def bench_throughput(lab: Lab, sl: Synlb, plan: Plan, foreign: Foreign, wait_bud
         # the conntrack-only diagnosis only in the first rounds.
         def arms(r: int) -> list[str]:
             if r >= plan.tput_rounds_all_arms:
-                return ["plain", "syn_only"]
-            return (["conntrack_only"] if plan.tput_conntrack_arm else []) + ["plain", "syn_only", "all_packets"]
+                return ["nft", "plain", "syn_only"]
+            return (["conntrack_only"] if plan.tput_conntrack_arm else []) + ["nft", "plain", "syn_only",
+                                                                              "all_packets"]
         runs = run_rounds("throughput", arms, run_arm, foreign,
                           plan.tput_rounds, plan.tput_rounds_max, plan.tput_rounds, wait_budget)
     finally:
         lab.stop_process(iperf)
     for r in runs:
         _log_disturbed(r)
-    arms = ["syn_only", "all_packets", "conntrack_only"]
+    arms = ["syn_only", "nft", "all_packets", "conntrack_only"]
     out = summarize_pairs(runs, "gbps", "plain", arms, min_clean=plan.tput_rounds)
     out["per_cpu"] = summarize_pairs(runs, "gbps_per_cpu", "plain", arms, min_clean=plan.tput_rounds)
     del out["per_cpu"]["runs"]
@@ -599,53 +621,61 @@ def _rss_mb(procs: dict[int, psutil.Process]) -> dict[int, float]:
 
 
 def bench_conn_rate(lab: Lab, sl: Synlb, plan: Plan, foreign: Foreign, wait_budget: list[float]) -> dict:
-    """HMARK vs synlb (1 queue), then HMARK vs synlb (2 queues): wrk, Connection: close.
+    """Kernel HMARK against synlb's worker, the C reference worker and the
+    nftables engine (one queue), then HMARK against synlb with 2 queues,
+    then HMARK, synlb and the C reference on NIC-like router links; wrk,
+    ``Connection: close``.
 
-    Within a block the arms differ by one rule (the chain's NFQUEUE rule, as
-    synlb installed it, or HMARK in its place), so they switch in
-    milliseconds and each synlb run has an HMARK run right next to it."""
+    Within a block the NFQUEUE arms differ by one rule (the chain's NFQUEUE
+    rule as synlb installed it, the same rule to the C worker's queue, or
+    HMARK in its place), so they switch in milliseconds and each synlb run
+    has the others right next to it. The nftables arm is ``synlb up`` with
+    ``engine = nftables`` (its own table, no worker); the next NFQUEUE arm
+    puts the chains back with ``synlb up``."""
     url = f"http://{A.VIP[4]}:{NGINX_PORT}/"
     runs: list[dict] = []
-    # The last block runs on NIC-like router links (kept to the end: the
-    # lab's wire is not switched back).
-    for arm, base, queue, rounds, rounds_max in (
-            ("synlb", "hmark", "0", plan.conn_rounds, plan.conn_rounds_max),
-            ("synlb_mq", "hmark", "0-1", plan.conn_rounds_mq, plan.conn_rounds_mq_max),
-            ("synlb_nic", "hmark_nic", "0", plan.conn_rounds_nic, plan.conn_rounds_nic_max)):
-        if arm == "synlb_nic":
-            nic_like_wire(lab, sl.router)
-        sl.up(queue=queue)
-        nfqueue_rule = sl.last_rule("synlb-VIP-web")
-        procs = {q: p for q, p in sl.workers().items() if q != IPERF_QUEUE}
-
-        def run_arm(a: str) -> dict:
-            worker = a != base
-            if worker:
-                sl.replace_last_rule("synlb-VIP-web", nfqueue_rule)
-            else:
-                sl.set_hmark()
-            res = measure_wrk(lab, sl, url, plan, procs if worker else {}, foreign)
-            extra = (f" worker {res['cpu_us_per_conn']:.1f} us/conn "
-                     f"(user {res['worker_user_us_per_conn']:.1f} sys {res['worker_sys_us_per_conn']:.1f}) "
-                     f"rss {res['worker_rss_mb']:.1f} MB" if worker else "")
-            _log(f"conn_rate {a:9s} {res['rate']:8.0f} conn/s queued {res['queued_packets']}{extra}")
-            return res
-
-        block = run_rounds(arm, [arm, base], run_arm, foreign, rounds, rounds_max,
-                           max(min(3, rounds), rounds - 2), wait_budget)
-        for r in block:
-            _log_disturbed(r)
-        runs += block
-        sl.up(queue=queue)  # the rules exactly as synlb renders them (checks nothing drifted)
+    work = cref.tempdir()
+    try:
+        exe = cref.build(work)
+        c = _cref_check_hash(exe, work)
+        # The last block runs on NIC-like router links (kept to the end: the
+        # lab's wire is not switched back).
+        blocks = (
+            ("synlb", "hmark", "0", plan.conn_rounds, plan.conn_rounds_max, ["synlb", "cref", "nft"]),
+            ("synlb_mq", "hmark", "0-1", plan.conn_rounds_mq, plan.conn_rounds_mq_max, ["synlb_mq"]),
+            ("synlb_nic", "hmark_nic", "0", plan.conn_rounds_nic, plan.conn_rounds_nic_max,
+             ["synlb_nic", "cref_nic"]))
+        for block_name, base, queue, rounds, rounds_max, others in blocks:
+            if block_name == "synlb_nic":
+                nic_like_wire(lab, sl.router)
+            block = _conn_rate_block(lab, sl, plan, foreign, wait_budget, url, exe, work, block_name, base,
+                                     queue, rounds, rounds_max, others)
+            for r in block:
+                _log_disturbed(r)
+            runs += block
+            sl.up(queue=queue)  # the rules exactly as synlb renders them (checks nothing drifted)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     veth = [r for r in runs if r["block"] != "synlb_nic"]
-    out = summarize_pairs(veth, "rate", "hmark", ["synlb", "synlb_mq"])
-    out["per_cpu"] = summarize_pairs(veth, "conn_per_cpu", "hmark", ["synlb", "synlb_mq"])
+    out = summarize_pairs(veth, "rate", "hmark", ["synlb", "synlb_mq", "cref", "nft"])
+    out["per_cpu"] = summarize_pairs(veth, "conn_per_cpu", "hmark", ["synlb", "synlb_mq", "cref", "nft"])
     del out["per_cpu"]["runs"]
-    nic = summarize_pairs([r for r in runs if r["block"] == "synlb_nic"], "rate", "hmark_nic", ["synlb_nic"])
+    nic_runs = [r for r in runs if r["block"] == "synlb_nic"]
+    nic = summarize_pairs(nic_runs, "rate", "hmark_nic", ["synlb_nic", "cref_nic"])
     out["runs"] = runs
     for k in ("median", "ratio", "ratios", "ratios_all", "quiet_rounds", "noisy"):
         out[k].update(nic.get(k, {}))
-    for arm in ("synlb", "synlb_mq", "synlb_nic"):
+    # synlb's worker against the C reference, same rounds: connections/s (plain
+    # veth, like conn_rate_ratio) and CPU per connection (both wires)
+    first = [r for r in runs if r["block"] == "synlb"]
+    vs_c = {"conn_rate": summarize_pairs(first, "rate", "cref", ["synlb"]),
+            "cpu_veth": summarize_pairs(first, "cpu_us_per_conn", "cref", ["synlb"]),
+            "cpu_nic": summarize_pairs(nic_runs, "cpu_us_per_conn", "cref_nic", ["synlb_nic"])}
+    for v in vs_c.values():
+        del v["runs"]
+    vs_c["hash_check"] = c
+    out["vs_c"] = vs_c
+    for arm in ("synlb", "synlb_mq", "synlb_nic", "cref", "cref_nic"):
         mine = [r for r in runs if r["arm"] == arm]
         quiet = [r for r in mine if r["quiet_round"]]
         use = quiet if len(quiet) >= 3 else mine
@@ -657,10 +687,91 @@ def bench_conn_rate(lab: Lab, sl: Synlb, plan: Plan, foreign: Foreign, wait_budg
         out.setdefault("queued_per_conn", {})[arm] = rounded(median(
             [r["queued_packets"] / max(1, r["requests"]) for r in mine]), 3)
         out.setdefault("copy_range", {})[arm] = mine[-1].get("copy_range")
+    nft = [r for r in runs if r["arm"] == "nft"]
+    if nft:  # the nftables engine has no worker: nothing may reach user space
+        out["nft_queued_packets"] = sum(r["queued_packets"] for r in nft)
+        out["nft_workers"] = max(r.get("workers_running", 0) for r in nft)
     if plan.perf_profile:  # on the NIC-like wire: where the worker's own CPU goes
         sl.up(queue="0")
         out["profile"] = profile_worker(lab, sl, url, plan)
     sl.up(queue="0")
+    return out
+
+
+def _cref_check_hash(exe: str, work: str) -> dict:
+    """The C worker hashes a flow key exactly as synlb's worker does (the
+    bench's key; an IPv4 and an IPv6 TCP key), or the comparison is void."""
+    from synlb.packet import flow_key
+    out = {}
+    for hash_key in ("synlb-maglev-v1", "k" * 64):  # the shipped key, and one of the longest allowed
+        key_path, _ = cref.write_inputs(work, hash_key, [])
+        for fam, pkt in ((4, _syn(4, 40000)), (6, _syn(6, 40001))):
+            k = flow_key(pkt)
+            got, want = cref.hash_of(exe, key_path, k), cref.python_hash(hash_key, k)
+            if got != want:
+                raise BenchError(f"the C reference worker hashes IPv{fam} key {k.hex()} to {got}, "
+                                 f"synlb to {want}")
+            out[f"ipv{fam}_key{len(hash_key)}"] = True
+    return out
+
+
+def _conn_rate_block(lab: Lab, sl: Synlb, plan: Plan, foreign: Foreign, wait_budget: list[float], url: str,
+                     exe: str, work: str, block: str, base: str, queue: str, rounds: int, rounds_max: int,
+                     others: list[str]) -> list[dict]:
+    sl.up(queue=queue)
+    nfqueue_rule = sl.last_rule("synlb-VIP-web")
+    c = None
+    if any(a.startswith("cref") for a in others):
+        # the same mark table as synlb's worker for the queue, on a queue of its own
+        spec = worker_table.load(sl.state_dir, 0)
+        key_path, marks_path = cref.write_inputs(work, spec.hash_key, cref.marks_of(spec))
+        c = cref.CRef(lab, sl.router, exe, CREF_QUEUE, key_path, marks_path, spec.copy_range, spec.queue_maxlen)
+        cref_rule = _retarget(nfqueue_rule, CREF_QUEUE)
+    engine = ["nfqueue"]
+
+    def nfqueue_engine() -> None:
+        if engine[0] != "nfqueue":
+            sl.up(queue=queue)
+            engine[0] = "nfqueue"
+
+    def run_arm(a: str) -> dict:
+        procs: dict[int, psutil.Process] = {}
+        if a == "nft":
+            sl.up(queue=queue, engine="nftables")
+            engine[0] = "nftables"
+        elif a.startswith("cref"):
+            nfqueue_engine()
+            sl.replace_last_rule("synlb-VIP-web", cref_rule)
+            procs = {CREF_QUEUE: c.ps}
+        elif a == base:
+            nfqueue_engine()
+            sl.set_hmark()
+        else:
+            nfqueue_engine()
+            sl.replace_last_rule("synlb-VIP-web", nfqueue_rule)
+            procs = {q: p for q, p in sl.workers().items() if q != IPERF_QUEUE}
+        res = measure_wrk(lab, sl, url, plan, procs, foreign)
+        res["workers_running"] = len([q for q in sl.workers() if q != IPERF_QUEUE])
+        extra = (f" worker {res['cpu_us_per_conn']:.1f} us/conn "
+                 f"(user {res['worker_user_us_per_conn']:.1f} sys {res['worker_sys_us_per_conn']:.1f}) "
+                 f"rss {res['worker_rss_mb']:.1f} MB" if procs else "")
+        _log(f"conn_rate {a:9s} {res['rate']:8.0f} conn/s queued {res['queued_packets']}{extra}")
+        return res
+
+    try:
+        return run_rounds(block, [*others[:1], base, *others[1:]], run_arm, foreign, rounds, rounds_max,
+                          max(min(3, rounds), rounds - 2), wait_budget)
+    finally:
+        if c is not None:
+            counters = c.stop()
+            _log(f"C reference worker, block {block}: {counters}")
+
+
+def _retarget(rule: list[str], queue: int) -> list[str]:
+    """An NFQUEUE rule's arguments with its queue number replaced."""
+    out = list(rule)
+    i = out.index("--queue-num")
+    out[i + 1] = str(queue)
     return out
 
 
@@ -794,6 +905,8 @@ def bench_single_router(plan: Plan) -> dict:
             out["throughput"] = bench_throughput(lab, sl, plan, foreign, wait_budget)
             _log("conn_rate")
             out["conn_rate"] = bench_conn_rate(lab, sl, plan, foreign, wait_budget)
+            _log("nft_update")
+            out["nft_update"] = bench_nft_update(lab, sl, plan)
         finally:
             with contextlib.suppress(Exception):
                 sl.down(check=False)
@@ -801,9 +914,71 @@ def bench_single_router(plan: Plan) -> dict:
     return out
 
 
+NFT_UPDATE_TARGETS = 100
+NFT_CHANGE = re.compile(r"nftables: updated web: (\d+) slots in one transaction: (\d+) ms \(kernel\), "
+                        r"(\d+) ms in all")
+
+
+def bench_nft_update(lab: Lab, sl: Synlb, plan: Plan) -> dict:
+    """The nftables engine's health flip: 100 targets at M = 65537, one
+    target out and back (twice per round), each applied by ``synlb up`` as
+    the host would (only the differing slots, one transaction), while wrk
+    opens new connections all along: none may fail."""
+    real = [(A.target(k, 4), A.target(k, 6)) for k in (1, 2, 3)]
+    targets = [(f"x{i:03d}", *real[i % 3]) for i in range(NFT_UPDATE_TARGETS)]
+    marks = {name: 0x1000 + i for i, (name, _, _) in enumerate(targets)}
+    with open(sl.conf, "w") as fh:
+        fh.write("# written by synlb-lab bench (nft_update)\n" + render_service_config(
+            sl.state_dir, targets, ports=str(NGINX_PORT), marks=marks, engine="nftables",
+            extra_service=f"table_size = {TABLE_SIZE}"))
+    health_state.write_down(sl.state_dir, {"web": []})
+    t0 = time.monotonic()
+    sl.cmd("up", timeout=120)
+    sl.active = True
+    first_up = time.monotonic() - t0
+    downs = [["x042"], [], ["x017"], []] * (1 if plan.quick else 3)
+    wrk_plan = dataclasses.replace(plan, conn_seconds=int(len(downs) * 0.8 + 3))
+    flips = []
+    result: dict[str, Any] = {}
+
+    def load() -> None:
+        result.update(run_wrk(lab, f"http://{A.VIP[4]}:{NGINX_PORT}/", wrk_plan))
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    try:
+        time.sleep(1.0)  # wrk is up to speed before the first flip
+        for down in downs:
+            health_state.write_down(sl.state_dir, {"web": down})
+            out = sl.cmd("up", timeout=60)
+            m = NFT_CHANGE.search(out)
+            if not m:
+                raise BenchError(f"synlb up did not report an nftables update: {out[-300:]!r}")
+            flips.append({"down": down, "slots": int(m.group(1)), "kernel_ms": float(m.group(2)),
+                          "total_ms": float(m.group(3))})
+            _log(f"nft_update down={down}: {flips[-1]['slots']} slots, {flips[-1]['kernel_ms']:.0f} ms kernel, "
+                 f"{flips[-1]['total_ms']:.0f} ms in all")
+            time.sleep(0.6)
+    finally:
+        loader.join(wrk_plan.conn_seconds + 60)
+        health_state.write_down(sl.state_dir, {"web": []})
+    errors = sum(result.get("errors", {}).values()) + result.get("non2xx", 0)
+    return {"targets": NFT_UPDATE_TARGETS, "table_size": TABLE_SIZE, "first_up_s": round(first_up, 3),
+            "flips": flips, "median_total_ms": rounded(median([f["total_ms"] for f in flips]), 1),
+            "max_total_ms": max(f["total_ms"] for f in flips),
+            "median_kernel_ms": rounded(median([f["kernel_ms"] for f in flips]), 1),
+            "wrk": {k: result.get(k) for k in ("requests", "rate", "errors", "non2xx")},
+            "connections_failed": errors}
+
+
 # ---------------------------------------------------------------- failover
 
-def bench_failover(plan: Plan) -> dict:
+def bench_failover_nft(plan: Plan) -> dict:
+    """The failover section with ``engine = nftables`` on both routers."""
+    return bench_failover(plan, engine="nftables")
+
+
+def bench_failover(plan: Plan, engine: str = "nfqueue") -> dict:
     """Five failovers (the master's links down, then back) with sessions
     running, on the configuration synlb ships: conf/keepalived.conf.example
     (advert_int 0.03, preempt_delay), the notify hook, hot standby on both."""
@@ -814,9 +989,9 @@ def bench_failover(plan: Plan) -> dict:
 
     events: list[dict] = []
     with Lab(routers=2, targets=3, server_ports=(80,)) as lab:
-        pair = Pair(lab)
+        pair = Pair(lab, engine=engine)
         pair.prepare()
-        _log(f"lab {lab.prefix}: failover")
+        _log(f"lab {lab.prefix}: failover, engine {engine}")
         try:
             pair.start()
             for i in range(plan.failovers):
@@ -841,7 +1016,7 @@ def bench_failover(plan: Plan) -> dict:
     gaps = [e["max_gap_s"] for e in events]
     total = sum(e["sessions"] for e in events)
     kept = sum(e["kept"] for e in events)
-    return {"events": events, "advert_int": SHIPPED_ADVERT_INT,
+    return {"events": events, "advert_int": SHIPPED_ADVERT_INT, "engine": engine,
             "patterns": {p: PATTERN_ARGS[p]["interval"] for p in FAILOVER_PATTERNS},
             "max_delay_s": max(delays) if delays else None,
             "median_delay_s": rounded(median(delays), 3),
@@ -1030,6 +1205,9 @@ def headline(results: dict) -> dict:
     fo = results.get("failover", {})
     mg = results.get("maglev", {}).get("build_ms", {})
     cpu = cr.get("cpu_us_per_conn", {})
+    nu = sr.get("nft_update", {})
+    fon = results.get("failover_nft", {})
+    vs_c = cr.get("vs_c", {})
     return {
         "throughput_ratio": tp.get("ratio", {}).get("syn_only"),
         "all_packets_ratio": tp.get("ratio", {}).get("all_packets"),
@@ -1054,6 +1232,19 @@ def headline(results: dict) -> dict:
         "failover_longest_interarrival_s": fo.get("max_gap_s"),
         "sessions_kept_ratio": fo.get("kept_ratio"),
         "pins_normal_path_ratio": results.get("pins", {}).get("hotpath", {}).get("no_pins_vs_before"),
+        # the nftables engine and the C reference: ratios of the medians of the same rounds
+        "nft_conn_rate_ratio": cr.get("ratio_of_medians", {}).get("nft"),
+        "nft_throughput_ratio": tp.get("ratio_of_medians", {}).get("nft"),
+        "nft_update_ms_100": nu.get("median_total_ms"),
+        "nft_update_ms_100_max": nu.get("max_total_ms"),
+        "nft_connections_failed_in_update": nu.get("connections_failed"),
+        "nft_user_space_packets": cr.get("nft_queued_packets"),
+        "nft_failover_gap_s": fon.get("max_delay_s"),
+        "nft_sessions_kept_ratio": fon.get("kept_ratio"),
+        "nfqueue_cpu_vs_c": vs_c.get("cpu_nic", {}).get("ratio_of_medians", {}).get("synlb_nic"),
+        "nfqueue_cpu_vs_c_veth": vs_c.get("cpu_veth", {}).get("ratio_of_medians", {}).get("synlb"),
+        "nfqueue_conn_rate_vs_c": vs_c.get("conn_rate", {}).get("ratio_of_medians", {}).get("synlb"),
+        "cref_cpu_us_per_conn": cpu.get("cref_nic"),
         "pins_us_per_conntrack_entry": results.get("pins", {}).get("conntrack", {}).get("us_per_entry"),
     }
 
@@ -1066,17 +1257,19 @@ def check_targets(h: dict) -> dict:
             out[key] = {"target": f"{op} {limit:g}", "value": None, "met": None}
             continue
         met = {">=": v >= limit, "<=": v <= limit, "<": v < limit}[op]
-        if op == ">=":
+        if not limit:  # a count that must be zero: the value says by how much
+            by = None
+        elif op == ">=":
             by = (limit - v) / limit
         else:
             by = (v - limit) / limit
         out[key] = {"target": f"{op} {limit:g}", "value": v, "met": bool(met),
-                    "missed_by_pct": None if met else round(100 * by, 1)}
+                    "missed_by_pct": None if met or by is None else round(100 * by, 1)}
     return out
 
 
 def run(plan: Plan, out_dir: str, sections: list[str] | None = None) -> dict:
-    sections = sections or ["maglev", "hotpath", "pins", "single_router", "failover"]
+    sections = sections or ["maglev", "hotpath", "pins", "single_router", "failover", "failover_nft"]
     started = time.time()
     t0 = time.monotonic()
     results: dict[str, Any] = {"schema": SCHEMA, "quick": plan.quick,
@@ -1085,7 +1278,8 @@ def run(plan: Plan, out_dir: str, sections: list[str] | None = None) -> dict:
     timings = {}
     from .bench_pins import bench_pins
     for name, fn in (("maglev", bench_maglev), ("hotpath", bench_hotpath), ("pins", bench_pins),
-                     ("single_router", bench_single_router), ("failover", bench_failover)):
+                     ("single_router", bench_single_router), ("failover", bench_failover),
+                     ("failover_nft", bench_failover_nft)):
         if name not in sections:
             continue
         s0 = time.monotonic()

@@ -26,6 +26,18 @@ LABELS = {
     "sessions_kept_ratio": "Sessions kept over the failovers",
     "pins_normal_path_ratio": "Worker per-packet cost with no pins / before pins existed",
     "pins_us_per_conntrack_entry": "Sync: conntrack read + misplaced check per entry (us)",
+    "nft_conn_rate_ratio": "New connections/s, nftables engine / kernel HMARK (ratio of medians)",
+    "nft_throughput_ratio": "Established throughput, nftables engine / plain routing (ratio of medians)",
+    "nft_update_ms_100": "nftables engine: health flip, 100 targets, M=65537, applied in (ms, median)",
+    "nft_update_ms_100_max": "nftables engine: health flip, slowest (ms)",
+    "nft_connections_failed_in_update": "nftables engine: new connections failed during the flips",
+    "nft_user_space_packets": "nftables engine: packets queued to user space (conn/s runs)",
+    "nft_failover_gap_s": "Failover gap, nftables engine (s)",
+    "nft_sessions_kept_ratio": "Sessions kept over the failovers, nftables engine",
+    "nfqueue_cpu_vs_c": "Worker CPU per new connection, Python / C reference, NIC-like links (ratio of medians)",
+    "nfqueue_cpu_vs_c_veth": "Worker CPU per new connection, Python / C reference, plain veth links",
+    "nfqueue_conn_rate_vs_c": "New connections/s, Python worker / C reference (ratio of medians)",
+    "cref_cpu_us_per_conn": "C reference worker CPU per new connection, NIC-like links (us)",
 }
 
 
@@ -166,6 +178,34 @@ def _why(key: str, res: dict) -> str:
         return f"sessions lost or moved; errors: {errs}"
     if key == "maglev_build_ms_100":
         return "the population loop is pure Python."
+    if key in ("nft_update_ms_100", "nft_update_ms_100_max"):
+        nu = sr.get("nft_update", {})
+        mg = res.get("maglev", {}).get("build_ms", {}).get("100", {}).get("median_ms")
+        return (f"the kernel's part (one transaction of the ~1% of slots that differ) took "
+                f"{_fmt(nu.get('median_kernel_ms'))} ms (median); the rest is synlb's Python: the Maglev "
+                f"table rebuilt for the new target set ({_fmt(mg)} ms on an idle CPU, maglev section), "
+                "the diff against the applied slots and the records written. The flips run while wrk "
+                "keeps both CPUs of this VM busy (the point is no failed connection during them), so "
+                "synlb gets a share of a CPU, not a whole one: the slowest flips are the ones that "
+                "waited for a CPU.")
+    if key in ("nft_conn_rate_ratio", "nft_throughput_ratio"):
+        sec, base = (cr, "hmark") if key == "nft_conn_rate_ratio" else (tp, "plain")
+        rs = sec.get("ratios", {}).get("nft") or [0]
+        return (f"per-round ratios {min(rs):.2f}..{max(rs):.2f} against {base}: the engine adds a ct "
+                "mark test to every packet of the service and a jhash and map lookup to each one "
+                "without a mark, all in the kernel; what is left is inside this VM's run-to-run noise "
+                "(see the sections below).")
+    if key == "nfqueue_cpu_vs_c":
+        u = cr.get("worker_user_us_per_conn", {})
+        sy = cr.get("worker_sys_us_per_conn", {})
+        return (f"user time per connection: Python worker {_fmt(u.get('synlb_nic'))} us, C reference "
+                f"{_fmt(u.get('cref_nic'))} us; system time {_fmt(sy.get('synlb_nic'))} us against "
+                f"{_fmt(sy.get('cref_nic'))} us (the same two syscalls per packet). The difference is the "
+                "interpreter: netfilterqueue's Packet object, the callback and the hash call.")
+    if key == "nfqueue_conn_rate_vs_c":
+        v = cr.get("vs_c", {}).get("conn_rate", {})
+        return (f"per-round ratios {v.get('ratios', {}).get('synlb')}: the worker's extra user time per "
+                "SYN is time the CPUs do not spend on the other hosts of this 2-CPU lab.")
     return ""
 
 
@@ -227,11 +267,15 @@ def render_markdown(res: dict) -> str:
         val = _fmt(t["value"])
         if key == "sessions_kept_ratio" and fo.get("sessions"):
             val = f"{fo['kept']}/{fo['sessions']}"
+        fon = res.get("failover_nft") or {}
+        if key == "nft_sessions_kept_ratio" and fon.get("sessions"):
+            val = f"{fon['kept']}/{fon['sessions']}"
         add(f"| {LABELS.get(key, key)} | {val} | {t['target']} | {met} |")
-    for key in ("cpu_us_per_conn_veth", "conn_rate_ratio_nic",
+    for key in ("cpu_us_per_conn_veth", "conn_rate_ratio_nic", "cref_cpu_us_per_conn", "nfqueue_cpu_vs_c_veth",
+                "nft_update_ms_100_max", "nft_failover_gap_s",
                 "all_packets_ratio", "conn_rate_ratio_multiqueue", "throughput_per_cpu_ratio",
                 "conn_per_cpu_ratio", "conn_per_cpu_ratio_multiqueue"):
-        add(f"| {LABELS[key]} | {_fmt(res.get(key))} | (comparison) | |")
+        add(f"| {LABELS.get(key, key)} | {_fmt(res.get(key))} | (comparison) | |")
     add("")
     missed = [(k, t) for k, t in res.get("targets", {}).items() if t["met"] is False]
     if missed:
@@ -260,13 +304,14 @@ def render_markdown(res: dict) -> str:
             f"{nr} rounds. plain: synlb down, to t1's address (no netfilter in the router); "
             "conntrack_only: synlb up, to t1's address (conntrack and the mangle hooks run, none of "
             "synlb's rules match): what conntrack alone costs; syn_only and all_packets: synlb up, "
-            "to the VIP (service `ipf`, target t1).")
+            "to the VIP (service `ipf`, target t1); nft: the same with `engine = nftables` (the "
+            "Maglev table in a kernel map, no worker).")
         add("")
         pc = tp.get("per_cpu", {})
         add("| arm | median Gbit/s | ratio to plain (median) | per-round ratios used | Gbit/s per lab CPU | "
             "ratio per lab CPU | packets queued (median) |")
         add("|---|---:|---:|---|---:|---:|---:|")
-        for arm in ("plain", "conntrack_only", "syn_only", "all_packets"):
+        for arm in ("plain", "conntrack_only", "syn_only", "nft", "all_packets"):
             q = [r["queued_packets"] for r in tp["runs"] if r["arm"] == arm]
             if not q:
                 continue
@@ -290,7 +335,7 @@ def render_markdown(res: dict) -> str:
                 add("")
         add(_noise_line(tp, "syn_only"))
         add("")
-        add(_estimates_line(tp, ("syn_only", "conntrack_only", "all_packets"), "plain"))
+        add(_estimates_line(tp, ("syn_only", "nft", "conntrack_only", "all_packets"), "plain"))
         add("")
     cr = sr.get("conn_rate")
     if cr:
@@ -308,13 +353,17 @@ def render_markdown(res: dict) -> str:
             "(two workers, `--queue-balance 0:1 --queue-cpu-fanout`); synlb_nic and hmark_nic: "
             "the same two arms after the router's links were made to hand packets over like NICs "
             "(threaded NAPI on the switch side, TSO off on the router), so that the other hosts' "
-            "packet processing no longer runs inside the worker's syscalls.")
+            "packet processing no longer runs inside the worker's syscalls. cref and cref_nic: "
+            "the reference C worker (bench/cref/synlb-cref.c: the same hash, key, mark table, copy "
+            "range and one recv and one verdict per packet) on a queue of its own, the chain's "
+            "NFQUEUE rule pointed at it. nft: `engine = nftables`, the same Maglev table in a "
+            "kernel map, no worker.")
         add("")
         pc = cr.get("per_cpu", {})
         add("| arm | median conn/s | ratio to hmark (median) | per-round ratios used | conn/s per lab CPU | "
             "ratio per lab CPU | worker CPU us/conn (user + sys) | worker RSS MB | packets queued per conn |")
         add("|---|---:|---:|---|---:|---:|---:|---:|---:|")
-        for arm in ("hmark", "synlb", "synlb_mq", "hmark_nic", "synlb_nic"):
+        for arm in ("hmark", "synlb", "cref", "nft", "synlb_mq", "hmark_nic", "synlb_nic", "cref_nic"):
             if arm not in cr["median"]:
                 continue
             cpu = cr.get("cpu_us_per_conn", {}).get(arm)
@@ -330,8 +379,26 @@ def render_markdown(res: dict) -> str:
         add("")
         add(_noise_line(cr, "synlb"))
         add("")
-        add(_estimates_line(cr, ("synlb", "synlb_mq"), "hmark"))
+        add(_estimates_line(cr, ("synlb", "cref", "nft", "synlb_mq"), "hmark"))
         add("")
+        vs = cr.get("vs_c") or {}
+        if vs:
+            add("Python worker against the C reference, same rounds: "
+                + "; ".join(f"{what} ratio of medians {_fmt(v.get('ratio_of_medians', {}).get(arm))}, "
+                            f"median of per-round ratios {_fmt(v.get('ratio', {}).get(arm))} "
+                            f"(rounds {v.get('ratios', {}).get(arm)})"
+                            for what, v, arm in (("conn/s", vs.get("conn_rate", {}), "synlb"),
+                                                 ("CPU per connection, plain veth", vs.get("cpu_veth", {}),
+                                                  "synlb"),
+                                                 ("CPU per connection, NIC-like", vs.get("cpu_nic", {}),
+                                                  "synlb_nic")))
+                + ". Both hash alike (checked on IPv4 and IPv6 keys before the runs), so they pick the "
+                  "same targets.")
+            add("")
+        if cr.get("nft_queued_packets") is not None:
+            add(f"nftables engine: {cr['nft_queued_packets']} packets reached a queue in its runs, "
+                f"{cr.get('nft_workers', 0)} workers ran: no user space on its packet path.")
+            add("")
         add("Per lab CPU: each run's rate divided by the CPUs the lab used during it (its "
             "processes, the wrk/iperf3 clients, ksoftirqd). The lab alone keeps both CPUs busy, so "
             "this is the rate it would reach with the machine to itself; other load on the machine "
@@ -350,40 +417,29 @@ def render_markdown(res: dict) -> str:
                 f"{prof['softirq_in_worker_pct']:.0f}% softirq packet processing (`net_rx_action`) "
                 "that still ran in its context.")
         add("")
-    fo = res.get("failover")
-    if fo:
-        add("## Failover (2 routers, keepalived, synlb hot standby on both)")
+    nu = sr.get("nft_update")
+    if nu:
+        add(f"## nftables engine: a health flip with {nu['targets']} targets (M = {nu['table_size']})")
         add("")
-        add(f"The shipped keepalived configuration (conf/keepalived.conf.example: advert_int "
-            f"{fo['advert_int']} s, preempt_delay) with the notify hook, synlb hot standby on both "
-            f"routers; per failover {res.get('plan', {}).get('sessions_per_pattern')} sessions of "
-            "each pattern and IP family through the VIP (echo: the client sends a line and waits "
-            "for it back; push: the server sends a line after each pause; down: the server streams "
-            "chunks); the master's front and back links go down, and come back (fail back) before "
-            "the next round; the figures cover both moves. A session is kept if it never failed, "
-            "resumed within the stall limit and stayed on its target.")
+        add(f"`synlb up` after the down set changed (one target out, then back), as the host applies "
+            f"it: only the slots that differ, in one nftables transaction, while wrk opens new "
+            f"connections through the VIP all along. First install of the table: {nu['first_up_s']} s.")
         add("")
-        pats = list(fo.get("patterns") or {})
-        cols = [f"{p}_v{f}" for p in pats for f in (4, 6)]
-        add("| # | VRRP takeover s | fail back s | data held up s | "
-            + " | ".join(c.replace("_", " ") for c in cols)
-            + " | longest time between deliveries s | kept | moved |")
-        add("|" + "---:|" * (6 + len(cols)))
-        for e in fo["events"]:
-            d = e.get("delays", {})
-            add(f"| {e['index']} | {e['takeover_s']:.2f} | {_fmt(e.get('takeover_back_s'))} "
-                f"| {_fmt(e.get('max_delay_s'))} | " + " | ".join(_fmt(d.get(c)) for c in cols)
-                + f" | {_fmt(e.get('max_gap_s'))} | {e['kept']}/{e['sessions']} | {e['moved']} |")
+        add("| down | slots changed | kernel transaction ms | applied in ms |")
+        add("|---|---:|---:|---:|")
+        for f in nu["flips"]:
+            add(f"| {', '.join(f['down']) or '(none)'} | {f['slots']} | {f['kernel_ms']:.0f} | {f['total_ms']:.0f} |")
         add("")
-        pauses = ", ".join(f"{p} {iv:g} s" for p, iv in (fo.get("patterns") or {}).items())
-        add(f"Data held up at most {_fmt(fo.get('max_delay_s'))} s (target <= 3 x advert_int + 0.3 = "
-            f"{3 * fo['advert_int'] + 0.3:.2f} s); kept {fo['kept']}/{fo['sessions']}. "
-            "Held up: for each message, arrival minus send time (echo: reply minus request; push "
-            "and download: the server's send stamp; the lab shares one clock), so a failover that "
-            "falls in a session's idle pause costs it nothing. The longest time between two "
-            f"deliveries ({_fmt(fo.get('max_gap_s'))} s) also counts each pattern's own pause "
-            f"({pauses}); per pattern: {_per_pattern(fo, 'gaps')}.")
+        w = nu.get("wrk") or {}
+        add(f"Median {_fmt(nu['median_total_ms'])} ms, slowest {_fmt(nu['max_total_ms'])} ms; wrk meanwhile: "
+            f"{w.get('requests')} connections, errors {w.get('errors')}, non-2xx {w.get('non2xx')}: "
+            f"{nu['connections_failed']} failed.")
         add("")
+    for key, title in (("failover", "Failover (2 routers, keepalived, synlb hot standby on both)"),
+                       ("failover_nft", "Failover, nftables engine (the same, `engine = nftables`)")):
+        fo = res.get(key)
+        if fo:
+            _render_failover(add, res, fo, title)
     mg = res.get("maglev")
     if mg:
         add(f"## Maglev table build (M = {mg['table_size']})")
@@ -437,6 +493,41 @@ def render_markdown(res: dict) -> str:
         "[bench/README.md](../README.md).")
     add("")
     return "\n".join(L)
+
+
+def _render_failover(add, res: dict, fo: dict, title: str) -> None:
+    add(f"## {title}")
+    add("")
+    add(f"The shipped keepalived configuration (conf/keepalived.conf.example: advert_int "
+        f"{fo['advert_int']} s, preempt_delay) with the notify hook, synlb hot standby on both "
+        f"routers; per failover {res.get('plan', {}).get('sessions_per_pattern')} sessions of "
+        "each pattern and IP family through the VIP (echo: the client sends a line and waits "
+        "for it back; push: the server sends a line after each pause; down: the server streams "
+        "chunks); the master's front and back links go down, and come back (fail back) before "
+        "the next round; the figures cover both moves. A session is kept if it never failed, "
+        "resumed within the stall limit and stayed on its target.")
+    add("")
+    pats = list(fo.get("patterns") or {})
+    cols = [f"{p}_v{f}" for p in pats for f in (4, 6)]
+    add("| # | VRRP takeover s | fail back s | data held up s | "
+        + " | ".join(c.replace("_", " ") for c in cols)
+        + " | longest time between deliveries s | kept | moved |")
+    add("|" + "---:|" * (6 + len(cols)))
+    for e in fo["events"]:
+        d = e.get("delays", {})
+        add(f"| {e['index']} | {e['takeover_s']:.2f} | {_fmt(e.get('takeover_back_s'))} "
+            f"| {_fmt(e.get('max_delay_s'))} | " + " | ".join(_fmt(d.get(c)) for c in cols)
+            + f" | {_fmt(e.get('max_gap_s'))} | {e['kept']}/{e['sessions']} | {e['moved']} |")
+    add("")
+    pauses = ", ".join(f"{p} {iv:g} s" for p, iv in (fo.get("patterns") or {}).items())
+    add(f"Data held up at most {_fmt(fo.get('max_delay_s'))} s (target <= 3 x advert_int + 0.3 = "
+        f"{3 * fo['advert_int'] + 0.3:.2f} s); kept {fo['kept']}/{fo['sessions']}. "
+        "Held up: for each message, arrival minus send time (echo: reply minus request; push "
+        "and download: the server's send stamp; the lab shares one clock), so a failover that "
+        "falls in a session's idle pause costs it nothing. The longest time between two "
+        f"deliveries ({_fmt(fo.get('max_gap_s'))} s) also counts each pattern's own pause "
+        f"({pauses}); per pattern: {_per_pattern(fo, 'gaps')}.")
+    add("")
 
 
 # ---------------------------------------------------------------- chart
