@@ -25,7 +25,11 @@ Sections (see bench/README.md for how to read the report):
                 Arms: synlb (one queue) and synlb multi-queue (``queue =
                 0-1``: two workers, --queue-balance --queue-cpu-fanout).
                 Worker CPU per new connection (psutil, user + system) and
-                worker RSS come from the same runs.
+                worker RSS come from the same runs. In the same rounds: the
+                reference C worker (cref.py, bench/cref) on its own queue, and
+                the nftables engine (``engine = nftables``, no worker).
+``nft_update``  (inside single_router) the nftables engine's health flip
+                with 100 targets at M = 65537 while wrk runs.
 ``failover``    two routers on the shipped keepalived config, synlb hot
                 standby on both; echo (client first), push (server first),
                 download and upload sessions over IPv4 and IPv6 through the VIP;
@@ -34,6 +38,7 @@ Sections (see bench/README.md for how to read the report):
                 session (arrival minus send time, one clock); the longest
                 time between two deliveries, which also counts each
                 pattern's own pause, is reported beside it.
+``failover_nft`` the same with ``engine = nftables`` on both routers.
 ``maglev``      table build time for 10, 100, 1000 targets at M = 65537.
 ``hotpath``     the worker's per-packet Python path with a stub packet
                 (no kernel): the current ``Worker.on_packet`` and the reference
