@@ -74,6 +74,9 @@ def test_quick_bench_writes_a_sane_report(tmp_path):
     assert nu["flips"] and all(600 <= f["slots"] <= 1400 for f in nu["flips"]), nu["flips"]
     assert nu["wrk"]["requests"] > 0 and nu["connections_failed"] == 0, nu["wrk"]
     assert res["nft_connections_failed_in_update"] == 0
+    # the drift check finds nothing on a data plane just installed, with either engine
+    assert set(res["drift"]) == {"nfqueue_3", "nfqueue_100", "nftables_3", "nftables_100"}
+    assert all(v["drift_found"] == [] and v["cpu_ms"] > 0 for v in res["drift"].values()), res["drift"]
     fn = res["failover_nft"]
     assert fn["engine"] == "nftables" and len(fn["events"]) >= 1 and fn["sessions"] > 0
     # the worker's CPU on NIC-like router links is the headline; the plain veth figure beside it

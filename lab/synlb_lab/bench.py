@@ -976,6 +976,51 @@ def bench_nft_update(lab: Lab, sl: Synlb, plan: Plan) -> dict:
             "connections_failed": errors}
 
 
+DRIFT_PROBE = """
+import json, resource, sys, time
+from synlb import config, dataplane
+cfg = config.load(sys.argv[1])
+found = dataplane.drift(cfg)  # warm: imports, first netlink sockets
+n = int(sys.argv[2])
+r0, c0, t0 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+for _ in range(n):
+    found += dataplane.drift(cfg)
+r1, c1, t1 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+cpu = lambda a, b: (b.ru_utime + b.ru_stime) - (a.ru_utime + a.ru_stime)
+print(json.dumps({"wall_ms": 1000 * (t1 - t0) / n, "cpu_ms": 1000 * cpu(r0, r1) / n,
+                  "children_cpu_ms": 1000 * cpu(c0, c1) / n, "drift_found": found}))
+"""
+
+
+def bench_drift(plan: Plan) -> dict:
+    """What the host's drift check (``dataplane.drift``, once a second while
+    active) costs: its CPU per call, in the router's namespace, on an
+    installed data plane that has not drifted (3 and 100 targets, both engines)."""
+    out = {}
+    calls = 5 if plan.quick else 20
+    with Lab(routers=1, targets=3, servers=False) as lab:
+        sl = Synlb(lab, "lb1")
+        for n, engine in ((3, "nfqueue"), (100, "nfqueue"), (3, "nftables"), (100, "nftables")):
+            real = [(A.target(k, 4), A.target(k, 6)) for k in (1, 2, 3)]
+            targets = [(f"x{i:03d}", *real[i % 3]) for i in range(n)]
+            with open(sl.conf, "w") as fh:
+                fh.write(render_service_config(sl.state_dir, targets, ports=str(NGINX_PORT), engine=engine,
+                                               marks={t: 0x1000 + i for i, (t, _, _) in enumerate(targets)},
+                                               extra_service=f"table_size = {TABLE_SIZE}"))
+            try:
+                sl.cmd("up", timeout=120)
+                cp = lab.run("lb1", [sys.executable, "-c", DRIFT_PROBE, sl.conf, str(calls)], timeout=300)
+                res = json.loads(cp.stdout.strip().splitlines()[-1])
+            finally:
+                sl.cmd("down", timeout=120, check=False)
+            res = {k: (rounded(v, 2) if isinstance(v, float) else v) for k, v in res.items()}
+            res["cpu_share_at_1s_pct"] = rounded((res["cpu_ms"] + res["children_cpu_ms"]) / 10, 2)
+            out[f"{engine}_{n}"] = res
+            _log(f"drift check, {engine}, {n} targets: {res['cpu_ms']} ms CPU (+{res['children_cpu_ms']} ms in "
+                 f"children), {res['wall_ms']} ms wall per call; found {res['drift_found']}")
+    return out
+
+
 # ---------------------------------------------------------------- failover
 
 def bench_failover_nft(plan: Plan) -> dict:
@@ -1250,6 +1295,11 @@ def headline(results: dict) -> dict:
         "nfqueue_cpu_vs_c_veth": vs_c.get("cpu_veth", {}).get("ratio_of_medians", {}).get("synlb"),
         "nfqueue_conn_rate_vs_c": vs_c.get("conn_rate", {}).get("ratio_of_medians", {}).get("synlb"),
         "cref_cpu_us_per_conn": cpu.get("cref_nic"),
+        # the host's drift check, once a second: % of one CPU, 3 and 100 targets (the worse engine)
+        "drift_check_cpu_pct_3": max((v["cpu_share_at_1s_pct"] for k, v in results.get("drift", {}).items()
+                                      if k.endswith("_3")), default=None),
+        "drift_check_cpu_pct_100": max((v["cpu_share_at_1s_pct"] for k, v in results.get("drift", {}).items()
+                                        if k.endswith("_100")), default=None),
         "pins_us_per_conntrack_entry": results.get("pins", {}).get("conntrack", {}).get("us_per_entry"),
     }
 
@@ -1274,7 +1324,7 @@ def check_targets(h: dict) -> dict:
 
 
 def run(plan: Plan, out_dir: str, sections: list[str] | None = None) -> dict:
-    sections = sections or ["maglev", "hotpath", "pins", "single_router", "failover", "failover_nft"]
+    sections = sections or ["maglev", "hotpath", "pins", "drift", "single_router", "failover", "failover_nft"]
     started = time.time()
     t0 = time.monotonic()
     results: dict[str, Any] = {"schema": SCHEMA, "quick": plan.quick,
@@ -1283,6 +1333,7 @@ def run(plan: Plan, out_dir: str, sections: list[str] | None = None) -> dict:
     timings = {}
     from .bench_pins import bench_pins
     for name, fn in (("maglev", bench_maglev), ("hotpath", bench_hotpath), ("pins", bench_pins),
+                     ("drift", bench_drift),
                      ("single_router", bench_single_router), ("failover", bench_failover),
                      ("failover_nft", bench_failover_nft)):
         if name not in sections:

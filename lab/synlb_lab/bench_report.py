@@ -38,6 +38,8 @@ LABELS = {
     "nfqueue_cpu_vs_c_veth": "Worker CPU per new connection, Python / C reference, plain veth links",
     "nfqueue_conn_rate_vs_c": "New connections/s, Python worker / C reference (ratio of medians)",
     "cref_cpu_us_per_conn": "C reference worker CPU per new connection, NIC-like links (us)",
+    "drift_check_cpu_pct_3": "Host drift check once a second, 3 targets (% of one CPU)",
+    "drift_check_cpu_pct_100": "Host drift check once a second, 100 targets (% of one CPU)",
 }
 
 
@@ -272,7 +274,7 @@ def render_markdown(res: dict) -> str:
             val = f"{fon['kept']}/{fon['sessions']}"
         add(f"| {LABELS.get(key, key)} | {val} | {t['target']} | {met} |")
     for key in ("cpu_us_per_conn_veth", "conn_rate_ratio_nic", "cref_cpu_us_per_conn", "nfqueue_cpu_vs_c_veth",
-                "nft_update_ms_100_max", "nft_failover_gap_s",
+                "nft_update_ms_100_max", "nft_failover_gap_s", "drift_check_cpu_pct_3", "drift_check_cpu_pct_100",
                 "all_packets_ratio", "conn_rate_ratio_multiqueue", "throughput_per_cpu_ratio",
                 "conn_per_cpu_ratio", "conn_per_cpu_ratio_multiqueue"):
         add(f"| {LABELS.get(key, key)} | {_fmt(res.get(key))} | (comparison) | |")
@@ -440,6 +442,19 @@ def render_markdown(res: dict) -> str:
         fo = res.get(key)
         if fo:
             _render_failover(add, res, fo, title)
+    dr = res.get("drift")
+    if dr:
+        add("## The host's drift check")
+        add("")
+        add("`dataplane.drift` (what `synlb run` compares once a second while active, and `status --check` "
+            "prints) on an installed data plane that has not drifted, in the router's namespace; per call:")
+        add("")
+        add("| engine, targets | CPU ms | in children (iptables-save, nft) ms | wall ms | % of one CPU at 1/s |")
+        add("|---|---:|---:|---:|---:|")
+        for k, v in dr.items():
+            add(f"| {k.replace('_', ', ')} | {v['cpu_ms']} | {v['children_cpu_ms']} | {v['wall_ms']} "
+                f"| {v['cpu_share_at_1s_pct']} |")
+        add("")
     mg = res.get("maglev")
     if mg:
         add(f"## Maglev table build (M = {mg['table_size']})")
