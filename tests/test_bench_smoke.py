@@ -108,6 +108,6 @@ def test_quick_bench_writes_a_sane_report(tmp_path):
         assert png.startswith(b"\x89PNG")
     # nothing left behind by the labs
     prefixes = set(re.findall(r"\blab (sl[0-9a-f]{4})\b", cp.stderr))
-    assert len(prefixes) == 2, cp.stderr[-2000:]
+    assert len(prefixes) == 4, cp.stderr[-2000:]  # drift, single router, failover on either engine
     ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
     assert not [n for n in ns if n.split("-")[0] in prefixes]

@@ -999,6 +999,7 @@ def bench_drift(plan: Plan) -> dict:
     out = {}
     calls = 5 if plan.quick else 20
     with Lab(routers=1, targets=3, servers=False) as lab:
+        _log(f"lab {lab.prefix}: drift")
         sl = Synlb(lab, "lb1")
         for n, engine in ((3, "nfqueue"), (100, "nfqueue"), (3, "nftables"), (100, "nftables")):
             real = [(A.target(k, 4), A.target(k, 6)) for k in (1, 2, 3)]
