@@ -203,3 +203,16 @@ def test_same_table_in_separate_processes():
                               text=True, timeout=60, check=True)
         outputs.add(done.stdout.strip())
     assert outputs == {expected}
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 100, 700])
+def test_endgame_gives_the_loops_table_at_full_size(n, monkeypatch):
+    """The last slots handed out by _endgame land exactly where the probing
+    loop would have put them, wherever the endgame starts."""
+    import synlb.maglev as maglev
+    names = [f"t{i:03d}" for i in range(n)]
+    got = {}
+    for factor in (1, 3, 50, 10**9):  # 10**9: the endgame covers only the very last slot
+        monkeypatch.setattr(maglev, "ENDGAME_FACTOR", factor)
+        got[factor] = table_digest(build_table(names, 65537, KEY))
+    assert len(set(got.values())) == 1, got
