@@ -3,7 +3,12 @@ PYTHON ?= /usr/bin/python3
 VENV   := .venv
 STAMP  := $(VENV)/.installed
 
-.PHONY: deps demo lint-imports test unit bench reliability deb deb-synlb clean
+.PHONY: deps worker-user demo lint-imports test unit bench reliability deb deb-synlb clean
+
+# The system user the NFQUEUE workers run as ([synlb] worker_user, default
+# _synlb; docs/HARDENING.md): made once, like the Debian package's postinst
+# does. Every target that runs synlb needs it, so each one checks it.
+WORKER_USER := _synlb
 
 $(STAMP): pyproject.toml lab/pyproject.toml packaging/apt-deps.txt
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
@@ -16,13 +21,18 @@ $(STAMP): pyproject.toml lab/pyproject.toml packaging/apt-deps.txt
 	$(VENV)/bin/pip install -q -e ./lab
 	touch $(STAMP)
 
-deps: $(STAMP)
+worker-user:
+	@getent passwd $(WORKER_USER) >/dev/null || useradd --system --no-create-home --home-dir /nonexistent \
+	    --shell /usr/sbin/nologin --user-group $(WORKER_USER) \
+	  || { echo "make: cannot create the system user $(WORKER_USER), whom synlb's workers run as: run make deps as root" >&2; exit 1; }
 
-demo: $(STAMP)
+deps: $(STAMP) worker-user
+
+demo: $(STAMP) worker-user
 	$(VENV)/bin/synlb-lab demo
 
 # the layers of plugin/synlb (pyproject.toml [tool.importlinter]) first
-lint-imports: $(STAMP)
+lint-imports: $(STAMP) worker-user
 	$(VENV)/bin/lint-imports --no-cache --no-logo
 
 test: lint-imports
@@ -31,7 +41,7 @@ test: lint-imports
 unit: lint-imports
 	$(VENV)/bin/pytest -q -p no:cacheprovider -m 'not lab'
 
-bench: $(STAMP)
+bench: $(STAMP) worker-user
 	$(VENV)/bin/pip install -q -e '.[bench]'
 	$(VENV)/bin/synlb-lab bench
 
@@ -48,7 +58,7 @@ deb-synlb: $(STAMP)
 
 # every fault, load and bad-input scenario in the lab (well under 15 minutes):
 # writes docs/RELIABILITY.md and bench/results/reliability.json
-reliability: $(STAMP)
+reliability: $(STAMP) worker-user
 	$(VENV)/bin/python -m synlb_lab.reliability
 
 clean:

@@ -88,7 +88,7 @@ BROKEN = {
     # name: (config text, expected lines with {f} for the file)
     "unknown_key": (GOOD + "[synlb]\nstatedir = /x\n",
                     ["{f}:synlb:statedir: unknown key (known: copy_range, hash_key, pickup, plugins, queue_maxlen, "
-                     "route_protocol, rule_priority, state_dir)"]),
+                     "route_protocol, rule_priority, state_dir, worker_user)"]),
     "bad_address": (GOOD.replace("address = 10.1.0.2, fd01::2", "address = 10.1.0.300"),
                     ["{f}:target:b:address: '10.1.0.300' is not an IP address"]),
     "not_prime": (GOOD.replace("targets = a, b", "targets = a, b\ntable_size = 1000"),

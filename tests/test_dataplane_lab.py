@@ -10,7 +10,7 @@ import time
 import psutil
 import pytest
 
-from synlb import health_state
+from synlb import health_state, statedir
 from synlb import worker as worker_mod
 from synlb_lab import addresses as A
 from synlb_lab.scenario import kernel_snapshot, status, synlb, write_config
@@ -250,7 +250,7 @@ def test_worker_follows_signals_with_no_packet_coming(lab, clean):
     # idle again: `down` stops the worker by SIGTERM, and it unbinds by itself (not killed)
     synlb(lab, "lb1", conf, "down")
     assert not psutil.pid_exists(pid)
-    with open(os.path.join(state_dir, "worker-0.log")) as fh:
+    with open(statedir.worker_log(state_dir, 0)) as fh:
         assert "queue 0 unbound" in fh.read()
     health_state.clear(state_dir)
 
@@ -274,3 +274,147 @@ def test_status_check_names_every_difference(lab, clean):
     assert synlb(lab, "lb1", conf, "status", "--check").returncode == 0
     synlb(lab, "lb1", conf, "down")
     assert synlb(lab, "lb1", conf, "status", "--check").returncode == 0
+
+
+# What a process running as the workers do can reach (run through the very
+# launcher the workers are started with): its credentials, and every file
+# access it tries, as JSON.
+PROBE = r"""
+import json, os, sys
+state, secret, table, pidfile = sys.argv[1:5]
+run = os.path.join(state, "workers", "run")
+with open("/proc/self/status") as fh:
+    creds = {k: v.strip() for k, v in (ln.split(":", 1) for ln in fh if ":" in ln)
+             if k in ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs")}
+def attempt(f):
+    try:
+        f()
+        return "ok"
+    except OSError as e:
+        return type(e).__name__
+def read(p):
+    with open(p, "rb") as fh:
+        fh.read()
+def write(p):
+    with open(p, "ab"):
+        pass
+def replace_table():
+    tmp = os.path.join(run, "forged.json")
+    with open(tmp, "w") as fh:
+        fh.write("{}")
+    try:
+        os.replace(tmp, table)
+    finally:
+        os.unlink(tmp)
+out = {"creds": creds,
+       "read secret": attempt(lambda: read(secret)),
+       "read pid file": attempt(lambda: read(pidfile)),
+       "list state dir": attempt(lambda: os.listdir(state)),
+       "read table": attempt(lambda: read(table)),
+       "write table": attempt(lambda: write(table)),
+       "replace table": attempt(replace_table),
+       "create in state dir": attempt(lambda: write(os.path.join(state, "planted"))),
+       "create in workers": attempt(lambda: write(os.path.join(state, "workers", "planted"))),
+       "hard link secret": attempt(lambda: os.link(secret, os.path.join(run, "linked"))),
+       "read /etc/shadow": attempt(lambda: read("/etc/shadow")),
+       "write in run": attempt(lambda: (write(os.path.join(run, "probe")), os.unlink(os.path.join(run, "probe"))))}
+print(json.dumps(out))
+"""
+
+
+def _proc_status(pid: int) -> dict:
+    with open(f"/proc/{pid}/status") as fh:
+        return {k: v.strip() for k, v in (ln.split(":", 1) for ln in fh if ":" in ln)}
+
+
+def test_workers_run_as_their_user_with_cap_net_admin_only(lab, clean):
+    """docs/HARDENING.md: with the default worker_user (_synlb), every worker
+    runs as that user (real, effective, saved and fs uid and gid; no other
+    group) with CAP_NET_ADMIN alone (effective, permitted, bounding, ambient)
+    and no_new_privs, and still balances. Its user reads its table and the
+    pins, writes only workers/run/: a root-only file in the state dir, the
+    pid files, the table (to write or replace) and /etc/shadow are out of
+    its reach. A symlink it plants where root reads its stats is not
+    followed: `synlb status` counts 0 packets, not the planted file's."""
+    import pwd
+    import signal
+    import subprocess
+    import sys
+
+    from synlb import config as config_mod
+    from synlb import workers
+    conf = write_config(lab, "lb1")
+    state_dir = os.path.join(lab.role_dir("lb1"), "synlb-state")
+    synlb(lab, "lb1", conf, "up")
+    pw = pwd.getpwnam(config_mod.DEFAULT_WORKER_USER)
+    running = workers.running(state_dir)
+    assert [w.queue for w in running] == [0]
+    (w,) = running
+    assert w.uid == pw.pw_uid
+    st = _proc_status(w.pid)
+    assert st["Uid"].split() == [str(pw.pw_uid)] * 4 and st["Gid"].split() == [str(pw.pw_gid)] * 4, st
+    assert st["Groups"] == ""
+    for cap in ("CapEff", "CapPrm", "CapBnd", "CapAmb", "CapInh"):
+        assert st[cap] == "0000000000001000", (cap, st[cap])  # CAP_NET_ADMIN (12) alone
+    assert st["NoNewPrivs"] == "1"
+    assert psutil.Process(w.pid).cmdline()[1:3] == [os.path.join(os.path.dirname(sys.executable), "synlb"),
+                                                    "worker"]
+    res = lab.open_connections(A.VIP[4], count=60, concurrency=10)
+    assert res["ok"] == 60 and set(res["per_target"]) == {"t1", "t2", "t3"}, res
+    assert _until(lambda: _stats(state_dir)["packets"] >= 60), _stats(state_dir)
+    assert status(lab, "lb1", conf)["services"][0]["queues"][0]["worker"]["packets"] >= 60
+
+    # the state dir: root's, traversable by the workers' group only; their files
+    def mode(p):
+        s = os.lstat(p)
+        return s.st_uid, s.st_gid, oct(s.st_mode & 0o7777)
+    assert mode(state_dir) == (0, pw.pw_gid, "0o710")
+    assert mode(statedir.workers_dir(state_dir)) == (0, pw.pw_gid, "0o750")
+    assert mode(statedir.workers_run(state_dir)) == (pw.pw_uid, pw.pw_gid, "0o700")
+    assert mode(statedir.worker_table(state_dir, 0)) == (0, pw.pw_gid, "0o640")
+    assert mode(statedir.worker_log(state_dir, 0)) == (0, 0, "0o600")
+    assert mode(statedir.worker_pid(state_dir, 0)) == (0, 0, "0o600")
+    assert mode(statedir.worker_stats(state_dir, 0))[:2] == (pw.pw_uid, pw.pw_gid)
+
+    secret = os.path.join(state_dir, "sync.key")  # as a [sync] key_file would be: root's, 0600
+    fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.write(fd, json.dumps({"pid": w.pid, "packets": 424242}).encode())
+    os.close(fd)
+    try:
+        ident = workers.identity(config_mod.load(conf))
+        r = subprocess.run(workers.launcher(ident) + [sys.executable, "-I", "-c", PROBE, state_dir, secret,
+                                                      statedir.worker_table(state_dir, 0),
+                                                      statedir.worker_pid(state_dir, 0)],
+                           capture_output=True, text=True, timeout=30, cwd="/")
+        assert r.returncode == 0, r.stderr
+        got = json.loads(r.stdout)
+        # the probe is what the worker is
+        assert got.pop("creds") == {k: st[k] for k in ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff",
+                                                       "CapBnd", "CapAmb", "NoNewPrivs")}
+        assert got == {"read secret": "PermissionError", "read pid file": "PermissionError",
+                       "list state dir": "PermissionError", "read table": "ok",
+                       "write table": "PermissionError", "replace table": "PermissionError",
+                       "create in state dir": "PermissionError", "create in workers": "PermissionError",
+                       "hard link secret": "PermissionError", "read /etc/shadow": "PermissionError",
+                       "write in run": "ok"}, got
+
+        # a compromised worker replaces its stats file with a symlink to the
+        # secret (stopped meanwhile, so that it does not rewrite the file)
+        os.kill(w.pid, signal.SIGSTOP)
+        try:
+            stats = statedir.worker_stats(state_dir, 0)
+            plant = [sys.executable, "-I", "-c", "import os, sys; os.unlink(sys.argv[2]); "
+                     "os.symlink(sys.argv[1], sys.argv[2])", secret, stats]
+            subprocess.run(workers.launcher(ident) + plant, check=True, timeout=30, cwd="/")
+            assert os.path.islink(stats)
+            queue = status(lab, "lb1", conf)["services"][0]["queues"][0]
+            assert queue["worker"]["pid"] == w.pid and queue["worker"]["packets"] == 0, queue
+            assert workers.read_stats(state_dir, 0) == {}
+            os.unlink(stats)
+        finally:
+            os.kill(w.pid, signal.SIGCONT)
+        assert _until(lambda: os.path.isfile(stats) and _stats(state_dir)["pid"] == w.pid)
+    finally:
+        os.unlink(secret)
+    synlb(lab, "lb1", conf, "down")
+    assert not psutil.pid_exists(w.pid)

@@ -16,6 +16,8 @@ import sys
 import time
 
 import pytest
+
+from synlb import statedir
 from synlb_lab import addresses as A
 from synlb_lab.scenario import kernel_snapshot, status, synlb, synlb_exe
 from synlb_lab.topology import Lab
@@ -105,7 +107,7 @@ class Host:
 
     def worker_log(self) -> str:
         try:
-            with open(os.path.join(self.state_dir, "worker-0.log"), errors="replace") as fh:
+            with open(statedir.worker_log(self.state_dir, 0), errors="replace") as fh:
                 return fh.read()
         except FileNotFoundError:
             return ""
@@ -430,7 +432,7 @@ def test_workers_never_serve_an_unapplied_target(lab, host):
     marks = {t["name"]: t["mark"] for t in h.status()["services"][0]["targets"]}
 
     def serving() -> set[int]:
-        with open(os.path.join(h.state_dir, "worker-0.table.json")) as fh:
+        with open(statedir.worker_table(h.state_dir, 0)) as fh:
             return {m for _, m in json.load(fh)["targets"]}
 
     write(h.conf, config_text(lab, "workers_never_serve_an_unapplied_target", targets=("t1", "t2", "t3", "t4")))
@@ -440,7 +442,7 @@ def test_workers_never_serve_an_unapplied_target(lab, host):
     pid = h.worker_pid()
     os.kill(pid, signal.SIGKILL)
     h.wait(lambda: h.worker_pid() != pid and h.queue()["listening"], "worker restarted", 15)
-    stats_path = os.path.join(h.state_dir, "worker-0.stats.json")
+    stats_path = statedir.worker_stats(h.state_dir, 0)
 
     def stats() -> dict:
         with open(stats_path) as fh:

@@ -232,8 +232,8 @@ def test_pins_file_round_trip_and_bad_file(tmp_path):
     pins = {"web": {key_of(6, "10.64.1.10", VIP4, 4000, 80): 5}}
     pins_state.write(str(tmp_path), pins)
     assert pins_state.load(str(tmp_path)) == pins
-    assert [p.name for p in tmp_path.iterdir()] == ["pins.json"]  # no temp file left
-    (tmp_path / "pins.json").write_text('{"web": [["00", 1]]}')
+    assert [p.name for p in (tmp_path / "workers").iterdir()] == ["pins.json"]  # no temp file left
+    (tmp_path / "workers" / "pins.json").write_text('{"web": [["00", 1]]}')
     with pytest.raises(P.PinsError):
         pins_state.load(str(tmp_path))
     pins_state.clear(str(tmp_path))

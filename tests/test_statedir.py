@@ -99,13 +99,16 @@ def _victim(tmp_path):
 
 
 def _writers(d: str):
-    """Every writer of a JSON file in the state dir: (file it writes, write)."""
+    """Every writer of a JSON file in the state dir: (file it writes, relative
+    to the state dir, write). The workers' directories are made first
+    (statedir.ensure_workers), for this process's own user."""
     from synlb.config import load
     cfg_path = os.path.join(os.path.dirname(d), "w.ini")
     with open(cfg_path, "w") as fh:
         fh.write(CONF.format(state=d))
     cfg = load(cfg_path)
     table = worker_table.build(cfg, cfg.service("web"), 0)
+    statedir.ensure_workers(d)
 
     def stats():
         w = worker.Worker.__new__(worker.Worker)
@@ -131,10 +134,10 @@ def _writers(d: str):
         ("netfilter.json", lambda: netfilter._store_state(d, {"4": ["a", "b"]})),
         ("sysctl-saved.json", sysctl_saved),
         ("targets-down.json", lambda: health_state.write_down(d, {"web": ["a"]})),
-        ("pins.json", lambda: pins_state.write(d, {"web": {bytes(13): 1}})),
+        ("workers/pins.json", lambda: pins_state.write(d, {"web": {bytes(13): 1}})),
         ("worker-0.pid", lambda: workers._write(workers.WorkerInfo(1234, "web", 0, "d", d))),
-        ("worker-0.table.json", lambda: worker_table.write(d, table)),
-        ("worker-0.stats.json", stats),
+        ("workers/worker-0.table.json", lambda: worker_table.write(d, table)),
+        ("workers/run/worker-0.stats.json", stats),
         ("vrrp-state.json", lambda: journal._write_state(d, VrrpEvent("notify", "GROUP", "G1", "MASTER"), (1, 2))),
     ]
 
@@ -157,7 +160,8 @@ def test_a_planted_symlink_at_an_old_fixed_temp_name_is_not_followed(tmp_path):
         json.loads((d / name).read_text())
     # no temp file of ours left: only the files and the planted links
     planted = {p for n, _ in writers for p in (f"{n}.tmp", f"{n}.{os.getpid()}.tmp")}
-    assert set(os.listdir(d)) == {n for n, _ in writers} | planted
+    found = {os.path.relpath(os.path.join(top, f), d) for top, _, files in os.walk(d) for f in files}
+    assert found == {n for n, _ in writers} | planted
 
 
 def test_a_symlink_at_the_file_itself_is_replaced_not_followed(tmp_path):
@@ -198,20 +202,21 @@ def test_the_nftables_engines_records_are_written_through_statedir(tmp_path):
 
 
 def test_the_worker_log_is_rotated_without_following_a_symlink(tmp_path):
-    """worker-N.log.1 used to be opened with open("wb"), through a link there."""
+    """worker-N.log.1 used to be opened with open("wb"), through a link there
+    (now in workers/run/, where a worker that is not root could plant one)."""
     d = tmp_path / "state"
     d.mkdir(mode=0o700)
+    statedir.ensure_workers(str(d))
     victim = _victim(tmp_path)
-    os.symlink(victim, d / "worker-0.log.1")
-    fd = os.open(d / "worker-0.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        os.write(fd, b"z" * 2000)
-        assert worker.rotate_log(fd, 1000, statedir.worker_log_old(str(d), 0))
-    finally:
-        os.close(fd)
+    old = statedir.worker_log_old(str(d), 0)
+    os.symlink(victim, old)
+    with statedir.open_log(statedir.worker_log(str(d), 0)) as log:  # as workers.start opens it
+        os.write(log.fileno(), b"z" * 2000)
+        assert worker.rotate_log(log.fileno(), 1000, old)
     assert victim.read_text() == "root's file\n"
-    assert not (d / "worker-0.log.1").is_symlink() and (d / "worker-0.log.1").read_bytes() == b"z" * 2000
-    assert sorted(os.listdir(d)) == ["worker-0.log", "worker-0.log.1"]
+    assert not os.path.islink(old) and open(old, "rb").read() == b"z" * 2000
+    assert sorted(os.listdir(d / "workers" / "run")) == ["worker-0.log.1"]
+    assert os.path.getsize(statedir.worker_log(str(d), 0)) == 0
 
 
 def test_reads_never_follow_a_symlink(tmp_path):
@@ -242,10 +247,12 @@ def test_lock_file_is_not_opened_through_a_symlink(tmp_path):
 def test_paths_are_named_in_one_place(tmp_path):
     d = str(tmp_path)
     assert workers.pidfile(d, 3) == f"{d}/worker-3.pid" == statedir.worker_pid(d, 3)
-    assert worker.stats_file(d, 3) == f"{d}/worker-3.stats.json"
-    assert worker_table.path(d, 3) == f"{d}/worker-3.table.json"
-    assert statedir.worker_log(d, 3) == f"{d}/worker-3.log"
-    assert pins_state.path(d) == f"{d}/pins.json"
+    assert worker.stats_file(d, 3) == f"{d}/workers/run/worker-3.stats.json"
+    assert worker_table.path(d, 3) == f"{d}/workers/worker-3.table.json"
+    assert statedir.worker_log(d, 3) == f"{d}/workers/worker-3.log"
+    assert statedir.worker_log_old(d, 3) == f"{d}/workers/run/worker-3.log.1"
+    assert pins_state.path(d) == f"{d}/workers/pins.json"
+    statedir.ensure_workers(d)
     for q in (0, 12, 3):
         for suffix in (".pid", ".log", ".table.json"):
             open(statedir.worker_file(d, q, suffix), "w").close()

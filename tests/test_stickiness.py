@@ -19,7 +19,7 @@ import time
 
 import pytest
 from synlb import config as config_mod
-from synlb import conntrack, pins
+from synlb import conntrack, pins, statedir
 from synlb_lab import addresses as A
 from synlb_lab.demo_failover import (
     FAMILIES,
@@ -94,7 +94,7 @@ def worker_pins(pair: Pair, r: str) -> int:
             n += r_.stdout.count(" : 0x")
         return n
     try:
-        with open(os.path.join(pair.state_dir(r), "worker-0.stats.json")) as fh:
+        with open(statedir.worker_stats(pair.state_dir(r), 0)) as fh:
             return json.load(fh).get("pins", 0)
     except (FileNotFoundError, ValueError):
         return -1

@@ -14,6 +14,7 @@ import uuid
 import pytest
 
 from synlb import config as config_mod
+from synlb import statedir
 
 BASE = """[synlb]
 state_dir = {state}
@@ -153,7 +154,7 @@ DRIVER = textwrap.dedent(r"""
             break
         time.sleep(0.05)
     out["a"], out["b"] = a.status(), b.status()
-    pins_file = os.path.join(base, "b", "state", "pins.json")
+    pins_file = statedir.pins(os.path.join(base, "b", "state"))
     out["b_file"] = json.load(open(pins_file)) if os.path.exists(pins_file) else None
 
     def reply(sock):

@@ -71,6 +71,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from synlb import statedir
+
 from . import addresses as A
 from .netns import LabError, ip_binary, run_cmd
 from .scenario import render_service_config, synlb, synlb_exe
@@ -639,7 +641,7 @@ def run_target_added_then_router_leaves(
 def worker_pins(lab: Lab, router: str, queue: int = 0) -> int:
     """How many pins the router's worker follows (from its stats file), -1 before it wrote one."""
     try:
-        with open(os.path.join(state_dir(lab, router), f"worker-{queue}.stats.json")) as fh:
+        with open(statedir.worker_stats(state_dir(lab, router), queue)) as fh:
             return json.load(fh).get("pins", -1)
     except (FileNotFoundError, ValueError):
         return -1

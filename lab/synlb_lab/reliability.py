@@ -37,6 +37,7 @@ import time
 from collections import Counter
 from typing import Callable
 
+from synlb import statedir
 from synlb.errors import EXIT_UNCONFIGURED
 from . import addresses as A
 from . import badinput
@@ -164,7 +165,7 @@ class Rig:
 
     def worker_stats(self, r: str = "lb1") -> dict:
         try:
-            with open(os.path.join(self.state_dir(r), "worker-0.stats.json")) as fh:
+            with open(statedir.worker_stats(self.state_dir(r), 0)) as fh:
                 return json.load(fh)
         except (OSError, ValueError):
             return {}
@@ -744,8 +745,8 @@ def full_state_dir(rig: Rig, fast: bool = False) -> dict:
                    notes=[f"could not mount a tmpfs in the lab directory: {rig.mount_error}"])
     def worker_tracebacks() -> int:
         n = 0
-        for name in ("worker-0.log", "worker-0.log.1"):
-            with contextlib.suppress(OSError), open(os.path.join(sd, name), errors="replace") as fh:
+        for name in (statedir.worker_log(sd, 0), statedir.worker_log_old(sd, 0)):
+            with contextlib.suppress(OSError), open(name, errors="replace") as fh:
                 n += fh.read().count("Traceback")
         return n
     load = rig.load()
@@ -963,7 +964,7 @@ def malformed(rig: Rig, fast: bool = False) -> dict:
         raise LabError("no neighbour entry for the client's gateway")
     pid = wait_for(rig.worker_ready, "worker ready", 10)
     st0 = rig.worker_stats()
-    logsize0 = os.path.getsize(os.path.join(rig.state_dir("lb1"), "worker-0.log"))
+    logsize0 = os.path.getsize(statedir.worker_log(rig.state_dir("lb1"), 0))
     load = rig.load(probe=False)
     time.sleep(0.5)
     t0 = time.time()
@@ -977,7 +978,7 @@ def malformed(rig: Rig, fast: bool = False) -> dict:
     reached = st1.get("packets", 0) - st0.get("packets", 0)
     res = load.finish(t0)
     conns = {fam: lab.open_connections(A.VIP[fam], count=60, concurrency=10) for fam in (4, 6)}
-    with open(os.path.join(rig.state_dir("lb1"), "worker-0.log"), errors="replace") as fh:
+    with open(statedir.worker_log(rig.state_dir("lb1"), 0), errors="replace") as fh:
         fh.seek(logsize0)
         new_log = fh.read()
     same = rig.worker_pid() == pid

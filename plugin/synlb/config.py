@@ -11,7 +11,9 @@ plugins named in ``[synlb] plugins`` declare (their ``SECTIONS``,
 ``SERVICE_OPTIONS``, ``TARGET_OPTIONS``, see plugins/__init__.py); nothing is
 registered at import time, so :func:`load` alone accepts every valid file.
 
-This module is pure: it reads files but never looks at the kernel.  What only
+This module is pure: it reads files but never looks at the kernel (the
+user database excepted: ``[synlb] worker_user`` must name a user that
+exists, :func:`worker_user_problem`).  What only
 the live system can tell (interfaces, local addresses) is in ``live.py``.
 """
 
@@ -23,6 +25,7 @@ import hashlib
 import importlib
 import ipaddress
 import os
+import pwd
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -139,6 +142,7 @@ class Globals:
     copy_range: int
     queue_maxlen: int
     plugins: tuple = ("lb",)
+    worker_user: str = "_synlb"
 
 
 @dataclass(frozen=True)
@@ -347,6 +351,33 @@ def _table_id(text: str) -> int:
     return v
 
 
+# The user the NFQUEUE workers run as (with CAP_NET_ADMIN only, docs/HARDENING.md):
+# `make deps` and the Debian package create it.
+DEFAULT_WORKER_USER = "_synlb"
+WORKER_USER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}")
+
+
+def _worker_user(text: str) -> str:
+    t = text.strip()
+    if not WORKER_USER_RE.fullmatch(t):
+        raise OptionError(f"{text!r} is not a user name (1-32 of A-Z a-z 0-9 _ . -, not starting with a "
+                          "digit, a dot or a dash)")
+    return t
+
+
+def worker_user_problem(name: str) -> str | None:
+    """Why ``name`` cannot run the workers (no such user), or None."""
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        how = ("`make deps` or the Debian package creates it: useradd --system --no-create-home "
+               "--home-dir /nonexistent --shell /usr/sbin/nologin --user-group _synlb"
+               if name == DEFAULT_WORKER_USER else "create it, or name another")
+        return (f"no user {name!r} on this system: the NFQUEUE workers run as it ({how}; "
+                "worker_user = root runs them as root)")
+    return None
+
+
 def _state_dir(text: str) -> str:
     t = text.strip()
     if not t.startswith("/"):
@@ -372,6 +403,9 @@ GLOBAL_OPTIONS = schema.Schema("synlb", [
     Option("queue_maxlen", _int(16, 1 << 20), 4096, "NFQUEUE kernel queue length per queue"),
     Option("plugins", _list, ["lb"],
            "plugins `synlb run` hosts: lb, health, scripts, metrics, or a dotted module path"),
+    Option("worker_user", _worker_user, DEFAULT_WORKER_USER,
+           "user the NFQUEUE workers run as, with CAP_NET_ADMIN only (it must exist); root: "
+           "as root, with every capability (check warns)"),
 ])
 
 def _check_service(s: dict) -> list[tuple[str, str]]:
@@ -491,6 +525,11 @@ def load(path: str | None = None) -> Config:
         return next(iter(vals.values()))[1] if vals else main
 
     glob_vals = schema.parse_section(GLOBAL_OPTIONS, "synlb", sections.get("synlb", {}), main, problems)
+    if "worker_user" in glob_vals:  # (load_globals and load_teardown do not ask: down needs no worker)
+        why = worker_user_problem(glob_vals["worker_user"])
+        if why:
+            problems.append((sections.get("synlb", {}).get("worker_user", (None, main))[1], "synlb",
+                             "worker_user", why))
     # plugins add their own sections and keys: resolve them before validating the rest
     mods = _plugin_modules(glob_vals.get("plugins", ()), sections, main, problems)
     schemas = {kind: sch for kind, (sch, _) in SECTION_KINDS.items()}

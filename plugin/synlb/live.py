@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import pwd
 import re
 import shutil
 
@@ -72,6 +73,16 @@ def warnings(cfg: Config) -> list[str]:
         out.append(f"{where}:synlb:hash_key: the shipped key is public: anyone can predict which target "
                    "a flow goes to and pile connections onto one; set a secret, the same on every router "
                    "(e.g. openssl rand -hex 32)")
+    if any(s.queues for s in cfg.services):
+        try:
+            root = pwd.getpwnam(cfg.globals.worker_user).pw_uid == 0
+        except KeyError:  # config.load refused it already
+            root = False
+        if root:
+            where = cfg.sections.get("synlb", {}).get("worker_user", (None, cfg.files[0]))[1]
+            out.append(f"{where}:synlb:worker_user: {cfg.globals.worker_user}: the NFQUEUE workers, which parse "
+                       "every queued packet, run as root with every capability; the default _synlb runs "
+                       "them with CAP_NET_ADMIN only (docs/HARDENING.md)")
     saves = {tool: _capture([f"{tool}-save"]) for tool in ("iptables", "ip6tables") if shutil.which(f"{tool}-save")}
     nft = _capture(["nft", "list", "ruleset"]) if shutil.which("nft") else ""
     out += invalid_drop_warnings(cfg, saves, nft)

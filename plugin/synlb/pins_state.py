@@ -1,4 +1,5 @@
-"""The pins a router's workers follow, as a file in the state dir.
+"""The pins a router's workers follow, as a file in the state dir
+(``workers/pins.json``: root's, readable by the workers' group).
 
 The sync plugin writes it (every peer's pins, merged) and SIGUSR1s the
 workers; a worker reads it at start and on SIGUSR1.  A missing file means
@@ -30,7 +31,7 @@ def load(state_dir: str) -> Pins:
 
 def write(state_dir: str, pins: Pins) -> None:
     """Replace the file atomically: a worker reads the old or the new pins, never half."""
-    statedir.write_json(path(state_dir), to_json(pins), separators=(",", ":"))
+    statedir.write_json(path(state_dir), to_json(pins), share=True, separators=(",", ":"))
 
 
 def clear(state_dir: str) -> None:

@@ -18,29 +18,37 @@ so the directory must be one that only root can change:
   a later write would trip over.
 - :func:`read_json` and :func:`open_append` never follow a symlink either.
 
-The files (``worker-<queue>.*`` once per NFQUEUE queue):
+The files (``worker-<queue>.*`` once per NFQUEUE queue). The workers run as
+``[synlb] worker_user`` (``_synlb``; docs/HARDENING.md): what they read is
+in ``workers/`` (root:<its group>, 0750; the files root:<its group>, 0640,
+written by root only), what they write in ``workers/run/`` (the user's own,
+0700); everything else is root's, 0600, in a state dir that is root's and
+at most traversable (0710, group the workers' own, when they are not root).
+Root reads ``workers/run/`` as untrusted input (:func:`read_untrusted`).
 
-=====================  ==========================================  =================
-file                   what                                        written by
-=====================  ==========================================  =================
-lock                   the data plane lock (flock)                 :func:`locked`
-applied.json           what ``up`` applied (digest, route proto)   dataplane
-netfilter.json         fingerprints of the applied rules           netfilter
-sysctl-saved.json      pickup sysctls as found before ``up``       sysctl
-targets-down.json      targets the health checks took out          health_state
-pins.json              pins from the peers (sync plugin)           pins_state
-control.sock           the host's control socket                   control
-vrrp-state.json        the newest VRRP event                       vrrp.journal
-vrrp.log, vrrp.log.1   every VRRP event seen                       vrrp.journal
-worker-N.pid           the worker's pid, service, table digest     workers
-worker-N.log           the worker's stdout and stderr              workers
-worker-N.log.1         the log's older part, past 1 MiB            worker
-worker-N.table.json    the table the worker serves                 worker_table
-worker-N.stats.json    the worker's counters (and pid once bound)  worker
-nft.json               what the nftables engine's table holds      nft_apply
-nft-slots-SVC.bin      a service's applied slot marks (nftables)   nft_apply
-nft-pins-SVC.json      a service's applied pins (nftables)         nft_apply
-=====================  ==========================================  =================
+==========================  ==========================================  =================
+file                        what                                        written by
+==========================  ==========================================  =================
+lock                        the data plane lock (flock)                 :func:`locked`
+applied.json                what ``up`` applied (digest, route proto)   dataplane
+netfilter.json              fingerprints of the applied rules           netfilter
+sysctl-saved.json           pickup sysctls as found before ``up``       sysctl
+targets-down.json           targets the health checks took out          health_state
+control.sock                the host's control socket                   control
+vrrp-state.json             the newest VRRP event                       vrrp.journal
+vrrp.log, vrrp.log.1        every VRRP event seen                       vrrp.journal
+worker-N.pid                the worker's pid, service, table, uid       workers
+nft.json                    what the nftables engine's table holds      nft_apply
+nft-slots-SVC.bin           a service's applied slot marks (nftables)   nft_apply
+nft-pins-SVC.json           a service's applied pins (nftables)         nft_apply
+workers/worker-N.table.json the table the worker serves (hash_key)      worker_table
+workers/pins.json           pins from the peers (sync plugin)           pins_state
+workers/worker-N.log        the worker's stdout and stderr (root's      workers
+                            file, the worker holds an fd on it)
+workers/run/worker-N.log.1  the log's older part, past 1 MiB            worker
+workers/run/worker-N.stats  the worker's counters (and pid once bound)  worker
+  .json
+==========================  ==========================================  =================
 """
 
 from __future__ import annotations
@@ -61,13 +69,17 @@ APPLIED = "applied.json"
 NETFILTER = "netfilter.json"
 SYSCTL_SAVED = "sysctl-saved.json"
 TARGETS_DOWN = "targets-down.json"
-PINS = "pins.json"
+PINS = "pins.json"  # in WORKERS_DIR
 CONTROL_SOCKET = "control.sock"
 VRRP_STATE = "vrrp-state.json"
 VRRP_LOG = "vrrp.log"
 VRRP_LOG_OLD = VRRP_LOG + ".1"
 NFT_STATE = "nft.json"
 _NFT_SERVICE_RE = re.compile(r"nft-slots-[A-Za-z0-9_]{1,12}\.bin|nft-pins-[A-Za-z0-9_]{1,12}\.json")
+
+# what the workers read (root writes it), and what they write
+WORKERS_DIR = "workers"
+WORKERS_RUN = "run"  # in WORKERS_DIR
 
 # worker-<queue><suffix>
 WORKER_PID = ".pid"
@@ -77,8 +89,18 @@ WORKER_TABLE = ".table.json"
 WORKER_STATS = ".stats.json"
 _WORKER_RE = re.compile(r"worker-(0|[1-9][0-9]{0,4})(\.[a-z.]+)")
 
+# where each kind of worker-<queue><suffix> file is: the state dir (None),
+# WORKERS_DIR or WORKERS_RUN
+_WORKER_WHERE = {WORKER_PID: None, WORKER_TABLE: "workers", WORKER_LOG: "workers",
+                 WORKER_LOG_OLD: "run", WORKER_STATS: "run"}
+
 MODE = 0o700
 FILE_MODE = 0o600
+SHARED_MODE = 0o640  # the files of WORKERS_DIR: root writes them, the workers' group reads them
+WORKERS_MODE = 0o750
+# the most root reads of a file a worker wrote (its stats: a few hundred
+# bytes per target; a log's tail)
+UNTRUSTED_MAX = 4 << 20
 
 
 class StateDirError(UserError):
@@ -113,7 +135,22 @@ def targets_down(state_dir: str) -> str:
 
 
 def pins(state_dir: str) -> str:
-    return path(state_dir, PINS)
+    return os.path.join(workers_dir(state_dir), PINS)
+
+
+def workers_dir(state_dir: str) -> str:
+    """What the workers read, only root writes: their tables, the pins, their logs."""
+    return path(state_dir, WORKERS_DIR)
+
+
+def workers_run(state_dir: str) -> str:
+    """What the workers write: their stats, their old logs."""
+    return os.path.join(workers_dir(state_dir), WORKERS_RUN)
+
+
+def _worker_where(state_dir: str, suffix: str) -> str:
+    where = _WORKER_WHERE[suffix]
+    return state_dir if where is None else workers_dir(state_dir) if where == "workers" else workers_run(state_dir)
 
 
 def control_socket(state_dir: str) -> str:
@@ -154,8 +191,9 @@ def nft_service_files(state_dir: str) -> list[str]:
 
 
 def worker_file(state_dir: str, queue: int, suffix: str) -> str:
-    """``worker-<queue><suffix>``, suffix one of WORKER_PID/LOG/LOG_OLD/TABLE/STATS."""
-    return path(state_dir, f"worker-{int(queue)}{suffix}")
+    """``worker-<queue><suffix>``, suffix one of WORKER_PID/LOG/LOG_OLD/TABLE/STATS, in
+    the directory that kind of file is in (the table above)."""
+    return os.path.join(_worker_where(state_dir, suffix), f"worker-{int(queue)}{suffix}")
 
 
 def worker_pid(state_dir: str, queue: int) -> str:
@@ -182,7 +220,7 @@ def worker_queues(state_dir: str, suffix: str) -> list[int]:
     """The queues that have a ``worker-<queue><suffix>`` file, in the order
     of the file names; none when the directory does not exist."""
     try:
-        names = sorted(os.listdir(state_dir))
+        names = sorted(os.listdir(_worker_where(state_dir, suffix)))
     except FileNotFoundError:
         return []
     out = []
@@ -277,6 +315,100 @@ def ensure(state_dir: str, create: bool = True) -> None:
         raise _refuse(state_dir, f"cannot be used ({e.filename or d}: {e.strerror or e})") from None
 
 
+def _search_bit(st: os.stat_result, uid: int, gid: int) -> int:
+    """The x bit that counts for uid:gid (no other groups) on a file with ``st``."""
+    return 0o100 if st.st_uid == uid else 0o010 if st.st_gid == gid else 0o001
+
+
+def unreachable_by(p: str, uid: int, gid: int) -> str | None:
+    """Why uid:gid (no supplementary groups, as the workers run) cannot reach
+    ``p`` (symlinks resolved): the first directory on the way it may not
+    search, or ``p`` itself when it is a file it may not read; None when it can."""
+    real = os.path.realpath(p)
+    parts = [x for x in real.split("/") if x]
+    chain = ["/"] + ["/" + "/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    for d in chain:
+        try:
+            st = os.stat(d)
+        except OSError as e:
+            return f"{d}: {e.strerror}"
+        if stat.S_ISDIR(st.st_mode):
+            if not st.st_mode & _search_bit(st, uid, gid):
+                return f"{d} is not searchable by it (mode {_mode(st)}, uid {st.st_uid}, gid {st.st_gid})"
+        elif not st.st_mode & (_search_bit(st, uid, gid) << 2):
+            return f"{d} is not readable by it (mode {_mode(st)}, uid {st.st_uid}, gid {st.st_gid})"
+    return None
+
+
+def _own_dir(p: str, uid: int, gid: int, mode: int) -> None:
+    """``p`` is a directory (made if missing, never a symlink followed) owned
+    by uid:gid with ``mode``."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(p, mode)
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise StateDirError(f"{p}: not a directory synlb made ({e.strerror}): refused") from None
+    try:
+        st = os.fstat(fd)
+        if (st.st_uid, st.st_gid) != (uid, gid):
+            os.fchown(fd, uid, gid)
+        if stat.S_IMODE(st.st_mode) != mode:
+            os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
+def ensure_workers(state_dir: str, uid: int | None = None, gid: int | None = None) -> None:
+    """The directories of workers that run as uid:gid (``[synlb]
+    worker_user``; by default this process's user, for a worker run in this
+    process), made or put right; StateDirError when the workers could not
+    reach them.
+
+    - the state dir (:func:`ensure`: root's, not writable by group or
+      others): when uid:gid may not search it, its group becomes gid and
+      gid may search it (0700 -> 0710); nothing else in it is theirs to read
+      (every file is root's, 0600);
+    - ``workers/``: root:gid, 0750; the tables and the pins in it root:gid,
+      0640 (root writes them: :func:`write_file` with ``share``);
+    - ``workers/run/``: uid:gid, 0700, the one place the workers write.
+    """
+    uid = os.geteuid() if uid is None else uid
+    gid = os.getegid() if gid is None else gid
+    ensure(state_dir)
+    d = state_dir.rstrip("/") or "/"
+    if uid != 0 and os.geteuid() == 0:
+        st = os.lstat(d)
+        if not st.st_mode & _search_bit(st, uid, gid):
+            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                os.fchown(fd, 0, gid)
+                os.fchmod(fd, (stat.S_IMODE(st.st_mode) & ~0o070) | 0o010)
+            finally:
+                os.close(fd)
+        why = unreachable_by(d, uid, gid)
+        if why:
+            raise _refuse(state_dir, f"cannot be reached by the workers' user (uid {uid}): {why}; make "
+                          "its parents searchable by others (o+x), or set [synlb] worker_user = root")
+    w = workers_dir(state_dir)
+    _own_dir(w, 0 if os.geteuid() == 0 else os.geteuid(), gid, WORKERS_MODE)
+    _own_dir(workers_run(state_dir), uid, gid, 0o700)
+    for name in os.listdir(w):
+        if name == PINS or (_WORKER_RE.fullmatch(name) and name.endswith(WORKER_TABLE)):
+            try:
+                fd = _open_regular(os.path.join(w, name), os.O_RDONLY)
+            except (OSError, ValueError):
+                continue
+            try:
+                st = os.fstat(fd)
+                if st.st_gid != gid:
+                    os.fchown(fd, -1, gid)
+                if stat.S_IMODE(st.st_mode) != SHARED_MODE:
+                    os.fchmod(fd, SHARED_MODE)
+            finally:
+                os.close(fd)
+
+
 @contextlib.contextmanager
 def locked(state_dir: str):
     """The data plane lock: one writer of the kernel at a time (flock on
@@ -299,24 +431,32 @@ def locked(state_dir: str):
 
 # ------------------------------------------------------------------ files
 
-def write_json(path: str, data, *, sync: bool = True, **dump) -> None:
+def write_json(path: str, data, *, sync: bool = True, share: bool = False, **dump) -> None:
     """Replace ``path`` with ``data`` as JSON, atomically (:func:`write_file`).
     ``dump``: extra ``json.dump`` arguments."""
-    write_file(path, lambda fh: fh.write(json.dumps(data, **dump).encode()), sync=sync)
+    write_file(path, lambda fh: fh.write(json.dumps(data, **dump).encode()), sync=sync, share=share)
 
 
-def write_file(path: str, fill, *, sync: bool = True) -> None:
+def write_file(path: str, fill, *, sync: bool = True, share: bool = False) -> None:
     """Replace ``path`` atomically with what ``fill(fh)`` writes to a binary
     file: a unique temp file beside it (created with O_EXCL, mode 0600: a
     symlink or file planted at any name is never followed nor reused),
     fsync, rename over ``path``, fsync of the directory. ``sync=False``
     leaves out both fsyncs, for a file that nothing recovers after a crash
     and whose writer must not wait on a disk (the worker's counters, its old
-    log: its loop runs between two packets' verdicts). The temp file never
-    stays behind."""
+    log: its loop runs between two packets' verdicts). ``share``: a file
+    of ``workers/`` that the workers read: mode 0640, group the directory's
+    (made, 0750, if missing; :func:`ensure_workers` gives it the workers'
+    group). The temp file never stays behind."""
     d, name = os.path.split(path)
+    if share:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(d, WORKERS_MODE)
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=d or ".")
     try:
+        if share:
+            os.fchown(fd, -1, os.stat(d).st_gid)
+            os.fchmod(fd, SHARED_MODE)
         with os.fdopen(fd, "wb") as fh:
             fill(fh)
             if sync:
@@ -366,10 +506,54 @@ def read_json(path: str):
     return json.loads(read_bytes(path))
 
 
+def read_untrusted(path: str, max_bytes: int = UNTRUSTED_MAX, *, tail: bool = False) -> bytes:
+    """A file a worker wrote (or could have replaced), read by root: never
+    through a symlink, only a regular file with one link (not a hard link a
+    worker made to a file it may not read), at most ``max_bytes`` (``tail``:
+    its last ``max_bytes``; else a longer file is refused). FileNotFoundError
+    when there is none; NotAFile (a ValueError) for anything else wrong."""
+    try:
+        fd = _open_regular(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise
+    except OSError as e:  # a socket (ENXIO), no permission...: not something to read
+        raise NotAFile(f"{path}: {e.strerror or e}") from None
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fd)
+        if st.st_nlink != 1:
+            raise NotAFile(f"{path}: {st.st_nlink} hard links, not read")
+        if tail:
+            fh.seek(max(0, st.st_size - max_bytes))
+        data = fh.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        if not tail:
+            raise NotAFile(f"{path}: larger than {max_bytes} bytes, not read")
+        data = data[-max_bytes:]
+    return data
+
+
+def read_untrusted_json(path: str, max_bytes: int = UNTRUSTED_MAX):
+    """:func:`read_untrusted`, as JSON: ValueError for anything but JSON
+    (nesting too deep for the parser included)."""
+    data = read_untrusted(path, max_bytes)
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deep") from None
+
+
 def open_append(path: str):
     """A log file opened for appending (binary; created mode 0600), never
     through a symlink."""
     return os.fdopen(_open_regular(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "ab")
+
+
+def open_log(path: str):
+    """A worker's log, opened by root for the worker to inherit: appending,
+    created mode 0600 (root's: the worker cannot open it by its name, only
+    use this fd), readable through the fd too so that the worker can copy
+    it when it rotates it (worker.rotate_log); never through a symlink."""
+    return os.fdopen(_open_regular(path, os.O_RDWR | os.O_APPEND | os.O_CREAT), "ab")
 
 
 def is_file(path: str) -> bool:

@@ -69,11 +69,7 @@ def _kernel_picks(cfg: Config, counters: dict) -> dict[str, dict[int, int]]:
 
 
 def _worker_stats(state_dir: str, queue: int) -> dict:
-    try:
-        stats = statedir.read_json(workers.stats_file(state_dir, queue))
-    except (FileNotFoundError, ValueError):
-        return {}
-    return stats if isinstance(stats, dict) else {}
+    return workers.read_stats(state_dir, queue)  # a worker wrote it: read as untrusted input
 
 
 def _vrrp(cfg: Config) -> dict | None:

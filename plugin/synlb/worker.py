@@ -18,6 +18,7 @@ re-reads the pins; SIGTERM/SIGINT stop the loop and unbind the queue.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -123,8 +124,9 @@ class Worker:
     @classmethod
     def from_config(cls, cfg, service_name: str, queue: int = 0) -> "Worker":
         """A worker on the table the data plane would write for ``cfg`` (for
-        the benchmark and tests, which run a worker without the data plane)."""
-        statedir.ensure(cfg.globals.state_dir)
+        the benchmark and tests, which run a worker without the data plane,
+        in this process: its directories are this process's user's)."""
+        statedir.ensure_workers(cfg.globals.state_dir)
         worker_table.write(cfg.globals.state_dir, worker_table.build(cfg, cfg.service(service_name), queue))
         return cls(cfg.globals.state_dir, service_name, queue)
 
@@ -306,16 +308,29 @@ class LeaveLoop(Exception):
 
 def rotate_log(fd: int, max_bytes: int, old: str) -> bool:
     """When ``fd`` (the worker's stderr, which its starter opened in append
-    mode on worker-N.log) is a file larger than ``max_bytes``: copy it to
-    ``old`` (worker-N.log.1, replaced atomically, never through a symlink)
-    and empty it. Appending goes on at the new end, so nothing is reopened;
-    a worker that logs a lot keeps at most twice ``max_bytes``."""
+    mode on workers/worker-N.log) is a file larger than ``max_bytes``: copy
+    it to ``old`` (workers/run/worker-N.log.1, replaced atomically, never
+    through a symlink) and empty it. Appending goes on at the new end, so
+    nothing is reopened; a worker that logs a lot keeps at most twice
+    ``max_bytes``. The copy is read through ``fd`` itself (the starter opens
+    it read-write: the file is root's, and a worker that is not root could
+    not open it again by any name), or, when ``fd`` is write-only, through
+    /proc/self/fd."""
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode) or st.st_size <= max_bytes:
         return False
 
     def copy(dst) -> None:
         # the very file fd is open on, whatever its name is now
+        try:
+            pos = 0
+            while chunk := os.pread(fd, 1 << 16, pos):
+                dst.write(chunk)
+                pos += len(chunk)
+            return
+        except OSError as e:
+            if e.errno != errno.EBADF:  # EBADF: opened write-only
+                raise
         with open(f"/proc/self/fd/{fd}", "rb") as src:
             while chunk := src.read(1 << 16):
                 dst.write(chunk)

@@ -5,7 +5,8 @@ a reload the host refused, must never reach a worker, or it could pick a
 target whose ip rule or DNAT the data plane never installed.  So the data
 plane, under its lock and in the same pass that installs the rules and
 routes, writes per queue the table the worker must serve
-(``worker-<queue>.table.json``) and signals the worker; the worker reads
+(``workers/worker-<queue>.table.json``: root's, mode 0640, group the
+workers', as it holds hash_key) and signals the worker; the worker reads
 only that file (and the pins file, see pins_state).
 
 The table's ``targets`` are the active ones (configured, less those the
@@ -104,8 +105,9 @@ def load(state_dir: str, queue: int) -> WorkerTable:
 
 
 def write(state_dir: str, table: WorkerTable) -> None:
-    """Replace the file atomically (a worker reads the old table or the new one)."""
-    statedir.write_json(path(state_dir, table.queue), table.to_json())
+    """Replace the file atomically (a worker reads the old table or the new
+    one): root's, readable by the workers' group only (it holds hash_key)."""
+    statedir.write_json(path(state_dir, table.queue), table.to_json(), share=True)
 
 
 def remove(state_dir: str, queue: int) -> None:

@@ -3,11 +3,22 @@
 A worker's pid file (``worker-<queue>.pid``, JSON) is trusted only if psutil
 shows a live process whose command line is that worker's: a stale file left by
 a crash or a reused pid is recognised and removed.
+
+Workers run as ``[synlb] worker_user`` (default ``_synlb``) with
+CAP_NET_ADMIN only (docs/HARDENING.md): started through util-linux's
+``setpriv`` (a root-owned binary, checked with trust.py before it runs),
+which sets the user's uid and gid, no supplementary groups, CAP_NET_ADMIN
+alone in the inheritable, ambient and bounding sets, and no_new_privs, then
+runs ``synlb worker``. ``worker_user = root`` starts them as root, as
+before. What a worker writes (its stats, its old log) is read back here as
+untrusted input (statedir.read_untrusted).
 """
 
 from __future__ import annotations
 
 import os
+import pwd
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +27,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from . import health_state, statedir, worker_table
+from . import health_state, statedir, trust, worker_table
 from .errors import UserError
 from .worker import stats_file
 from .config import Config
@@ -24,6 +35,12 @@ from .worker_table import WorkerTable
 
 QUEUE_PROC = "/proc/net/netfilter/nfnetlink_queue"
 BIND_TIMEOUT = 5.0
+# where setpriv is looked for (util-linux: /usr/bin/setpriv on Debian 12)
+SETPRIV_PATH = "/usr/bin:/bin"
+# the one capability a worker keeps: binding an NFQUEUE queue, and the
+# kernel checks it again on every verdict (nfnetlink_rcv)
+WORKER_CAPS = "-all,+net_admin"
+LOG_TAIL_BYTES = 64 << 10  # what is read of a worker's log to say why it died
 
 
 class WorkerError(UserError):
@@ -48,6 +65,81 @@ class WorkerInfo:
         return pidfile(self.state_dir, self.queue)
 
 
+@dataclass(frozen=True)
+class Identity:
+    """Who the workers run as: ``[synlb] worker_user`` and its primary group."""
+    user: str
+    uid: int
+    gid: int
+
+    @property
+    def root(self) -> bool:
+        return self.uid == 0
+
+
+def _where(cfg: Config) -> str:
+    return cfg.sections.get("synlb", {}).get("worker_user", (None, cfg.files[0] if cfg.files else "-"))[1]
+
+
+def identity(cfg: Config) -> Identity:
+    """The configured worker user, looked up now (config.load checked that
+    it existed; it may have been removed since): WorkerError naming the key."""
+    name = cfg.globals.worker_user
+    try:
+        pw = pwd.getpwnam(name)
+    except KeyError:
+        raise WorkerError(f"{_where(cfg)}:synlb:worker_user: no user {name!r} on this system "
+                          "(the NFQUEUE workers run as it)") from None
+    return Identity(name, pw.pw_uid, pw.pw_gid)
+
+
+def launcher(ident: Identity) -> list[str]:
+    """What runs ``synlb worker`` as ``ident``: setpriv with its options
+    ([] for root). The setpriv run is the real path of a root-owned binary in
+    root-owned directories (trust.trusted), else WorkerError."""
+    if ident.root:
+        return []
+    found = shutil.which("setpriv", path=SETPRIV_PATH)
+    if found is None:
+        raise WorkerError(f"setpriv (util-linux) not found in {SETPRIV_PATH}: it starts the workers as "
+                          f"worker_user {ident.user}")
+    real, why = trust.trusted(found)
+    if real is None:
+        raise WorkerError(f"{found} is not run as root: {why}")
+    return [real, f"--reuid={ident.uid}", f"--regid={ident.gid}", "--clear-groups",
+            f"--inh-caps={WORKER_CAPS}", f"--ambient-caps={WORKER_CAPS}", f"--bounding-set={WORKER_CAPS}",
+            "--no-new-privs", "--"]
+
+
+def _interpreter(script: str) -> str | None:
+    """The interpreter a script's ``#!`` line names, if any."""
+    try:
+        with open(script, "rb") as fh:
+            first = fh.readline(4096)
+    except OSError:
+        return None
+    if not first.startswith(b"#!"):
+        return None
+    words = first[2:].decode(errors="replace").split()
+    return words[0] if words else None
+
+
+def prepare(cfg: Config, ident: Identity) -> None:
+    """The workers' directories (statedir.ensure_workers), and the code they
+    run reachable by their user: else a WorkerError before anything starts,
+    rather than a worker that dies on a permission error."""
+    statedir.ensure_workers(cfg.globals.state_dir, ident.uid, ident.gid)
+    if ident.root:
+        return
+    import synlb
+    prog = synlb_command()[0]
+    for p in (prog, _interpreter(prog), os.path.dirname(synlb.__file__)):
+        why = p and statedir.unreachable_by(p, ident.uid, ident.gid)
+        if why:
+            raise WorkerError(f"{_where(cfg)}:synlb:worker_user: {ident.user} (uid {ident.uid}) cannot run "
+                              f"synlb's code: {why}")
+
+
 def synlb_command() -> list[str]:
     """The ``synlb`` program that is running now (so a worker runs the same
     code), else the console script next to this interpreter."""
@@ -66,12 +158,14 @@ def pidfile(state_dir: str, queue: int) -> str:
 
 def _is_ours(proc: psutil.Process, info: WorkerInfo) -> bool:
     """The process is the worker ``info`` records: same start time, same
-    executable, same owner, and a worker's command line for that queue and
-    service. Checked before a pid is signalled or adopted."""
+    executable, same owner (real, effective and saved uid: the user it was
+    started as), and a worker's command line for that queue and service.
+    Checked before a pid is signalled or adopted."""
     try:
         cmd = proc.cmdline()
+        uids = proc.uids()
         same = (abs(proc.create_time() - info.started) < 0.01 and proc.exe() == info.exe
-                and proc.uids().real == info.uid)
+                and uids.real == uids.effective == uids.saved == info.uid)
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return False
     if not cmd:  # /proc/PID/cmdline is empty for a moment right after the exec
@@ -136,30 +230,59 @@ def bound_queues() -> dict[int, dict]:
     return out
 
 
-def start(state_dir: str, table: WorkerTable) -> WorkerInfo:
-    """Write the worker's table, then start it on that table."""
+def start(state_dir: str, table: WorkerTable, ident: Identity) -> WorkerInfo:
+    """Write the worker's table, then start it on that table, as ``ident``
+    (``prepare`` made its directories)."""
     queue = table.queue
     statedir.remove(stats_file(state_dir, queue))
     worker_table.write(state_dir, table)
-    argv = synlb_command() + ["worker", f"--state-dir={state_dir}", f"--service={table.service}",
-                              f"--queue={queue}"]
-    with statedir.open_append(statedir.worker_log(state_dir, queue)) as log:
+    pre = launcher(ident)
+    argv = pre + synlb_command() + ["worker", f"--state-dir={state_dir}", f"--service={table.service}",
+                                    f"--queue={queue}"]
+    with statedir.open_log(statedir.worker_log(state_dir, queue)) as log:
         # a new session: keepalived kills a notify script's process group on
         # timeout, and the workers must outlive the script that started them
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                start_new_session=True, close_fds=True)
+                                start_new_session=True, close_fds=True, cwd="/")
     info = WorkerInfo(pid=proc.pid, service=table.service, queue=queue, digest=table.digest(),
-                      state_dir=state_dir)
+                      state_dir=state_dir, uid=ident.uid)
     try:
-        me = psutil.Process(proc.pid)  # Popen returns after the exec: this is the worker's own image
-        info.started, info.exe, info.uid = me.create_time(), me.exe(), me.uids().real
+        me = psutil.Process(proc.pid)
+        info.started = me.create_time()
+        info.exe = _exe_past(me, pre[0] if pre else None, info)
+        uids = me.uids()
+        if not uids.real == uids.effective == uids.saved == ident.uid:
+            raise WorkerError(f"worker for queue {queue} runs as uid {tuple(uids)}, not {ident.user}'s "
+                              f"{ident.uid}")
         _write(info)
-    except (OSError, psutil.Error) as e:  # a worker nobody can find would hold the queue for good
+    except (OSError, psutil.Error, WorkerError) as e:  # a worker nobody can find would hold the queue for good
         proc.kill()
         proc.wait(5)
+        if isinstance(e, WorkerError):
+            raise
         raise WorkerError(f"{info.pidfile}: cannot record worker queue {queue}: "
                           f"{getattr(e, 'strerror', None) or e}") from None
     return info
+
+
+def _exe_past(me: psutil.Process, launcher_exe: str | None, info: WorkerInfo) -> str:
+    """The worker's executable: what Popen started (it returns after the
+    exec), or, started through setpriv, what setpriv executes next (it sets
+    the user and the capabilities first)."""
+    exe = me.exe()
+    if launcher_exe is None:
+        return exe
+    deadline = time.monotonic() + BIND_TIMEOUT
+    while exe == launcher_exe:
+        if me.status() == psutil.STATUS_ZOMBIE:
+            raise WorkerError(f"worker for queue {info.queue} exited: {_log_tail(info)}")
+        if time.monotonic() > deadline:
+            raise WorkerError(f"worker for queue {info.queue}: setpriv did not start it within "
+                              f"{BIND_TIMEOUT}s: {_log_tail(info)}")
+        time.sleep(0.001)
+        # (a Process caches its exe: asked anew; the pid is our unreaped child's)
+        exe = psutil.Process(me.pid).exe()
+    return exe
 
 
 def _holds_queue(info: WorkerInfo, bound: dict) -> bool:
@@ -190,18 +313,33 @@ def wait_bound(infos: list[WorkerInfo], timeout: float = BIND_TIMEOUT) -> None:
             time.sleep(0.02)
 
 
+def read_stats(state_dir: str, queue: int) -> dict:
+    """The counters the queue's worker published ({} when there are none
+    or they are not what a worker writes). A worker that is not root wrote
+    them, in a directory it owns: read as untrusted input (never through a
+    symlink or a hard link, bounded, every field used checked)."""
+    try:
+        stats = statedir.read_untrusted_json(stats_file(state_dir, queue))
+    except (FileNotFoundError, ValueError):
+        return {}
+    if not isinstance(stats, dict):
+        return {}
+    for key in ("pid", "packets"):
+        v = stats.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            return {}
+    return stats
+
+
 def _published(state_dir: str, info: WorkerInfo) -> bool:
     """The worker published its stats file: it holds its queue and has its signal handlers."""
-    try:
-        stats = statedir.read_json(stats_file(state_dir, info.queue))
-    except (FileNotFoundError, ValueError):
-        return False
-    return isinstance(stats, dict) and stats.get("pid") == info.pid
+    return read_stats(state_dir, info.queue).get("pid") == info.pid
 
 
 def _log_tail(info: WorkerInfo) -> str:
     try:
-        data = statedir.read_bytes(statedir.worker_log(info.state_dir, info.queue))
+        data = statedir.read_untrusted(statedir.worker_log(info.state_dir, info.queue), LOG_TAIL_BYTES,
+                                       tail=True)
     except (FileNotFoundError, ValueError):
         return "(no log)"
     lines = [ln.strip() for ln in data.decode(errors="replace").splitlines()[-3:]]
@@ -266,6 +404,9 @@ def ensure(cfg: Config, stop_unwanted: bool = True) -> list[str]:
     NFQUEUE rules are gone: a queue never loses its listener first)."""
     state_dir = cfg.globals.state_dir
     want = desired(cfg)
+    ident = identity(cfg) if want else None
+    if ident is not None:
+        prepare(cfg, ident)
     have = {w.queue: w for w in running(state_dir)}
     changes = []
     for q, w in sorted(have.items()):
@@ -273,7 +414,11 @@ def ensure(cfg: Config, stop_unwanted: bool = True) -> list[str]:
         if table is None and not stop_unwanted:
             del have[q]
             continue
-        if table is None or table.service != w.service:
+        if table is not None and table.service == w.service and w.uid != ident.uid:
+            stop(w)  # worker_user changed (or a worker of an older synlb, as root): started anew below
+            changes.append(f"stopped worker queue {q} (pid {w.pid}): uid {w.uid}, not {ident.user}'s {ident.uid}")
+            del have[q]
+        elif table is None or table.service != w.service:
             stop(w)
             worker_table.remove(state_dir, q)
             changes.append(f"stopped worker queue {q} (pid {w.pid})")
@@ -282,10 +427,10 @@ def ensure(cfg: Config, stop_unwanted: bool = True) -> list[str]:
             reload(w, state_dir, table)
             changes.append(f"reloaded worker queue {q} (pid {w.pid})")
     started = []
-    for q, table in sorted(want.items()):
-        if q not in have:
-            started.append(start(state_dir, table))
     try:
+        for q, table in sorted(want.items()):
+            if q not in have:
+                started.append(start(state_dir, table, ident))
         wait_bound(started)
     except WorkerError:
         for w in started:
@@ -312,10 +457,18 @@ def drift(cfg: Config) -> list[str]:
     have = {w.queue: w for w in running(state_dir)}
     bound = bound_queues()
     out = []
+    try:
+        uid = identity(cfg).uid if want else None
+    except WorkerError as e:
+        out.append(str(e))
+        uid = None
     for q, table in sorted(want.items()):
         w = have.get(q)
         if w is None:
             out.append(f"worker queue {q}: not running")
+        elif uid is not None and w.uid != uid:
+            out.append(f"worker queue {q} (pid {w.pid}): runs as uid {w.uid}, not worker_user "
+                       f"{cfg.globals.worker_user}'s {uid}")
         elif w.digest != table.digest():
             out.append(f"worker queue {q} (pid {w.pid}): serves another table than the configuration's")
         elif not _holds_queue(w, bound):
