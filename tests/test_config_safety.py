@@ -122,3 +122,58 @@ def test_an_http_check_path_that_cannot_be_sent_is_refused(tmp_path, value):
         fh.write(f"check = http\ncheck_port = 80\ncheck_path = {value}\n")
     assert problems(path) == [f"target:a:check_path: {value!r} is not an absolute URL path of printable "
                               "ASCII (percent-encode the rest)"]
+
+
+# ------------------------------------------------------------------ worker_user
+
+SYNLB = os.path.join(os.path.dirname(sys.executable), "synlb")
+
+
+def test_an_unknown_worker_user_is_refused_by_check_naming_the_key(tmp_path):
+    """The workers never fall back to root (or anyone) when their user is
+    missing: `synlb check`, and every command that loads the configuration
+    before it changes anything (config.load), name FILE:SECTION:KEY."""
+    path = write(tmp_path, synlb="worker_user = no-such-user")
+    why = ("no user 'no-such-user' on this system: the NFQUEUE workers run as it (create it, or name "
+           "another; worker_user = root runs them as root)")
+    assert problems(path) == [f"synlb:worker_user: {why}"]
+    r = subprocess.run([SYNLB, "--config", path, "check"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"{path}:synlb:worker_user: {why}" in r.stdout + r.stderr
+
+def test_a_missing_default_worker_user_is_told_how_to_make_it(monkeypatch):
+    assert config_mod.worker_user_problem("_synlb") is None  # (make deps made it)
+    monkeypatch.setattr(config_mod, "DEFAULT_WORKER_USER", "_nope")
+    assert "(`make deps` or the Debian package creates it: useradd --system --no-create-home " \
+           "--home-dir /nonexistent --shell /usr/sbin/nologin --user-group _nope;" \
+           in config_mod.worker_user_problem("_nope")
+
+
+@pytest.mark.parametrize("value", ["1abc", "a b", "-x", "../x", "x" * 33, ""])
+def test_a_worker_user_that_is_no_user_name_is_refused(tmp_path, value):
+    (line,) = problems(write(tmp_path, synlb=f"worker_user = {value}"))
+    assert line.startswith("synlb:worker_user: ") and "is not a user name" in line, line
+
+
+def test_teardown_does_not_need_the_worker_user(tmp_path):
+    """`synlb down` (load_globals) and a VRRP event's teardown (load_teardown)
+    work with a worker_user that is gone: nothing is started by them."""
+    path = write(tmp_path, synlb="worker_user = no-such-user")
+    assert config_mod.load_globals(path).worker_user == "no-such-user"
+    assert config_mod.load_teardown(path)[0].worker_user == "no-such-user"
+
+
+def test_check_warns_about_workers_running_as_root(tmp_path):
+    from synlb import live
+    key = "hash_key = s3cret-of-this-cluster"
+    assert config_mod.load(write(tmp_path, synlb=key)).globals.worker_user == "_synlb"
+    assert live.warnings(config_mod.load(write(tmp_path, synlb=key))) == []
+    path = write(tmp_path, synlb=f"{key}\nworker_user = root")
+    assert live.warnings(config_mod.load(path)) == [
+        f"{path}:synlb:worker_user: root: the NFQUEUE workers, which parse every queued packet, run as root "
+        "with every capability; the default _synlb runs them with CAP_NET_ADMIN only (docs/HARDENING.md)"]
+    r = subprocess.run([SYNLB, "--config", path, "check"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and f"warning: {path}:synlb:worker_user: root: " in r.stderr, r.stderr
+    # no worker, no warning: a service of the nftables engine only
+    path = write(tmp_path, synlb=f"{key}\nworker_user = root", service="engine = nftables")
+    assert live.warnings(config_mod.load(path)) == []

@@ -115,6 +115,10 @@ FILES = [
     ("/etc/synlb/scripts.d/STATE/", "the scripts plugin's executables, per VRRP state"),
     ("/run/synlb/", "the default state_dir: pid files, saved sysctls, the record of what is applied, "
                     "the VRRP journal, the host's control socket"),
+    ("/run/synlb/workers/", "what the NFQUEUE workers read (their tables, the pins; root writes them) "
+                            "and, in run/, the one place they write (their counters, old logs): the "
+                            "workers run as worker_user (_synlb, created by the package) with "
+                            "CAP_NET_ADMIN only"),
     ("/usr/lib/synlb/keepalived-notify", "keepalived's notify script: runs synlb notify; root-owned, "
                                          "as keepalived's enable_script_security requires"),
     ("/lib/systemd/system/synlb.service", "runs synlb run (Type=notify, reload with SIGHUP)"),

@@ -371,7 +371,7 @@ def worker_user_problem(name: str) -> str | None:
         pwd.getpwnam(name)
     except KeyError:
         how = ("`make deps` or the Debian package creates it: useradd --system --no-create-home "
-               "--home-dir /nonexistent --shell /usr/sbin/nologin --user-group _synlb"
+               "--home-dir /nonexistent --shell /usr/sbin/nologin --user-group " + name
                if name == DEFAULT_WORKER_USER else "create it, or name another")
         return (f"no user {name!r} on this system: the NFQUEUE workers run as it ({how}; "
                 "worker_user = root runs them as root)")
