@@ -7,7 +7,7 @@ import time
 
 import psutil
 
-from . import conntrack, dataplane, health_state, netfilter, nft_apply, nft_engine, rules, statedir, sysctl, workers
+from . import conntrack, dataplane, health_state, netfilter, nft_apply, nft_engine, rules, sysctl, workers
 from .config import Config
 
 def cpu_seconds(proc: psutil.Process) -> float:
