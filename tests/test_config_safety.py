@@ -155,6 +155,17 @@ def test_a_worker_user_that_is_no_user_name_is_refused(tmp_path, value):
     assert line.startswith("synlb:worker_user: ") and "is not a user name" in line, line
 
 
+def test_the_worker_user_is_only_needed_where_workers_run(tmp_path):
+    """No service (the shipped file, also where the package is built) or
+    services of the nftables engine only: no worker, no user needed."""
+    path = tmp_path / "synlb.ini"
+    path.write_text("[synlb]\nworker_user = no-such-user\n")
+    r = subprocess.run([SYNLB, "--config", str(path), "check"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 3 and "nothing configured" in r.stdout, r.stdout + r.stderr
+    cfg = config_mod.load(write(tmp_path, synlb="worker_user = no-such-user", service="engine = nftables"))
+    assert cfg.globals.worker_user == "no-such-user"
+
+
 def test_teardown_does_not_need_the_worker_user(tmp_path):
     """`synlb down` (load_globals) and a VRRP event's teardown (load_teardown)
     work with a worker_user that is gone: nothing is started by them."""

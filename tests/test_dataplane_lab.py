@@ -334,8 +334,10 @@ def test_workers_run_as_their_user_with_cap_net_admin_only(lab, clean):
     and no_new_privs, and still balances. Its user reads its table and the
     pins, writes only workers/run/: a root-only file in the state dir, the
     pid files, the table (to write or replace) and /etc/shadow are out of
-    its reach. A symlink it plants where root reads its stats is not
-    followed: `synlb status` counts 0 packets, not the planted file's."""
+    its reach; it rotates its log (root's file, through the fd it was
+    given) into workers/run/. A symlink it plants where root reads its
+    stats is not followed: `synlb status` counts 0 packets, not the
+    planted file's."""
     import pwd
     import signal
     import subprocess
@@ -397,6 +399,23 @@ def test_workers_run_as_their_user_with_cap_net_admin_only(lab, clean):
                        "create in state dir": "PermissionError", "create in workers": "PermissionError",
                        "hard link secret": "PermissionError", "read /etc/shadow": "PermissionError",
                        "write in run": "ok"}, got
+
+        # the worker's log rotation, with its user's rights: its stderr is the
+        # fd root opened on the root-only log (queue 7: no worker of its own)
+        with statedir.open_log(statedir.worker_log(state_dir, 7)) as log:
+            log.write(b"x" * 1500)
+            log.flush()
+            rotate = ("import sys; from synlb import statedir, worker; "
+                      "sys.exit(0 if worker.rotate_log(2, 1000, statedir.worker_log_old(sys.argv[1], 7)) else 3)")
+            r = subprocess.run(workers.launcher(ident) + [sys.executable, "-I", "-c", rotate, state_dir],
+                               stderr=log, timeout=30, cwd="/")
+        assert r.returncode == 0
+        with open(statedir.worker_log_old(state_dir, 7), "rb") as fh:
+            assert fh.read() == b"x" * 1500
+        assert os.path.getsize(statedir.worker_log(state_dir, 7)) == 0
+        assert mode(statedir.worker_log_old(state_dir, 7))[:2] == (pw.pw_uid, pw.pw_gid)
+        for p in (statedir.worker_log(state_dir, 7), statedir.worker_log_old(state_dir, 7)):
+            os.unlink(p)
 
         # a compromised worker replaces its stats file with a symlink to the
         # secret (stopped meanwhile, so that it does not rewrite the file)

@@ -14,7 +14,6 @@ import uuid
 import pytest
 
 from synlb import config as config_mod
-from synlb import statedir
 
 BASE = """[synlb]
 state_dir = {state}
@@ -81,7 +80,7 @@ def test_track_syn_needs_route_mode(tmp_path):
 
 DRIVER = textwrap.dedent(r"""
     import json, os, socket, subprocess, sys, time
-    from synlb import config as config_mod, pins as P
+    from synlb import config as config_mod, pins as P, statedir
     from synlb.plugins import sync as S
     from synlb.plugins import NodeState
 

@@ -13,8 +13,9 @@ registered at import time, so :func:`load` alone accepts every valid file.
 
 This module is pure: it reads files but never looks at the kernel (the
 user database excepted: ``[synlb] worker_user`` must name a user that
-exists, :func:`worker_user_problem`).  What only
-the live system can tell (interfaces, local addresses) is in ``live.py``.
+exists when a service has workers, :func:`worker_user_problem`).  What
+only the live system can tell (interfaces, local addresses) is in
+``live.py``.
 """
 
 from __future__ import annotations
@@ -404,7 +405,8 @@ GLOBAL_OPTIONS = schema.Schema("synlb", [
     Option("plugins", _list, ["lb"],
            "plugins `synlb run` hosts: lb, health, scripts, metrics, or a dotted module path"),
     Option("worker_user", _worker_user, DEFAULT_WORKER_USER,
-           "user the NFQUEUE workers run as, with CAP_NET_ADMIN only (it must exist); root: "
+           "user the NFQUEUE workers run as, with CAP_NET_ADMIN only (it must exist when a service "
+           "uses the nfqueue engine); root: "
            "as root, with every capability (check warns)"),
 ])
 
@@ -525,11 +527,6 @@ def load(path: str | None = None) -> Config:
         return next(iter(vals.values()))[1] if vals else main
 
     glob_vals = schema.parse_section(GLOBAL_OPTIONS, "synlb", sections.get("synlb", {}), main, problems)
-    if "worker_user" in glob_vals:  # (load_globals and load_teardown do not ask: down needs no worker)
-        why = worker_user_problem(glob_vals["worker_user"])
-        if why:
-            problems.append((sections.get("synlb", {}).get("worker_user", (None, main))[1], "synlb",
-                             "worker_user", why))
     # plugins add their own sections and keys: resolve them before validating the rest
     mods = _plugin_modules(glob_vals.get("plugins", ()), sections, main, problems)
     schemas = {kind: sch for kind, (sch, _) in SECTION_KINDS.items()}
@@ -627,6 +624,17 @@ def load(path: str | None = None) -> Config:
             queue_bypass=s["queue_bypass"], target_names=tuple(s["targets"]),
             table_size=s["table_size"], no_target_verdict=s["no_target_verdict"],
             shortcut=s["shortcut"], track_syn=s["track_syn"], engine=s["engine"]))
+
+    # The workers' user must exist wherever there are workers (a service of
+    # the nfqueue engine): never a fallback to root. Not asked otherwise (no
+    # service: the shipped file, checked where the package is built; only
+    # the nftables engine), nor by load_globals and load_teardown (down
+    # needs no worker).
+    if "worker_user" in glob_vals and any(s.get("engine", "nfqueue") == "nfqueue" for s in services_raw.values()):
+        why = worker_user_problem(glob_vals["worker_user"])
+        if why:
+            problems.append((sections.get("synlb", {}).get("worker_user", (None, main))[1], "synlb",
+                             "worker_user", why))
 
     # The same VIP:port in two services would make the first one win silently.
     for i, a in enumerate(services):
