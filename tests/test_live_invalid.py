@@ -90,3 +90,32 @@ def test_warning_names_the_rule(tmp_path):
                            "(iptables filter -A fw-forward")
     assert "sees only one direction" in w[0] and "nft inet vyos_filter chain NAME_wan" in w[1]
     assert live.invalid_drop_warnings(cfg, {"iptables": CLEAN}, "") == []
+
+
+def _rp_conf(tmp_path, egress="back", vips="10.64.100.1/32, fd64:100::1/128", mode="route"):
+    p = tmp_path / "synlb.ini"
+    egress_line = f"egress = {egress}\n" if egress else ""
+    p.write_text(f"[synlb]\nstate_dir = {tmp_path}/state\n[service:web]\nvips = {vips}\ningress = front\nprotocols = tcp\n"
+                 f"{egress_line}ports = 80\nmode = {mode}\ntargets = t1\n[target:t1]\naddress = 10.64.2.11, fd64:2::11\n")
+    return config.load(str(p))
+
+
+def test_check_live_warns_about_strict_rp_filter_on_the_reply_interface(tmp_path):
+    """The targets' replies (source: the VIP) arrive on egress while the
+    router's route to the VIP goes out elsewhere: strict rp_filter (1, the
+    larger of all and the interface's) drops them; loose (2) or off is fine."""
+    cfg = _rp_conf(tmp_path)
+    for dev, alls, warned in ((1, 0, True), (0, 1, True), (2, 0, False), (0, 0, False), (2, 1, False)):
+        out = live.rp_filter_warnings(cfg, read={"back": dev, "all": alls}.get)
+        assert bool(out) == warned, (dev, alls, out)
+    out = live.rp_filter_warnings(cfg, read={"back": 1, "all": 0}.get)
+    assert out == [f"{tmp_path}/synlb.ini:service:web:egress: strict reverse-path filtering on back "
+                   "(net.ipv4.conf.back.rp_filter = 1, all = 0): the targets' replies come from the VIP and "
+                   "arrive on back, and the kernel drops them unless this router's route to the VIP goes out "
+                   "there; a router on the targets' reply path (the VRRP master, or any router when the targets "
+                   "reply over ECMP) needs rp_filter = 2 (loose) or 0 on back and all"]
+    # an interface that is not here, no egress, an IPv6-only service (IPv6 has no rp_filter): nothing
+    assert live.rp_filter_warnings(cfg, read={"all": 1}.get) == []
+    assert live.rp_filter_warnings(_rp_conf(tmp_path, egress=None), read={"back": 1, "all": 1}.get) == []
+    assert live.rp_filter_warnings(_rp_conf(tmp_path, vips="fd64:100::1/128"),
+                                   read={"back": 1, "all": 1}.get) == []

@@ -26,7 +26,10 @@ from the synlb routers, each running FRR, with BFD.
   import-check`` and nothing to announce: its synlb's bgp plugin adds the
   VIPs' ``network`` lines while the router is ready.
 - The targets' replies go through lb1 (the back address, as in the ECMP lab),
-  so lb2 and lb3 see one direction only.
+  so lb2 and lb3 see one direction only; with ``reply_router=None`` through
+  any router (the targets' multipath default route over the routers' back
+  addresses, synlb_lab.ecmp), which the lab updates as soon as up's route
+  lost or gained the router.
 - A router leaving (:meth:`BgpLab.router_leave`) only loses its links: the
   upstream's veth stays up (it is on the bridge), so only BFD tells ``up``
   that the router is gone; the time until the kernel route lost the nexthop
@@ -44,7 +47,16 @@ from typing import Any
 
 from . import addresses as A
 from . import frr
-from .ecmp import EcmpLab, RouterConfig, status, wait_pins_everywhere, write_config
+from .ecmp import (
+    EcmpLab,
+    RouterConfig,
+    flow_directions,
+    packet_counts,
+    status,
+    user_space_share,
+    wait_pins_everywhere,
+    write_config,
+)
 from .netns import LabError
 
 UPSTREAM_AS = 65000
@@ -53,7 +65,8 @@ BFD_INTERVAL_MS = 100
 BFD_MULTIPLIER = 3
 
 __all__ = ["BgpLab", "UPSTREAM_AS", "ROUTER_AS", "bgp_configs", "router_bgpd_conf", "upstream_bgpd_conf",
-           "stop_host_watching", "wait_pins_everywhere", "chains_installed"]
+           "stop_host_watching", "wait_pins_everywhere", "chains_installed", "flow_directions", "packet_counts",
+           "user_space_share"]
 
 
 def _neighbor(addr: str, remote_as: int, profile: str = frr.BFD_PROFILE) -> list[str]:
@@ -175,17 +188,25 @@ class BgpLab(EcmpLab):
     def router_leave(self, router: str, wait: bool = True) -> float | None:
         """``router``'s links go down (carrier lost on its side only: up's
         link stays up, so BFD is what tells up); with ``wait``, until up's
-        route lost it. Returns (and records in ``convergence``) the seconds
-        from the links going down to that."""
+        route lost it (then, ``reply_router=None``, the targets' route loses
+        it too). Returns (and records in ``convergence``) the seconds from
+        the links going down to up's route losing it."""
         before = [r for r in self.announced_by(4) if r != router]
         t0 = time.monotonic()
         self.fail_links(router)
         if not wait:
+            self._replies_follow([r for r in self.reply_routers if r != router])
             return None
         self.wait_upstream(before, timeout=10.0)
         took = time.monotonic() - t0
+        self._replies_follow([r for r in self.reply_routers if r != router])
         self.convergence[router] = took
         return took
+
+    def _replies_follow(self, routers: list[str]) -> None:
+        """(``reply_router=None``) the targets' default route over ``routers``."""
+        if not self.reply_router:
+            self.set_reply_routers(routers)
 
     def router_join(self, router: str, before_nexthop: Callable[[str], Any] | None = None,
                     wait: bool = True) -> float | None:
@@ -193,7 +214,8 @@ class BgpLab(EcmpLab):
         (reply router) the back address re-asserted; FRR started if it does
         not run; ``before_nexthop(router)`` (e.g. start its synlb host, whose
         bgp plugin announces the VIPs); with ``wait``, until up routes to it
-        too. Returns the seconds from ``before_nexthop``'s end to that."""
+        too (then, ``reply_router=None``, the targets' route gets it back).
+        Returns the seconds from ``before_nexthop``'s end to up routing to it."""
         self.restore_links(router)
         cmds = self._router_routes()
         if router == self.reply_router:
@@ -203,14 +225,19 @@ class BgpLab(EcmpLab):
             self.start_frr(router)
         else:
             self.wait_session(router)
-        others = self.announced_by(4)
+        # a router whose synlb kept running announces again as soon as its
+        # session is back: it may be a nexthop already
+        others = [r for r in self.announced_by(4) if r != router]
         if before_nexthop is not None:
             before_nexthop(router)
         if not wait:
+            self._replies_follow([*self.reply_routers, router])
             return None
         t0 = time.monotonic()
         self.wait_upstream([*others, router], timeout=15.0)
-        return time.monotonic() - t0
+        took = time.monotonic() - t0
+        self._replies_follow([*self.reply_routers, router])
+        return took
 
     def set_active_routers(self, routers: Iterable[str]) -> None:
         raise LabError("the BGP lab's upstream route comes from BGP: start or stop synlb (its bgp "
@@ -221,11 +248,13 @@ class BgpLab(EcmpLab):
 
 def bgp_configs(lab: BgpLab, targets: Sequence[str] = ("t1", "t2"), *, sync: bool = True,
                 plugins: str | None = None, drain: float = 0.5, extra_service: str = "track_syn = no",
-                routers: Sequence[str] | None = None) -> dict[str, RouterConfig]:
+                routers: Sequence[str] | None = None, engine: str = "nfqueue",
+                target_options: str = "") -> dict[str, RouterConfig]:
     """Every router's config for ``synlb run`` with the bgp plugin (asn
     65100, its FRR's vty sockets) and, with ``sync``, the sync plugin (peers:
     the other routers' back addresses); ``track_syn = no``, since lb2 and
-    lb3 see only the client's direction."""
+    lb3 see only the client's direction. ``engine``: the service's;
+    ``target_options``: lines for every ``[target:NAME]`` (health checks)."""
     key = os.path.join(lab.dir, "sync.key")
     if sync and not os.path.exists(key):
         fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -242,7 +271,8 @@ def bgp_configs(lab: BgpLab, targets: Sequence[str] = ("t1", "t2"), *, sync: boo
             peers = ", ".join(A.router_back(j) for j in range(1, len(lab.routers) + 1) if j != i)
             extra += f"\n[sync]\nlisten = {A.router_back(i)}\npeers = {peers}\nkey_file = {key}\nrefresh = 2\n"
         confs[r] = write_config(lab, r, targets, extra_synlb=f"plugins = {plugins}",
-                                extra_service=extra_service, extra=extra)
+                                extra_service=extra_service, extra=extra, engine=engine,
+                                target_options=target_options)
     return confs
 
 

@@ -29,6 +29,18 @@ the same target). That asymmetry is the point of the lab. No router has a
 firewall dropping INVALID packets (it would drop every packet of a
 one-direction router).
 
+``reply_router=None``: replies through any router. No router owns the back
+VRRP address; each target has a multipath default route over the active
+routers' back addresses (:meth:`EcmpLab.set_reply_routers`; L4 hash,
+``fib_multipath_hash_policy=1``, which for a target's own sockets hashes
+the 5-tuple), so both directions of a flow are hashed independently: a
+router sees the client's direction of some flows, the targets' direction of
+others (connections it never saw open, in conntrack as opened by the
+target) and both of the rest. The routers leaving and joining update the
+targets' route along with up's (the back side learning of a router as
+soon as the front does: on a real network BFD/BGP between the targets and
+the routers, or a back VRRP address per router).
+
 ``up`` hashes each flow to one of the active routers' front addresses
 (``fib_multipath_hash_policy=1``, L4, both families). Measured in this lab:
 with policy 1 the kernel reuses an L4 hash the packet already carries, and
@@ -83,9 +95,11 @@ __all__ = [
     "RouterConfig",
     "Sessions",
     "client_flows",
+    "flow_directions",
     "flows_by_router",
     "flows_seen",
     "host_running",
+    "packet_counts",
     "reload_router",
     "render_config",
     "run_target_added_then_router_leaves",
@@ -96,6 +110,7 @@ __all__ = [
     "synlb_down",
     "synlb_routes",
     "synlb_up",
+    "user_space_share",
     "vip_chain_packets",
     "wait_targets_installed",
     "write_config",
@@ -116,7 +131,9 @@ class EcmpLab(Lab):
     and ``targets`` targets in network namespaces; a context manager.
 
     ``servers``: start the test server in every target on ``server_ports``.
-    ``reply_router``: the router that owns the back VRRP address at start.
+    ``reply_router``: the router that owns the back VRRP address at start;
+    None: no back VRRP address, the targets' replies go through any active
+    router (a multipath default route, see the module doc).
     ``multipath_hash``: ``l4`` (policy 1) or ``fields`` (the 5-tuple, see
     the module doc).
     All routers are active (in ``up``'s multipath route) at start.
@@ -127,7 +144,7 @@ class EcmpLab(Lab):
     static_upstream = True
 
     def __init__(self, routers: int = 3, targets: int = 3, *, servers: bool = True,
-                 server_ports: Sequence[int] = (80, 8080), reply_router: str = "lb1",
+                 server_ports: Sequence[int] = (80, 8080), reply_router: str | None = "lb1",
                  multipath_hash: str = "l4", keep_files: bool = False, prefix: str | None = None):
         if not 2 <= routers <= A.ECMP_MAX_ROUTERS:
             raise ValueError(f"routers must be 2..{A.ECMP_MAX_ROUTERS}")
@@ -138,13 +155,14 @@ class EcmpLab(Lab):
                          keepalived=False, keep_files=keep_files, prefix=prefix)
         self.nrouters = routers
         self.routers = [f"lb{i}" for i in range(1, routers + 1)]
-        if reply_router not in self.routers:
-            raise ValueError(f"reply_router must be one of {self.routers}")
+        if reply_router is not None and reply_router not in self.routers:
+            raise ValueError(f"reply_router must be one of {self.routers} or None")
         self.roles = ["sw", "client", "up", *self.routers, *self.targets]
         self._k = {r: {} for r in self.routers}
         self.reply_router = reply_router
         self.multipath_hash = multipath_hash
         self.active: list[str] = []  # routers in up's multipath route
+        self.reply_routers: list[str] = []  # reply_router None: routers in the targets' default route
         #: ``synlb run`` host per router (see start_host)
         self.hosts: dict[str, subprocess.Popen] = {}
 
@@ -196,7 +214,8 @@ class EcmpLab(Lab):
                             "net.ipv6.conf.default.keep_addr_on_down": 1})
         for t in self.targets:
             self.sysctl(t, {**base, "net.ipv4.conf.all.arp_ignore": 1,
-                            "net.ipv4.conf.all.arp_announce": 2})
+                            "net.ipv4.conf.all.arp_announce": 2,
+                            **({} if self.reply_router else MULTIPATH_HASH["l4"])})
 
         self._build_switch(("u0", "up", A.UPSTREAM_FRONT_IF))
 
@@ -231,10 +250,13 @@ class EcmpLab(Lab):
             cmds = ["link set lo up", f"link set {A.HOST_IF} up",
                     *host_addrs(A.HOST_IF, A.target(k, 4), A.target(k, 6)),
                     f"addr add {A.VIP[4]}/32 dev lo",
-                    f"addr add {A.VIP[6]}/128 dev lo nodad",
-                    f"route add default via {self.target_gateway(4)} dev {A.HOST_IF}",
-                    f"route add ::/0 via {self.target_gateway(6)} dev {A.HOST_IF}"]
+                    f"addr add {A.VIP[6]}/128 dev lo nodad"]
+            if self.reply_router:
+                cmds += [f"route add default via {self.target_gateway(4)} dev {A.HOST_IF}",
+                         f"route add ::/0 via {self.target_gateway(6)} dev {A.HOST_IF}"]
             self.ip_batch(t, cmds)
+        if not self.reply_router:
+            self.set_reply_routers(self.routers)
 
         if self.static_upstream:
             self.set_active_routers(self.routers)
@@ -274,6 +296,31 @@ class EcmpLab(Lab):
             self.ip("up", f"-{fam}", "route", "replace", dst, "proto", "static", *hops)
         self.active = routers
 
+    def set_reply_routers(self, routers: Iterable[str]) -> None:
+        """(``reply_router=None``) Replace every target's default route, both
+        families, with a multipath route over these routers' back addresses,
+        in router order; an empty list removes it."""
+        if self.reply_router:
+            raise LabError(f"the targets' gateway is the back VRRP address (on {self.reply_router})")
+        routers = [r for r in self.routers if r in set(routers)]
+        for t in self.targets:
+            if not routers:
+                for fam in (4, 6):
+                    self.ip(t, f"-{fam}", "route", "del", "default", check=False)
+                continue
+            self.ip_batch(t, [f"route replace {dst} " + " ".join(
+                f"nexthop via {self.addr(r, fam, 'back')} dev {A.HOST_IF}" for r in routers)
+                for fam, dst in ((4, "0.0.0.0/0"), (6, "::/0"))])
+        self.reply_routers = routers
+
+    def reply_nexthops(self, target: str, family: int = 4) -> list[str]:
+        """The gateways of the target's default route, as the kernel has them."""
+        routes = json.loads(self.ip(target, f"-{family}", "-j", "route", "show", "default").stdout or "[]")
+        out = []
+        for rt in routes:
+            out += [h.get("gateway") for h in rt.get("nexthops") or []] or [rt.get("gateway")]
+        return [g for g in out if g]
+
     def upstream_nexthops(self, family: int = 4) -> list[str]:
         """The gateways of up's route to the VIP, as the kernel has them."""
         dst = f"{A.VIP[family]}/{A.VIP_PREFIXLEN[family]}"
@@ -289,8 +336,11 @@ class EcmpLab(Lab):
     # ------------------------------------------------------------ router changes
 
     def router_leave(self, router: str) -> None:
-        """``router`` leaves: its nexthop removed upstream, then its links down."""
+        """``router`` leaves: its nexthop removed upstream (and from the
+        targets' route, ``reply_router=None``), then its links down."""
         self.set_active_routers([r for r in self.active if r != router])
+        if not self.reply_router:
+            self.set_reply_routers([r for r in self.reply_routers if r != router])
         self.fail_links(router)
 
     def router_join(self, router: str, before_nexthop: Callable[[str], Any] | None = None) -> None:
@@ -310,6 +360,8 @@ class EcmpLab(Lab):
         if before_nexthop is not None:
             before_nexthop(router)
         self.set_active_routers([*self.active, router])
+        if not self.reply_router:
+            self.set_reply_routers([*self.reply_routers, router])
 
     def move_reply_router(self, router: str) -> None:
         """Move the back VRRP address (the targets' gateway) to ``router``:
@@ -317,6 +369,8 @@ class EcmpLab(Lab):
         entries for it flushed (no keepalived here to send gratuitous ARP/NA)."""
         if router not in self.routers:
             raise KeyError(f"{router!r} is not a router of this lab")
+        if not self.reply_router:
+            raise LabError("replies go through every router (reply_router=None): no back VRRP address to move")
         old = self.reply_router
         if router == old:
             return
@@ -553,6 +607,49 @@ def flows_seen(lab: Lab, router: str, family: int, port: int = 80) -> set[int]:
 def flows_by_router(lab: EcmpLab, family: int, port: int = 80) -> dict[str, set[int]]:
     """:func:`flows_seen` for every router."""
     return {r: flows_seen(lab, r, family, port) for r in lab.routers}
+
+
+def flow_directions(lab: Lab, router: str, family: int, port: int = 80) -> dict[str, set[int]]:
+    """Client ports of the TCP flows to VIP:port in ``router``'s conntrack
+    table, by the directions it has seen: ``client`` (the client's only: an
+    entry a client packet opened, ``[UNREPLIED]``), ``target`` (the
+    targets' only: an entry a target's packet opened, mid-stream, that no
+    client packet matched since) and ``both``."""
+    cp = lab.run(router, ["conntrack", "-L", "-f", "ipv4" if family == 4 else "ipv6", "-p", "tcp"],
+                 check=False)
+    vip = A.VIP[family]
+    out: dict[str, set[int]] = {"client": set(), "target": set(), "both": set()}
+    for ln in cp.stdout.splitlines():
+        orig: dict[str, str] = {}
+        for k, v in _CT_FIELD.findall(ln):
+            if k != "mark" and k not in orig:
+                orig[k] = v
+        one_way = "[UNREPLIED]" in ln
+        if orig.get("dst") == vip and orig.get("dport") == str(port):
+            out["client" if one_way else "both"].add(int(orig["sport"]))
+        elif orig.get("src") == vip and orig.get("sport") == str(port):
+            out["target" if one_way else "both"].add(int(orig["dport"]))
+    return out
+
+
+def packet_counts(lab: Lab, router: str, conf: RouterConfig | str) -> dict[str, int]:
+    """The router's service packets so far, from ``synlb status --json``
+    (both engines, both families): ``user`` those that went to a worker
+    (nfqueue: the VIP chains' NFQUEUE rules), ``kernel`` those decided in
+    the kernel (the mark restored from conntrack; nftables: also hashed,
+    pinned, no target), ``engines`` the engines counted."""
+    chains = status(lab, router, conf).get("chains") or []
+    return {"user": sum(c.get("queued_pkts", 0) for c in chains),
+            "kernel": sum(c.get(k, 0) for c in chains
+                          for k in ("kept_in_kernel_pkts", "hashed_pkts", "pinned_pkts", "no_target_pkts")),
+            "engines": sorted({c.get("engine") for c in chains})}
+
+
+def user_space_share(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict:
+    """Between two :func:`packet_counts`: packets in user space, in all, and the share."""
+    user = after["user"] - before["user"]
+    total = user + after["kernel"] - before["kernel"]
+    return {"user": user, "total": total, "share": user / total if total else 0.0}
 
 
 # ---------------------------------------------------------------- a target added, then a router leaves

@@ -18,9 +18,11 @@ def synlb_exe() -> str:
 def render_service_config(state_dir: str, targets: list[tuple[str, str, str]], *, mode: str = "route",
                           queue: str = "0", ports: str = "80, 8080", marks: dict[str, int] | None = None,
                           engine: str = "nfqueue", protocols: str = "tcp",
-                          extra_synlb: str = "", extra_service: str = "", extra: str = "") -> str:
+                          extra_synlb: str = "", extra_service: str = "", extra: str = "",
+                          target_options: str = "") -> str:
     """The lab's standard service ``web`` (the VIPs, over every target) as INI
-    text; ``targets`` are (name, IPv4, IPv6), ``marks`` optional fwmarks by name."""
+    text; ``targets`` are (name, IPv4, IPv6), ``marks`` optional fwmarks by
+    name, ``target_options`` lines added to every target's section."""
     names = ", ".join(name for name, _, _ in targets)
     text = f"""[synlb]
 state_dir = {state_dir}
@@ -41,6 +43,8 @@ targets = {names}
         text += f"\n[target:{name}]\naddress = {a4}, {a6}\n"
         if marks and name in marks:
             text += f"mark = {marks[name]:#x}\n"
+        if target_options:
+            text += target_options.strip("\n") + "\n"
     return text + extra
 
 

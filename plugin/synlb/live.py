@@ -86,6 +86,47 @@ def warnings(cfg: Config) -> list[str]:
     saves = {tool: _capture([f"{tool}-save"]) for tool in ("iptables", "ip6tables") if shutil.which(f"{tool}-save")}
     nft = _capture(["nft", "list", "ruleset"]) if shutil.which("nft") else ""
     out += invalid_drop_warnings(cfg, saves, nft)
+    out += rp_filter_warnings(cfg)
+    return out
+
+
+# ------------------------------------------------------------ strict reverse-path filtering
+
+def _rp_filter(ifname: str) -> int | None:
+    try:
+        with open(f"/proc/sys/net/ipv4/conf/{ifname}/rp_filter") as fh:
+            return int(fh.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def rp_filter_warnings(cfg: Config, read=_rp_filter) -> list[str]:
+    """Warnings for strict IPv4 reverse-path filtering (``rp_filter`` 1, the
+    larger of ``all`` and the interface's) on a route-mode service's
+    ``egress``: the targets' replies come from the VIP and arrive there,
+    while this router's route to the VIP (if any: the default route) goes
+    out another interface, so the kernel drops them (nstat
+    TcpExtIPReversePathFilter). ``read(ifname)``: the sysctl's value, None
+    when the interface is not here."""
+    out = []
+    main = cfg.files[0]
+    seen = set()
+    for svc in cfg.services:
+        if svc.mode != "route" or not svc.egress or svc.egress in seen \
+                or not any(v.version == 4 for v in svc.vips):
+            continue
+        seen.add(svc.egress)
+        dev, alls = read(svc.egress), read("all")
+        if dev is None:
+            continue
+        if max(dev, alls or 0) == 1:
+            where = cfg.sections.get(f"service:{svc.name}", {}).get("egress", (None, main))[1]
+            out.append(f"{where}:service:{svc.name}:egress: strict reverse-path filtering on {svc.egress} "
+                       f"(net.ipv4.conf.{svc.egress}.rp_filter = {dev}, all = {alls}): the targets' replies "
+                       f"come from the VIP and arrive on {svc.egress}, and the kernel drops them unless this "
+                       "router's route to the VIP goes out there; a router on the targets' reply path (the "
+                       "VRRP master, or any router when the targets reply over ECMP) needs rp_filter = 2 "
+                       f"(loose) or 0 on {svc.egress} and all")
     return out
 
 
