@@ -49,6 +49,9 @@ ALL_PATTERNS = ("echo", "push", "down", "up")  # push: the server speaks first, 
 FAMILIES = (4, 6)
 ENGINES = ("nfqueue", "nftables")
 ONE_WAY = ("lb2", "lb3")  # with the replies through lb1, these see the client's direction only
+# nfqueue, track_syn = no: the share of a router's packets that reach user space in a window that
+# includes the connections' opening (2 packets each; measured 3-8 % over the first second)
+USER_SHARE_MAX = 0.25
 
 
 @contextlib.contextmanager
@@ -107,7 +110,7 @@ def assert_engine_share(engine: str, share: dict) -> None:
         if engine == "nftables":
             assert s["user"] == 0, (r, s)
         else:
-            assert 0 < s["share"] < 0.15, (r, s)
+            assert 0 < s["share"] < USER_SHARE_MAX, (r, s)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -319,8 +322,7 @@ def test_replies_through_any_router_keep_every_session_as_routers_leave_and_join
             # took over they had never seen open
             assert any(dirs1[fam][r]["target"] - dirs0[fam][r]["target"] for r in dirs1[fam]), fam
         assert left < 1.0 and joined < 5.0, (left, joined)
-        for r, s in steady.items():
-            assert s["total"] > 0 and (s["user"] == 0 if engine == "nftables" else s["share"] < 0.15), (r, s)
+        assert_engine_share(engine, steady)
 
 
 def test_synlb_stopped_withdraws_before_its_data_plane_goes():
