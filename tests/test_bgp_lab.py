@@ -11,10 +11,11 @@ server-first after idle, download, upload), on both engines."""
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import time
 
 import pytest
-from synlb_lab import addresses as A
 from synlb_lab import frr
 from synlb_lab.bgp import (
     BgpLab,
@@ -60,6 +61,10 @@ def bgp_lab(**kw):
         try:
             yield lab
         finally:
+            # every host withdraws, drains and tears down at once (before FRR stops with the lab)
+            for proc in lab.hosts.values():
+                if proc.poll() is None:
+                    os.kill(proc.pid, signal.SIGTERM)
             for r in list(lab.hosts):
                 stop_host(lab, r)
     assert not [ns for ns in list_netns() if ns.startswith(lab.prefix + "-")]
@@ -90,8 +95,18 @@ def assert_all_kept(res: dict, patterns=PATTERNS) -> None:
     assert res["sessions"] == COUNT * len(patterns) * len(FAMILIES)
 
 
+def wait_plugins(lab, conf, pred, timeout: float = 10.0) -> dict:
+    """The router's plugins' status once ``pred(plugins)`` holds (or at the deadline)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        plugins = status(lab, conf.router, conf)["host"]["plugins"]
+        if pred(plugins) or time.monotonic() > deadline:
+            return plugins
+        time.sleep(0.1)
+
+
 def counts(lab, confs, routers=None) -> dict:
-    return {r: packet_counts(lab, r, confs[r]) for r in (routers or lab.routers)}
+    return {r: packet_counts(lab, r) for r in (routers or lab.routers)}
 
 
 def report_share(title: str, before: dict, after: dict) -> dict:
@@ -219,7 +234,8 @@ def test_last_target_failing_its_checks_on_one_router_withdraws_it_and_recovery_
                 lab.run("lb2", [rule[0], "-I", *rule[1:]])
             lab.wait_upstream(["lb1", "lb3"], timeout=10.0)
             withdrawn = time.monotonic() - t0
-            lb2 = status(lab, "lb2", confs["lb2"])["host"]["plugins"]
+            # the withdrawal comes first (prepare); the reason with the reconcile that follows it
+            lb2 = wait_plugins(lab, confs["lb2"], lambda p: p["bgp"]["withdrawn"])
             time.sleep(1.5)
             c_out = vip_chain_packets(lab, "lb2")
             time.sleep(0.5)
@@ -232,7 +248,7 @@ def test_last_target_failing_its_checks_on_one_router_withdraws_it_and_recovery_
             back = time.monotonic() - t0
             time.sleep(2.0)
             c_back = vip_chain_packets(lab, "lb2")
-            lb2_after = status(lab, "lb2", confs["lb2"])["host"]["plugins"]
+            lb2_after = wait_plugins(lab, confs["lb2"], lambda p: not p["bgp"]["withdrawn"])
         finally:
             res = summarize(stop_sessions(handles))
         health, bgp = lb2["health"], lb2["bgp"]

@@ -632,17 +632,33 @@ def flow_directions(lab: Lab, router: str, family: int, port: int = 80) -> dict[
     return out
 
 
-def packet_counts(lab: Lab, router: str, conf: RouterConfig | str) -> dict[str, int]:
-    """The router's service packets so far, from ``synlb status --json``
-    (both engines, both families): ``user`` those that went to a worker
-    (nfqueue: the VIP chains' NFQUEUE rules), ``kernel`` those decided in
-    the kernel (the mark restored from conntrack; nftables: also hashed,
-    pinned, no target), ``engines`` the engines counted."""
-    chains = status(lab, router, conf).get("chains") or []
-    return {"user": sum(c.get("queued_pkts", 0) for c in chains),
-            "kernel": sum(c.get(k, 0) for c in chains
-                          for k in ("kept_in_kernel_pkts", "hashed_pkts", "pinned_pkts", "no_target_pkts")),
-            "engines": sorted({c.get("engine") for c in chains})}
+def packet_counts(lab: Lab, router: str, service: str = "web") -> dict[str, int]:
+    """The service's packets so far in the router, from the kernel's own
+    counters (both engines, both families): ``user`` those that went to a
+    worker (nfqueue: the VIP chains' NFQUEUE rules), ``kernel`` those
+    decided in the kernel (nfqueue: the rule that restores the mark from
+    conntrack; nftables: the table's kept, hashed, pinned and no-target
+    counters, read with ``nft -j list counters``: the engine has no queue).
+    What ``synlb status`` shows as queued and kept per chain."""
+    from synlb import nft_engine
+
+    user = kernel = 0
+    for tool in ("iptables-save", "ip6tables-save"):
+        for ln in lab.run(router, [tool, "-c", "-t", "mangle"]).stdout.splitlines():
+            m = _SAVE_RULE.match(ln)
+            if m and m.group(3) == f"synlb-VIP-{service}":
+                if "-j NFQUEUE" in ln:
+                    user += int(m.group(1))
+                elif "-j synlb-ESTABLISHED" in ln:
+                    kernel += int(m.group(1))
+    cp = lab.run(router, ["nft", "-j", "list", "counters", "table", *nft_engine.QUALIFIED.split()], check=False)
+    names = {nft_engine.counter_name(k, service, f) for k in nft_engine.COUNTERS for f in (4, 6)}
+    if cp.returncode == 0:
+        for item in json.loads(cp.stdout or "{}").get("nftables", []):
+            c = item.get("counter")
+            if c and c.get("name") in names:
+                kernel += int(c.get("packets", 0))
+    return {"user": user, "kernel": kernel}
 
 
 def user_space_share(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict:
