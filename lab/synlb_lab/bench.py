@@ -936,13 +936,17 @@ def bench_nft_update(lab: Lab, sl: Synlb, plan: Plan) -> dict:
         fh.write("# written by synlb-lab bench (nft_update)\n" + render_service_config(
             sl.state_dir, targets, ports=str(NGINX_PORT), marks=marks, engine="nftables",
             extra_service=f"table_size = {TABLE_SIZE}"))
-    health_state.write_down(sl.state_dir, {"web": []})
+    if os.path.isdir(sl.state_dir):  # no down set left by an earlier section
+        health_state.write_down(sl.state_dir, {"web": []})
     t0 = time.monotonic()
     sl.cmd("up", timeout=120)
     sl.active = True
     first_up = time.monotonic() - t0
     downs = [["x042"], [], ["x017"], []] * (1 if plan.quick else 3)
-    wrk_plan = dataclasses.replace(plan, conn_seconds=int(len(downs) * 0.8 + 3))
+    # wrk must outlast every flip (each a `synlb up`, about 1 s with its Python
+    # start and more under load, then a 0.6 s pause): a flip after wrk ended
+    # would be measured on an idle machine, so the loop refuses to go on then
+    wrk_plan = dataclasses.replace(plan, conn_seconds=int(len(downs) * 3 + 4))
     flips = []
     result: dict[str, Any] = {}
 
@@ -951,9 +955,12 @@ def bench_nft_update(lab: Lab, sl: Synlb, plan: Plan) -> dict:
 
     loader = threading.Thread(target=load)
     loader.start()
+    t_load = time.monotonic()
     try:
         time.sleep(1.0)  # wrk is up to speed before the first flip
         for down in downs:
+            if time.monotonic() - t_load > wrk_plan.conn_seconds - 1:
+                raise BenchError("nft_update: the flips outlasted the load; raise wrk's duration")
             health_state.write_down(sl.state_dir, {"web": down})
             out = sl.cmd("up", timeout=60)
             m = NFT_CHANGE.search(out)

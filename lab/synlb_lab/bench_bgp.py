@@ -13,6 +13,8 @@ machine (2 vCPUs shared by every namespace) cannot show the scaling itself.
    (``track_syn = no``).
 3. Running sessions: 20 echo + 20 upload sessions per family for 5 s, per
    router: packets queued against kept in the kernel.
+4. Scaling (per engine, a lab of its own): new connections/s through 3, 2,
+   1, 2, 3 announcing routers (``measure_scaling``).
 """
 
 from __future__ import annotations
@@ -121,13 +123,90 @@ def measure(out=print) -> dict:
     return res
 
 
+SCALING_PORT = 80  # nginx on the targets (no test server): the service the lab configures
+SCALING_STEPS = (3, 2, 1, 2, 3)  # routers announcing: lb3 leaves, lb2 leaves, then both come back
+
+
+def _wrk(lab, seconds: int = 3) -> dict:
+    from .bench import WRK_ERR, WRK_REQ
+    cp = lab.run("client", ["wrk", "-t2", "-c64", f"-d{seconds}s", "-H", "Connection: close",
+                            f"http://{A.VIP[4]}:{SCALING_PORT}/"], timeout=seconds + 30)
+    m = WRK_REQ.search(cp.stdout)
+    if not m:
+        raise RuntimeError(f"wrk output not understood: {cp.stdout[-300:]!r}")
+    secs = float(m.group(2)) * {"s": 1, "ms": 1e-3, "m": 60, "us": 1e-6}.get(m.group(3), 1)
+    e = WRK_ERR.search(cp.stdout)
+    return {"requests": int(m.group(1)), "rate": int(m.group(1)) / secs if secs else 0.0,
+            "socket_errors": sum(map(int, e.groups())) if e else 0}
+
+
+def measure_scaling(engine: str, out=print) -> dict:
+    """New connections/s (wrk, ``Connection: close``, nginx on the 3 targets)
+    through 3, 2, 1, 2, 3 announcing routers: lb3's links go down, then
+    lb2's, then they come back (lb1 carries the targets' replies and stays).
+    On this machine every router shares the same 2 CPUs with the client,
+    up and the targets, so the rates show what the machine can do, not how
+    synlb scales (bench/README.md has the model)."""
+    res: dict = {"engine": engine, "steps": []}
+    with BgpLab(routers=3, targets=3, servers=False) as lab:
+        lab.sysctl("client", {"net.ipv4.ip_local_port_range": "1024 65535", "net.ipv4.tcp_tw_reuse": 1})
+        lab.start_nginx(port=SCALING_PORT)
+        confs = bgp_configs(lab, targets=lab.targets, engine=engine)
+        for r in lab.routers:
+            start_host(lab, r, confs[r])
+        lab.wait_upstream(lab.routers)
+        try:
+            announcing = list(lab.routers)
+            for k in SCALING_STEPS:
+                while len(announcing) > k:
+                    gone = announcing.pop()
+                    lab.router_leave(gone)
+                while len(announcing) < k:
+                    back = lab.routers[len(announcing)]
+                    lab.router_join(back)
+                    announcing.append(back)
+                # (the iptables chains' counters: the nfqueue engine's; the nftables
+                # engine keeps everything in the kernel, see the BGP lab tests)
+                counted = announcing if engine == "nfqueue" else []
+                c0 = {r: _counters(lab, r) for r in counted}
+                w = _wrk(lab)
+                per = {}
+                for r in counted:
+                    c1 = _counters(lab, r)
+                    per[r] = {"queued": c1["queued"] - c0[r]["queued"], "kept": c1["kept"] - c0[r]["kept"]}
+                step = {"routers": k, "announcing": list(announcing), **w, "per_router": per}
+                res["steps"].append(step)
+                out(f"{engine}: {k} router(s) {announcing}: {w['rate']:.0f} conn/s, {w['socket_errors']} socket "
+                    f"errors; per router (queued, kept in kernel): "
+                    f"{ {r: (v['queued'], v['kept']) for r, v in per.items()} or 'n/a' }")
+        finally:
+            for r in list(lab.hosts):
+                stop_host(lab, r)
+    by_k: dict = {}
+    for st in res["steps"]:
+        by_k.setdefault(st["routers"], []).append(st["rate"])
+    res["conn_per_s"] = {str(k): round(sum(v) / len(v)) for k, v in sorted(by_k.items())}
+    return res
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json", action="store_true")
+    p.add_argument("--out", help="also write the results to this JSON file")
+    p.add_argument("--only", choices=("costs", "scaling"), help="one part only")
     args = p.parse_args(argv)
-    res = measure(out=(lambda *a: None) if args.json else print)
+    out = (lambda *a: None) if args.json else print
+    res: dict = {}
+    if args.only in (None, "costs"):
+        res = measure(out=out)
+    if args.only in (None, "scaling"):
+        res["scaling"] = {e: measure_scaling(e, out=out) for e in ("nfqueue", "nftables")}
     if args.json:
         print(json.dumps(res, indent=1))
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(res, fh, indent=1)
+            fh.write("\n")
     return 0
 
 
