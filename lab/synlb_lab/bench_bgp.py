@@ -128,16 +128,10 @@ SCALING_STEPS = (3, 2, 1, 2, 3)  # routers announcing: lb3 leaves, lb2 leaves, t
 
 
 def _wrk(lab, seconds: int = 3) -> dict:
-    from .bench import WRK_ERR, WRK_REQ
-    cp = lab.run("client", ["wrk", "-t2", "-c64", f"-d{seconds}s", "-H", "Connection: close",
-                            f"http://{A.VIP[4]}:{SCALING_PORT}/"], timeout=seconds + 30)
-    m = WRK_REQ.search(cp.stdout)
-    if not m:
-        raise RuntimeError(f"wrk output not understood: {cp.stdout[-300:]!r}")
-    secs = float(m.group(2)) * {"s": 1, "ms": 1e-3, "m": 60, "us": 1e-6}.get(m.group(3), 1)
-    e = WRK_ERR.search(cp.stdout)
-    return {"requests": int(m.group(1)), "rate": int(m.group(1)) / secs if secs else 0.0,
-            "socket_errors": sum(map(int, e.groups())) if e else 0}
+    from .bench import Plan, run_wrk
+    res = run_wrk(lab, f"http://{A.VIP[4]}:{SCALING_PORT}/", Plan(conn_seconds=seconds))
+    return {"requests": res["requests"], "rate": res["rate"],
+            "socket_errors": sum(res["errors"].values()) + res["non2xx"]}
 
 
 def measure_scaling(engine: str, out=print) -> dict:
