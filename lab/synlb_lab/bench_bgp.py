@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import time
+from dataclasses import replace
 
 import psutil
 
@@ -145,7 +146,11 @@ def measure_scaling(engine: str, out=print) -> dict:
     with BgpLab(routers=3, targets=3, servers=False) as lab:
         lab.sysctl("client", {"net.ipv4.ip_local_port_range": "1024 65535", "net.ipv4.tcp_tw_reuse": 1})
         lab.start_nginx(port=SCALING_PORT)
+        iperf = lab.popen("t1", ["iperf3", "-s", "-p", str(IPERF_PORT)], name="iperf3")
         confs = bgp_configs(lab, targets=lab.targets, engine=engine)
+        for r, conf in confs.items():  # plus the single-target iperf3 service
+            confs[r] = replace(conf, options={**conf.options, "extra": conf.options.get("extra", "")
+                                              + IPERF_SERVICE.format(engine=engine)}).write(lab)
         for r in lab.routers:
             start_host(lab, r, confs[r])
         lab.wait_upstream(lab.routers)
@@ -168,19 +173,52 @@ def measure_scaling(engine: str, out=print) -> dict:
                 for r in counted:
                     c1 = _counters(lab, r)
                     per[r] = {"queued": c1["queued"] - c0[r]["queued"], "kept": c1["kept"] - c0[r]["kept"]}
-                step = {"routers": k, "announcing": list(announcing), **w, "per_router": per}
+                gbps = _iperf(lab)
+                step = {"routers": k, "announcing": list(announcing), **w, "per_router": per, "gbps": gbps}
                 res["steps"].append(step)
-                out(f"{engine}: {k} router(s) {announcing}: {w['rate']:.0f} conn/s, {w['socket_errors']} socket "
-                    f"errors; per router (queued, kept in kernel): "
+                out(f"{engine}: {k} router(s) {announcing}: {w['rate']:.0f} conn/s, {w['socket_errors']} failed; "
+                    f"{gbps:.2f} Gbit/s; per router (queued, kept in kernel): "
                     f"{ {r: (v['queued'], v['kept']) for r, v in per.items()} or 'n/a' }")
         finally:
             for r in list(lab.hosts):
                 stop_host(lab, r)
+            lab.stop_process(iperf)
     by_k: dict = {}
     for st in res["steps"]:
         by_k.setdefault(st["routers"], []).append(st["rate"])
     res["conn_per_s"] = {str(k): round(sum(v) / len(v)) for k, v in sorted(by_k.items())}
+    by_k = {}
+    for st in res["steps"]:
+        by_k.setdefault(st["routers"], []).append(st["gbps"])
+    res["gbps"] = {str(k): round(sum(v) / len(v), 2) for k, v in sorted(by_k.items())}
     return res
+
+
+IPERF_PORT = 5201
+# iperf3's control and data connections must reach one server: a service of
+# its own with t1 alone, on the same VIPs
+IPERF_SERVICE = f"""
+[service:ipf]
+vips = {A.VIP[4]}/32, {A.VIP[6]}/128
+ingress = {A.ROUTER_FRONT_IF}
+egress = {A.ROUTER_BACK_IF}
+protocols = tcp
+ports = {IPERF_PORT}
+queue = 8
+engine = {{engine}}
+track_syn = no
+targets = t1
+"""
+
+
+def _iperf(lab, seconds: int = 5) -> float:
+    """Established throughput client -> VIP -> t1, 4 streams (ECMP spreads them), Gbit/s."""
+    cp = lab.run("client", ["iperf3", "-c", A.VIP[4], "-p", str(IPERF_PORT), "-P", "4", "-t", str(seconds),
+                            "-O", "1", "-J"], timeout=seconds + 30, check=False)
+    try:
+        return json.loads(cp.stdout)["end"]["sum_received"]["bits_per_second"] / 1e9
+    except (ValueError, KeyError) as e:
+        raise RuntimeError(f"iperf3 through the VIP failed: {(cp.stdout or cp.stderr)[-300:]!r}") from e
 
 
 def main(argv=None) -> int:
