@@ -176,6 +176,24 @@ def rounded(x: float | None, nd: int = 3) -> float | None:
 
 # ---------------------------------------------------------------- synlb in a router
 
+def iperf_section(engine: str, extra: str = "") -> str:
+    """Service ``ipf``: the lab's VIPs on the iperf3 port with t1 alone, since
+    an iperf3 test's control and data connections must reach one server; its
+    own queue (8)."""
+    return f"""
+[service:ipf]
+vips = {A.VIP[4]}/32, {A.VIP[6]}/128
+ingress = {A.ROUTER_FRONT_IF}
+egress = {A.ROUTER_BACK_IF}
+protocols = tcp
+ports = {IPERF_PORT}
+queue = {IPERF_QUEUE}
+targets = t1
+engine = {engine}
+{extra}
+"""
+
+
 def render_config(state_dir: str, *, queue: str = "0", shortcut: bool = True, engine: str = "nfqueue",
                   iperf_service: bool = True, ports: str = f"80, 8080, {NGINX_PORT}") -> str:
     """The bench's synlb configuration for one router.
@@ -186,20 +204,7 @@ def render_config(state_dir: str, *, queue: str = "0", shortcut: bool = True, en
     because an iperf3 test (control + data connections) must reach one
     server; its queue is separate (8). ``engine`` is both services'."""
     sc = "yes" if shortcut else "no"
-    ipf = ""
-    if iperf_service:
-        ipf = f"""
-[service:ipf]
-vips = {A.VIP[4]}/32, {A.VIP[6]}/128
-ingress = {A.ROUTER_FRONT_IF}
-egress = {A.ROUTER_BACK_IF}
-protocols = tcp
-ports = {IPERF_PORT}
-queue = {IPERF_QUEUE}
-targets = t1
-shortcut = {sc}
-engine = {engine}
-"""
+    ipf = iperf_section(engine, f"shortcut = {sc}") if iperf_service else ""
     targets = [(f"t{k}", A.target(k, 4), A.target(k, 6)) for k in (1, 2, 3)]
     marks = {f"t{k}": MARK_BASE + k - 1 for k in (1, 2, 3)}
     return "# written by synlb-lab bench\n" + render_service_config(

@@ -28,6 +28,7 @@ from dataclasses import replace
 import psutil
 
 from . import addresses as A
+from .bench import IPERF_PORT, Plan, iperf_section, run_iperf, run_wrk
 from .bgp import BgpLab, bgp_configs
 from .demo_failover import start_sessions, stop_sessions, summarize
 from .ecmp import flows_by_router, start_host, state_dir, stop_host
@@ -129,7 +130,6 @@ SCALING_STEPS = (3, 2, 1, 2, 3)  # routers announcing: lb3 leaves, lb2 leaves, t
 
 
 def _wrk(lab, seconds: int = 3) -> dict:
-    from .bench import Plan, run_wrk
     res = run_wrk(lab, f"http://{A.VIP[4]}:{SCALING_PORT}/", Plan(conn_seconds=seconds))
     return {"requests": res["requests"], "rate": res["rate"],
             "socket_errors": sum(res["errors"].values()) + res["non2xx"]}
@@ -147,10 +147,12 @@ def measure_scaling(engine: str, out=print) -> dict:
         lab.sysctl("client", {"net.ipv4.ip_local_port_range": "1024 65535", "net.ipv4.tcp_tw_reuse": 1})
         lab.start_nginx(port=SCALING_PORT)
         iperf = lab.popen("t1", ["iperf3", "-s", "-p", str(IPERF_PORT)], name="iperf3")
+        # iperf3's control and data connections must reach one server: a service of
+        # its own with t1 alone, on the same VIPs
         confs = bgp_configs(lab, targets=lab.targets, engine=engine)
         for r, conf in confs.items():  # plus the single-target iperf3 service
             confs[r] = replace(conf, options={**conf.options, "extra": conf.options.get("extra", "")
-                                              + IPERF_SERVICE.format(engine=engine)}).write(lab)
+                                              + iperf_section(engine, "track_syn = no")}).write(lab)
         for r in lab.routers:
             start_host(lab, r, confs[r])
         lab.wait_upstream(lab.routers)
@@ -183,42 +185,23 @@ def measure_scaling(engine: str, out=print) -> dict:
             for r in list(lab.hosts):
                 stop_host(lab, r)
             lab.stop_process(iperf)
-    by_k: dict = {}
-    for st in res["steps"]:
-        by_k.setdefault(st["routers"], []).append(st["rate"])
-    res["conn_per_s"] = {str(k): round(sum(v) / len(v)) for k, v in sorted(by_k.items())}
-    by_k = {}
-    for st in res["steps"]:
-        by_k.setdefault(st["routers"], []).append(st["gbps"])
-    res["gbps"] = {str(k): round(sum(v) / len(v), 2) for k, v in sorted(by_k.items())}
+    res["conn_per_s"] = _mean_per_router_count(res["steps"], "rate", 0)
+    res["gbps"] = _mean_per_router_count(res["steps"], "gbps", 2)
     return res
 
 
-IPERF_PORT = 5201
-# iperf3's control and data connections must reach one server: a service of
-# its own with t1 alone, on the same VIPs
-IPERF_SERVICE = f"""
-[service:ipf]
-vips = {A.VIP[4]}/32, {A.VIP[6]}/128
-ingress = {A.ROUTER_FRONT_IF}
-egress = {A.ROUTER_BACK_IF}
-protocols = tcp
-ports = {IPERF_PORT}
-queue = 8
-engine = {{engine}}
-track_syn = no
-targets = t1
-"""
+def _mean_per_router_count(steps: list[dict], key: str, nd: int) -> dict:
+    """{announcing routers: mean of ``key`` over the steps with that many}."""
+    by_k: dict = {}
+    for st in steps:
+        by_k.setdefault(st["routers"], []).append(st[key])
+    return {str(k): round(sum(v) / len(v), nd or None) for k, v in sorted(by_k.items())}
 
 
 def _iperf(lab, seconds: int = 5) -> float:
     """Established throughput client -> VIP -> t1, 4 streams (ECMP spreads them), Gbit/s."""
-    cp = lab.run("client", ["iperf3", "-c", A.VIP[4], "-p", str(IPERF_PORT), "-P", "4", "-t", str(seconds),
-                            "-O", "1", "-J"], timeout=seconds + 30, check=False)
-    try:
-        return json.loads(cp.stdout)["end"]["sum_received"]["bits_per_second"] / 1e9
-    except (ValueError, KeyError) as e:
-        raise RuntimeError(f"iperf3 through the VIP failed: {(cp.stdout or cp.stderr)[-300:]!r}") from e
+    return run_iperf(lab, A.VIP[4], Plan(tput_seconds=seconds, tput_omit=1, tput_streams=4))["gbps"]
+
 
 
 def main(argv=None) -> int:

@@ -86,9 +86,9 @@ from typing import Any
 from synlb import statedir
 
 from . import addresses as A
-from .netns import LabError, ip_binary, run_cmd
+from .netns import LabError
 from .scenario import render_service_config, synlb, synlb_exe
-from .topology import Lab, Sessions, host_addrs
+from .topology import BASE_SYSCTLS, Lab, Sessions, host_addrs
 
 __all__ = [
     "EcmpLab",
@@ -193,14 +193,8 @@ class EcmpLab(Lab):
     # ------------------------------------------------------------ build
 
     def _build(self) -> None:
-        ipb = ip_binary()
-        for role in self.roles:
-            ns = self.ns(role)
-            run_cmd([ipb, "netns", "add", ns], timeout=10)
-            self._namespaces.append(ns)
-
-        base = {"net.ipv6.conf.all.accept_dad": 0, "net.ipv6.conf.default.accept_dad": 0,
-                "net.ipv4.conf.all.rp_filter": 0, "net.ipv4.conf.default.rp_filter": 0}
+        self._add_namespaces()
+        base = BASE_SYSCTLS
         forwarding = {"net.ipv4.ip_forward": 1, "net.ipv6.conf.all.forwarding": 1,
                       "net.ipv6.conf.default.forwarding": 1}
         self.sysctl("sw", {"net.ipv6.conf.all.disable_ipv6": 1,

@@ -43,6 +43,10 @@ def _close_live_labs() -> None:  # safety net; normal path is the context manage
             pass
 
 
+# every namespace of a lab: no DAD wait for IPv6 addresses, no reverse-path filter
+BASE_SYSCTLS = {"net.ipv6.conf.all.accept_dad": 0, "net.ipv6.conf.default.accept_dad": 0,
+                "net.ipv4.conf.all.rp_filter": 0, "net.ipv4.conf.default.rp_filter": 0}
+
 class Lab:
     """A client, 1-2 routers and N targets in network namespaces.
 
@@ -319,15 +323,17 @@ class Lab:
                    f"link set {port} master {br}", f"link set {port} up"]
         self.ip_batch("sw", sw)
 
-    def _build(self) -> None:
+    def _add_namespaces(self) -> None:
+        """One namespace per role, recorded as it is made (teardown deletes them)."""
         ipb = ip_binary()
         for role in self.roles:
             ns = self.ns(role)
             run_cmd([ipb, "netns", "add", ns], timeout=10)
             self._namespaces.append(ns)
 
-        base = {"net.ipv6.conf.all.accept_dad": 0, "net.ipv6.conf.default.accept_dad": 0,
-                "net.ipv4.conf.all.rp_filter": 0, "net.ipv4.conf.default.rp_filter": 0}
+    def _build(self) -> None:
+        self._add_namespaces()
+        base = BASE_SYSCTLS
         self.sysctl("sw", {"net.ipv6.conf.all.disable_ipv6": 1,
                            "net.ipv6.conf.default.disable_ipv6": 1})
         self.sysctl("client", base)
