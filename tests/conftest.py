@@ -234,3 +234,13 @@ class FakeHost:
 def fake_host_class():
     """:class:`FakeHost`, the stand-in for synlb.host.Host that plugins get."""
     return FakeHost
+
+
+@pytest.fixture(autouse=True)
+def same_priority():
+    """A test that runs a control-plane command in this process (cli.main)
+    sets this thread's nice ([synlb] nice): put it back for the next test."""
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    yield
+    if os.getpriority(os.PRIO_PROCESS, 0) != before:
+        os.setpriority(os.PRIO_PROCESS, 0, before)

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from synlb import cli, config, control, dataplane, errors, live, netfilter, sysctl, workers
+from synlb import cli, config, control, dataplane, errors, live, netfilter, sched, sysctl, workers
 from synlb.vrrp import dbus as vrrp_dbus
 from synlb.vrrp import events
 
@@ -108,3 +108,43 @@ def test_run_while_another_host_runs_is_a_user_error(tmp_path):
     assert r.returncode == 1, (r.stdout, r.stderr)
     assert r.stderr == (f"synlb run: {control.socket_path(state_dir)}: another synlb host is running "
                         "(one host per state_dir)\n"), r.stderr
+
+
+@pytest.fixture
+def no_priority(monkeypatch):
+    """setpriority refused, as for a user without CAP_SYS_NICE."""
+    def refuse(which, who, prio):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(sched.os, "setpriority", refuse)
+
+
+def test_up_that_cannot_take_its_priority_changes_nothing(tmp_path, fake, capsys, no_priority):
+    path = write_config(tmp_path)
+    called = []
+    fake(dataplane, "up", lambda config_path, cfg, reason="up": called.append(reason) or [])
+    assert cli.main(["-c", path, "up"]) == 1
+    assert capsys.readouterr().err == (f"synlb up: {path}:synlb:nice: cannot run at nice -5: EACCES "
+                                       "(a negative value needs root or CAP_SYS_NICE)\n")
+    assert called == []
+
+
+def test_an_event_source_that_cannot_take_its_priority_still_delivers(tmp_path, fake, caplog, no_priority):
+    from synlb.vrrp import notify
+    path = write_config(tmp_path)
+    delivered = []
+    fake(notify, "main", lambda config_path, args: delivered.append(args) or 0)
+    assert cli.main(["-c", path, "notify", "GROUP", "G1", "MASTER", "100"]) == 0
+    assert delivered == [["GROUP", "G1", "MASTER", "100"]]
+    assert f"{path}:synlb:nice: cannot run at nice -5: EACCES" in caplog.text
+
+
+def test_the_control_plane_runs_at_its_nice(tmp_path, fake):
+    path = write_config(tmp_path)
+    with open(path) as fh:
+        text = fh.read()
+    with open(path, "w") as fh:
+        fh.write(text.replace("plugins = scripts\n", "plugins = scripts\nnice = 3\n"))
+    seen = []
+    fake(dataplane, "up", lambda config_path, cfg, reason="up": seen.append(sched.nice_of(0)) or [])
+    assert cli.main(["-c", path, "up"]) == 0
+    assert seen == [3]

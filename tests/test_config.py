@@ -87,8 +87,10 @@ def test_dropin_error_names_the_dropin_file(tmp_path):
 BROKEN = {
     # name: (config text, expected lines with {f} for the file)
     "unknown_key": (GOOD + "[synlb]\nstatedir = /x\n",
-                    ["{f}:synlb:statedir: unknown key (known: copy_range, hash_key, pickup, plugins, queue_maxlen, "
-                     "route_protocol, rule_priority, state_dir, worker_user)"]),
+                    ["{f}:synlb:statedir: unknown key (known: copy_range, hash_key, nice, pickup, plugins, "
+                     "queue_maxlen, route_protocol, rule_priority, state_dir, worker_user)"]),
+    "nice_out_of_range": (GOOD + "[synlb]\nnice = -21\n",
+                          ["{f}:synlb:nice: -21 is out of range -20..19"]),
     "bad_address": (GOOD.replace("address = 10.1.0.2, fd01::2", "address = 10.1.0.300"),
                     ["{f}:target:b:address: '10.1.0.300' is not an IP address"]),
     "not_prime": (GOOD.replace("targets = a, b", "targets = a, b\ntable_size = 1000"),

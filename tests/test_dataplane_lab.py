@@ -10,7 +10,7 @@ import time
 import psutil
 import pytest
 
-from synlb import health_state, statedir
+from synlb import health_state, sched, statedir
 from synlb import worker as worker_mod
 from synlb_lab import addresses as A
 from synlb_lab.scenario import kernel_snapshot, status, synlb, write_config
@@ -359,6 +359,7 @@ def test_workers_run_as_their_user_with_cap_net_admin_only(lab, clean):
     for cap in ("CapEff", "CapPrm", "CapBnd", "CapAmb", "CapInh"):
         assert st[cap] == "0000000000001000", (cap, st[cap])  # CAP_NET_ADMIN (12) alone
     assert st["NoNewPrivs"] == "1"
+    assert sched.nice_of(w.pid) == sched.WORKER_NICE  # `synlb up` ran at [synlb] nice, its worker does not
     assert psutil.Process(w.pid).cmdline()[1:3] == [os.path.join(os.path.dirname(sys.executable), "synlb"),
                                                     "worker"]
     res = lab.open_connections(A.VIP[4], count=60, concurrency=10)

@@ -15,9 +15,11 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
-from synlb import statedir
+from synlb import config as config_mod
+from synlb import sched, statedir
 from synlb_lab import addresses as A
 from synlb_lab.scenario import kernel_snapshot, status, synlb, synlb_exe
 from synlb_lab.topology import Lab
@@ -220,6 +222,11 @@ print(json.dumps(sorted(out, key=lambda r: r["start"])))
 
 def test_worker_killed_during_traffic(lab, host):
     h = host()
+    # the control plane at [synlb] nice (default -5), every thread of it; the
+    # packet path at 0, the worker it restarts below too (sched.py)
+    host_threads = {t.id for t in psutil.Process(h.proc.pid).threads()}
+    assert {sched.nice_of(t) for t in host_threads} == {config_mod.DEFAULT_NICE}
+    assert sched.nice_of(h.worker_pid()) == sched.WORKER_NICE
     sessions = lab.start_sessions(VIP, "echo", count=20, duration=15, interval=0.05)
     assert sessions.wait_ready()["connected"] == 20
     probe = lab.popen("client", [sys.executable, "-c", PROBE, VIP, "80", "0.05"], name="probe",
@@ -235,6 +242,7 @@ def test_worker_killed_during_traffic(lab, host):
         except (OSError, ValueError, KeyError):  # the pid file is being replaced
             return False
     h.wait(restarted, "worker restarted", 15)
+    assert sched.nice_of(h.worker_pid()) == sched.WORKER_NICE
     t_listening = time.time()
     # 30 more connections, all started once the new worker listens
     attempts = json.loads(probe.communicate(input=b"30\n", timeout=60)[0])

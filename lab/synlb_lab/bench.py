@@ -73,6 +73,7 @@ from typing import Any, Callable
 
 import psutil
 
+from synlb import config as config_mod
 from synlb import health_state, worker_table
 
 from . import addresses as A
@@ -933,14 +934,22 @@ def bench_nft_update(lab: Lab, sl: Synlb, plan: Plan) -> dict:
     """The nftables engine's health flip: 100 targets at M = 65537, one
     target out and back (twice per round), each applied by ``synlb up`` as
     the host would (only the differing slots, one transaction), while wrk
-    opens new connections all along: none may fail."""
+    opens new connections all along: none may fail.
+
+    Two series of flips under the same wrk: at the shipped ``[synlb] nice``
+    (the figures), then at ``nice = 0``, beside wrk and nginx, which share
+    this lab's CPUs as no load generator shares a router's."""
     real = [(A.target(k, 4), A.target(k, 6)) for k in (1, 2, 3)]
     targets = [(f"x{i:03d}", *real[i % 3]) for i in range(NFT_UPDATE_TARGETS)]
     marks = {name: 0x1000 + i for i, (name, _, _) in enumerate(targets)}
-    with open(sl.conf, "w") as fh:
-        fh.write("# written by synlb-lab bench (nft_update)\n" + render_service_config(
-            sl.state_dir, targets, ports=str(NGINX_PORT), marks=marks, engine="nftables",
-            extra_service=f"table_size = {TABLE_SIZE}"))
+
+    def write(nice: int | None) -> None:
+        with open(sl.conf, "w") as fh:
+            fh.write("# written by synlb-lab bench (nft_update)\n" + render_service_config(
+                sl.state_dir, targets, ports=str(NGINX_PORT), marks=marks, engine="nftables",
+                extra_service=f"table_size = {TABLE_SIZE}", extra_synlb="" if nice is None else f"nice = {nice}"))
+
+    write(None)
     if os.path.isdir(sl.state_dir):  # no down set left by an earlier section
         health_state.write_down(sl.state_dir, {"web": []})
     t0 = time.monotonic()
@@ -948,10 +957,12 @@ def bench_nft_update(lab: Lab, sl: Synlb, plan: Plan) -> dict:
     sl.active = True
     first_up = time.monotonic() - t0
     downs = [["x042"], [], ["x017"], []] * (1 if plan.quick else 3)
+    series = [(None, downs), (0, downs)]
     # wrk should outlast every flip (each a `synlb up`, about 1 s with its
     # Python start and more under load, then a 0.6 s pause); a flip made after
     # wrk ended is recorded as not loaded and left out of the medians
-    wrk_plan = dataclasses.replace(plan, conn_seconds=int(len(downs) * (2 if plan.quick else 3) + 4))
+    flip_count = sum(len(d) for _, d in series)
+    wrk_plan = dataclasses.replace(plan, conn_seconds=int(flip_count * (2 if plan.quick else 3) + 4))
     flips = []
     result: dict[str, Any] = {}
 
@@ -962,26 +973,35 @@ def bench_nft_update(lab: Lab, sl: Synlb, plan: Plan) -> dict:
     loader.start()
     try:
         time.sleep(1.0)  # wrk is up to speed before the first flip
-        for down in downs:
-            health_state.write_down(sl.state_dir, {"web": down})
-            out = sl.cmd("up", timeout=60)
-            m = NFT_CHANGE.search(out)
-            if not m:
-                raise BenchError(f"synlb up did not report an nftables update: {out[-300:]!r}")
-            flips.append({"down": down, "slots": int(m.group(1)), "kernel_ms": float(m.group(2)),
-                          "total_ms": float(m.group(3)), "loaded": loader.is_alive()})
-            _log(f"nft_update down={down}: {flips[-1]['slots']} slots, {flips[-1]['kernel_ms']:.0f} ms kernel, "
-                 f"{flips[-1]['total_ms']:.0f} ms in all")
-            time.sleep(0.6)
+        for nice, flip_downs in series:
+            write(nice)
+            for down in flip_downs:
+                health_state.write_down(sl.state_dir, {"web": down})
+                out = sl.cmd("up", timeout=60)
+                m = NFT_CHANGE.search(out)
+                if not m:
+                    raise BenchError(f"synlb up did not report an nftables update: {out[-300:]!r}")
+                flips.append({"down": down, "nice": "default" if nice is None else nice, "slots": int(m.group(1)),
+                              "kernel_ms": float(m.group(2)), "total_ms": float(m.group(3)),
+                              "loaded": loader.is_alive()})
+                _log(f"nft_update nice={flips[-1]['nice']} down={down}: {flips[-1]['slots']} slots, "
+                     f"{flips[-1]['kernel_ms']:.0f} ms kernel, {flips[-1]['total_ms']:.0f} ms in all")
+                time.sleep(0.6)
     finally:
         loader.join(wrk_plan.conn_seconds + 60)
         health_state.write_down(sl.state_dir, {"web": []})
+        write(None)
     errors = sum(result.get("errors", {}).values()) + result.get("non2xx", 0)
-    loaded = [f for f in flips if f["loaded"]] or flips  # (all of them, if wrk ended before the first)
+
+    def medians(of: list[dict]) -> dict:
+        loaded = [f for f in of if f["loaded"]] or of  # (all of them, if wrk ended before the first)
+        return {"median_total_ms": rounded(median([f["total_ms"] for f in loaded]), 1),
+                "max_total_ms": max(f["total_ms"] for f in loaded),
+                "median_kernel_ms": rounded(median([f["kernel_ms"] for f in loaded]), 1)}
+    shipped = medians([f for f in flips if f["nice"] == "default"])
     return {"targets": NFT_UPDATE_TARGETS, "table_size": TABLE_SIZE, "first_up_s": round(first_up, 3),
-            "flips": flips, "median_total_ms": rounded(median([f["total_ms"] for f in loaded]), 1),
-            "max_total_ms": max(f["total_ms"] for f in loaded),
-            "median_kernel_ms": rounded(median([f["kernel_ms"] for f in loaded]), 1),
+            "flips": flips, **shipped, "nice": config_mod.DEFAULT_NICE,
+            "nice_0": medians([f for f in flips if f["nice"] == 0]),
             "flips_without_load": sum(not f["loaded"] for f in flips),
             "wrk": {k: result.get(k) for k in ("requests", "rate", "errors", "non2xx")},
             "connections_failed": errors}

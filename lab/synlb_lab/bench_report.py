@@ -189,7 +189,7 @@ def _why(key: str, res: dict) -> str:
                 "the diff against the applied slots and the records written. The flips run while wrk "
                 "keeps both CPUs of this VM busy (the point is no failed connection during them), so "
                 "synlb gets a share of a CPU, not a whole one: the slowest flips are the ones that "
-                "waited for a CPU.")
+                "waited for a CPU (see the nice = 0 series in the nft_update section).")
     if key in ("nft_conn_rate_ratio", "nft_throughput_ratio"):
         sec, base = (cr, "hmark") if key == "nft_conn_rate_ratio" else (tp, "plain")
         rs = sec.get("ratios", {}).get("nft") or [0]
@@ -427,15 +427,22 @@ def render_markdown(res: dict) -> str:
             f"it: only the slots that differ, in one nftables transaction, while wrk opens new "
             f"connections through the VIP all along. First install of the table: {nu['first_up_s']} s.")
         add("")
-        add("| down | slots changed | kernel transaction ms | applied in ms |")
-        add("|---|---:|---:|---:|")
+        add("| nice | down | slots changed | kernel transaction ms | applied in ms |")
+        add("|---|---|---:|---:|---:|")
         for f in nu["flips"]:
-            add(f"| {', '.join(f['down']) or '(none)'} | {f['slots']} | {f['kernel_ms']:.0f} | {f['total_ms']:.0f} |")
+            nice = nu.get("nice") if f.get("nice", "default") == "default" else f["nice"]
+            add(f"| {nice} | {', '.join(f['down']) or '(none)'} | {f['slots']} | {f['kernel_ms']:.0f} | "
+                f"{f['total_ms']:.0f} |")
         add("")
         w = nu.get("wrk") or {}
-        add(f"Median {_fmt(nu['median_total_ms'])} ms, slowest {_fmt(nu['max_total_ms'])} ms; wrk meanwhile: "
-            f"{w.get('requests')} connections, errors {w.get('errors')}, non-2xx {w.get('non2xx')}: "
-            f"{nu['connections_failed']} failed.")
+        add(f"At the shipped `[synlb] nice` ({nu.get('nice')}): median {_fmt(nu['median_total_ms'])} ms, slowest "
+            f"{_fmt(nu['max_total_ms'])} ms.")
+        n0 = nu.get("nice_0")
+        if n0:
+            add(f"At `nice = 0`, level with wrk and nginx (which share this VM's two CPUs, as no load generator "
+                f"shares a router's): median {_fmt(n0['median_total_ms'])} ms, slowest {_fmt(n0['max_total_ms'])} ms.")
+        add(f"wrk meanwhile: {w.get('requests')} connections, errors {w.get('errors')}, non-2xx "
+            f"{w.get('non2xx')}: {nu['connections_failed']} failed.")
         add("")
     for key, title in (("failover", "Failover (2 routers, keepalived, synlb hot standby on both)"),
                        ("failover_nft", "Failover, nftables engine (the same, `engine = nftables`)")):

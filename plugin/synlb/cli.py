@@ -195,11 +195,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# The control plane, which runs at [synlb] nice (sched.py): the host, the
+# commands that change the data plane, and the VRRP event sources. An event
+# source that may not take the priority still delivers its event.
+CONTROL_PLANE = frozenset({"up", "down", "run"})
+EVENT_SOURCES = frozenset({"notify", "fifo", "dbus"})
+
+
+def _control_plane_priority(args) -> None:
+    if args.command not in CONTROL_PLANE | EVENT_SOURCES or getattr(args, "dry_run", False):
+        return
+    try:
+        g = config_mod.load_globals(args.config)
+    except config_mod.ConfigError:
+        return  # the command reports what is wrong with the file, its own way
+    from . import sched
+    try:
+        sched.set_nice(g.nice, f"{config_mod.config_path(args.config)}:synlb:nice")
+    except sched.PriorityError as e:
+        if args.command in CONTROL_PLANE:
+            raise
+        logging.getLogger("synlb").warning("%s; going on at nice %d", e, sched.nice_of(0))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s synlb[%(process)d] %(levelname)s: %(message)s"
                         if args.command == "run" else "synlb: %(message)s")
-    return run_reporting(args.command, lambda: args.func(args))
+
+    def command() -> int:
+        _control_plane_priority(args)  # first: before any thread starts
+        return args.func(args)
+    return run_reporting(args.command, command)
 
 

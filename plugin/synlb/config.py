@@ -133,6 +133,9 @@ class Service:
         return tuple(sorted({v.version for v in self.vips}))
 
 
+DEFAULT_NICE = -5  # the control plane's: see sched.py
+
+
 @dataclass(frozen=True)
 class Globals:
     state_dir: str
@@ -144,6 +147,9 @@ class Globals:
     queue_maxlen: int
     plugins: tuple = ("lb",)
     worker_user: str = "_synlb"
+    # the control plane's scheduling priority: not part of the data plane's
+    # fingerprint (changing it reinstalls nothing)
+    nice: int = field(default=DEFAULT_NICE, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -408,6 +414,9 @@ GLOBAL_OPTIONS = schema.Schema("synlb", [
            "user the NFQUEUE workers run as, with CAP_NET_ADMIN only (it must exist when a service "
            "uses the nfqueue engine); root: "
            "as root, with every capability (check warns)"),
+    Option("nice", _int(-20, 19), DEFAULT_NICE,
+           "nice value of synlb run and of the commands that change the data plane (the NFQUEUE "
+           "workers run at 0)"),
 ])
 
 def _check_service(s: dict) -> list[tuple[str, str]]:

@@ -26,6 +26,7 @@ import json
 import logging
 import re
 import subprocess
+import threading
 import time
 
 from . import nft_engine as E
@@ -60,13 +61,25 @@ def available() -> str | None:
     return "nft" if which("nft") else None
 
 
+_context = None  # this process's libnftables context, made on first use
+_context_lock = threading.Lock()  # a context is not thread-safe (the metrics server reads counters)
+
+
 def run(text: str, json_output: bool = False) -> str:
     """Run nft commands (one transaction); their output."""
+    global _context
     mod = _binding()
     if mod is not None:
-        nft = mod.Nftables()
-        nft.set_json_output(json_output)
-        rc, out, err = nft.cmd(text)
+        with _context_lock:
+            # One context for the process: freeing one after a transaction
+            # that replaced map elements closes its netlink socket, which
+            # waits for the kernel to release the old elements (about 20 ms
+            # after a health flip at M = 65537) -- time no packet waits for
+            # but every update would.
+            if _context is None:
+                _context = mod.Nftables()
+            _context.set_json_output(json_output)
+            rc, out, err = _context.cmd(text)
         if rc != 0:
             raise NftError(f"nft: {_first_error(err)}")
         return out

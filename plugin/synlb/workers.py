@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from . import health_state, statedir, trust, worker_table
+from . import health_state, sched, statedir, trust, worker_table
 from .errors import UserError
 from .worker import stats_file
 from .config import Config
@@ -244,6 +244,7 @@ def start(state_dir: str, table: WorkerTable, ident: Identity) -> WorkerInfo:
         # timeout, and the workers must outlive the script that started them
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 start_new_session=True, close_fds=True, cwd="/")
+    sched.reset_worker(proc.pid)  # the packet path, at the default priority (not the control plane's)
     info = WorkerInfo(pid=proc.pid, service=table.service, queue=queue, digest=table.digest(),
                       state_dir=state_dir, uid=ident.uid)
     try:
