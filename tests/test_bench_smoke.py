@@ -20,7 +20,7 @@ pytestmark = pytest.mark.lab(tools=("ip", "wrk", "iperf3", "nginx", "keepalived"
 KEYS = ("throughput_ratio", "all_packets_ratio", "conn_rate_ratio", "cpu_us_per_conn", "worker_rss_mb",
         "maglev_build_ms_100", "failover_gap_s", "sessions_kept_ratio",
         "nft_conn_rate_ratio", "nft_throughput_ratio", "nft_update_ms_100", "nfqueue_cpu_vs_c",
-        "nfqueue_conn_rate_vs_c", "nft_sessions_kept_ratio")
+        "nfqueue_conn_rate_vs_c", "nft_sessions_kept_ratio", "nfqueue_floor_cpu_vs_c")
 
 
 def synlb_lab() -> str:
@@ -64,7 +64,8 @@ def test_quick_bench_writes_a_sane_report(tmp_path):
     assert res["nft_user_space_packets"] == 0 and cr["nft_workers"] == 0
     assert all(r["queued_packets"] == 0 for r in cr["runs"] if r["arm"] == "nft")
     # the C reference worker served the same connections (one SYN each), hashing as synlb does
-    for arm in ("cref", "cref_nic"):
+    # and so did the Python floor worker (netfilterqueue, the least Python)
+    for arm in ("cref", "cref_nic", "floor_nic"):
         assert 0.9 <= cr["queued_per_conn"][arm] <= 1.2, cr["queued_per_conn"]
         assert 0 < cr["cpu_us_per_conn"][arm] < 10_000
     assert all(cr["vs_c"]["hash_check"].values()) and len(cr["vs_c"]["hash_check"]) == 4
@@ -73,6 +74,9 @@ def test_quick_bench_writes_a_sane_report(tmp_path):
     nu = res["single_router"]["nft_update"]
     assert nu["flips"] and all(600 <= f["slots"] <= 1400 for f in nu["flips"]), nu["flips"]
     assert nu["wrk"]["requests"] > 0 and nu["connections_failed"] == 0, nu["wrk"]
+    # at the shipped nice and at nice 0, both series under wrk
+    assert {f["nice"] for f in nu["flips"]} == {"default", 0} and nu["nice_0"]["median_total_ms"] > 0
+    assert isinstance(res["single_router"]["throughput"]["flowtable"]["supported"], bool)
     assert res["nft_connections_failed_in_update"] == 0
     # the drift check finds nothing on a data plane just installed, with either engine
     assert set(res["drift"]) == {"nfqueue_3", "nfqueue_100", "nftables_3", "nftables_100"}

@@ -78,6 +78,7 @@ from synlb import health_state, worker_table
 
 from . import addresses as A
 from . import cref
+from .pyfloor import PyFloor
 from .netns import LabError
 from .scenario import render_service_config, synlb_exe
 from .topology import Lab
@@ -86,6 +87,7 @@ SCHEMA = 1
 IPERF_PORT = 5201
 IPERF_QUEUE = 8
 CREF_QUEUE = 5  # the C reference worker's; no service of the bench uses it
+FLOOR_QUEUE = 6  # the Python floor worker's (pyfloor.py), likewise
 NGINX_PORT = 8081
 SESSION_PORT = 80
 MARK_BASE = 0x101  # t1, t2, t3 = 0x101, 0x102, 0x103: HMARK's offset + hash % 3
@@ -603,7 +605,24 @@ def bench_throughput(lab: Lab, sl: Synlb, plan: Plan, foreign: Foreign, wait_bud
     out = summarize_pairs(runs, "gbps", "plain", arms, min_clean=plan.tput_rounds)
     out["per_cpu"] = summarize_pairs(runs, "gbps_per_cpu", "plain", arms, min_clean=plan.tput_rounds)
     del out["per_cpu"]["runs"]
+    out["flowtable"] = flowtable_probe(lab, sl.router)
     return out
+
+
+FLOWTABLE_PROBE = f"""table inet synlb_bench_probe {{
+	flowtable ft {{ hook ingress priority 0; devices = {{ {A.ROUTER_FRONT_IF}, {A.ROUTER_BACK_IF} }}; }}
+	chain forward {{ type filter hook forward priority 0; policy accept; ct state established flow add @ft; }}
+}}
+"""
+
+
+def flowtable_probe(lab: Lab, router: str) -> dict:
+    """Whether this kernel has the nftables flowtable, the usual way for
+    established flows past conntrack and the forwarding path (tried in the
+    router's namespace, then removed)."""
+    p = lab.run(router, ["nft", "-f", "-"], input=FLOWTABLE_PROBE, check=False)
+    lab.run(router, ["nft", "delete table inet synlb_bench_probe"], check=False)
+    return {"supported": p.returncode == 0, "error": (p.stderr.strip().splitlines() or [""])[0][:200]}
 
 
 def _log_disturbed(r: dict) -> None:
@@ -655,7 +674,7 @@ def bench_conn_rate(lab: Lab, sl: Synlb, plan: Plan, foreign: Foreign, wait_budg
             ("synlb", "hmark", "0", plan.conn_rounds, plan.conn_rounds_max, ["synlb", "cref", "nft"]),
             ("synlb_mq", "hmark", "0-1", plan.conn_rounds_mq, plan.conn_rounds_mq_max, ["synlb_mq"]),
             ("synlb_nic", "hmark_nic", "0", plan.conn_rounds_nic, plan.conn_rounds_nic_max,
-             ["synlb_nic", "cref_nic"]))
+             ["synlb_nic", "cref_nic", "floor_nic"]))
         for block_name, base, queue, rounds, rounds_max, others in blocks:
             if block_name == "synlb_nic":
                 nic_like_wire(lab, sl.router)
@@ -672,7 +691,7 @@ def bench_conn_rate(lab: Lab, sl: Synlb, plan: Plan, foreign: Foreign, wait_budg
     out["per_cpu"] = summarize_pairs(veth, "conn_per_cpu", "hmark", ["synlb", "synlb_mq", "cref", "nft"])
     del out["per_cpu"]["runs"]
     nic_runs = [r for r in runs if r["block"] == "synlb_nic"]
-    nic = summarize_pairs(nic_runs, "rate", "hmark_nic", ["synlb_nic", "cref_nic"])
+    nic = summarize_pairs(nic_runs, "rate", "hmark_nic", ["synlb_nic", "cref_nic", "floor_nic"])
     out["runs"] = runs
     for k in ("median", "ratio", "ratios", "ratios_all", "quiet_rounds", "noisy"):
         out[k].update(nic.get(k, {}))
@@ -681,12 +700,12 @@ def bench_conn_rate(lab: Lab, sl: Synlb, plan: Plan, foreign: Foreign, wait_budg
     first = [r for r in runs if r["block"] == "synlb"]
     vs_c = {"conn_rate": summarize_pairs(first, "rate", "cref", ["synlb"]),
             "cpu_veth": summarize_pairs(first, "cpu_us_per_conn", "cref", ["synlb"]),
-            "cpu_nic": summarize_pairs(nic_runs, "cpu_us_per_conn", "cref_nic", ["synlb_nic"])}
+            "cpu_nic": summarize_pairs(nic_runs, "cpu_us_per_conn", "cref_nic", ["synlb_nic", "floor_nic"])}
     for v in vs_c.values():
         del v["runs"]
     vs_c["hash_check"] = c
     out["vs_c"] = vs_c
-    for arm in ("synlb", "synlb_mq", "synlb_nic", "cref", "cref_nic"):
+    for arm in ("synlb", "synlb_mq", "synlb_nic", "cref", "cref_nic", "floor_nic"):
         mine = [r for r in runs if r["arm"] == arm]
         quiet = [r for r in mine if r["quiet_round"]]
         use = quiet if len(quiet) >= 3 else mine
@@ -738,6 +757,13 @@ def _conn_rate_block(lab: Lab, sl: Synlb, plan: Plan, foreign: Foreign, wait_bud
         key_path, marks_path = cref.write_inputs(work, spec.hash_key, cref.marks_of(spec))
         c = cref.CRef(lab, sl.router, exe, CREF_QUEUE, key_path, marks_path, spec.copy_range, spec.queue_maxlen)
         cref_rule = _retarget(nfqueue_rule, CREF_QUEUE)
+    floor = None
+    if any(a.startswith("floor") for a in others):
+        # netfilterqueue with the least Python a worker can run, on the same mark table
+        spec = worker_table.load(sl.state_dir, 0)
+        _, marks_path = cref.write_inputs(work, spec.hash_key, cref.marks_of(spec))
+        floor = PyFloor(lab, sl.router, FLOOR_QUEUE, marks_path, spec.copy_range, spec.queue_maxlen)
+        floor_rule = _retarget(nfqueue_rule, FLOOR_QUEUE)
     engine = ["nfqueue"]
 
     def nfqueue_engine() -> None:
@@ -754,6 +780,10 @@ def _conn_rate_block(lab: Lab, sl: Synlb, plan: Plan, foreign: Foreign, wait_bud
             nfqueue_engine()
             sl.replace_last_rule("synlb-VIP-web", cref_rule)
             procs = {CREF_QUEUE: c.ps}
+        elif a.startswith("floor"):
+            nfqueue_engine()
+            sl.replace_last_rule("synlb-VIP-web", floor_rule)
+            procs = {FLOOR_QUEUE: floor.ps}
         elif a == base:
             nfqueue_engine()
             sl.set_hmark()
@@ -776,6 +806,8 @@ def _conn_rate_block(lab: Lab, sl: Synlb, plan: Plan, foreign: Foreign, wait_bud
         if c is not None:
             counters = c.stop()
             _log(f"C reference worker, block {block}: {counters}")
+        if floor is not None:
+            _log(f"Python floor worker, block {block}: {floor.stop()}")
 
 
 def _retarget(rule: list[str], queue: int) -> list[str]:
@@ -1328,6 +1360,8 @@ def headline(results: dict) -> dict:
         "nfqueue_cpu_vs_c_veth": vs_c.get("cpu_veth", {}).get("ratio_of_medians", {}).get("synlb"),
         "nfqueue_conn_rate_vs_c": vs_c.get("conn_rate", {}).get("ratio_of_medians", {}).get("synlb"),
         "cref_cpu_us_per_conn": cpu.get("cref_nic"),
+        # netfilterqueue with the least Python (pyfloor.py) against C: below it no Python worker can go
+        "nfqueue_floor_cpu_vs_c": vs_c.get("cpu_nic", {}).get("ratio_of_medians", {}).get("floor_nic"),
         # the host's drift check, once a second: % of one CPU, 3 and 100 targets (the worse engine)
         "drift_check_cpu_pct_3": max((v["cpu_share_at_1s_pct"] for k, v in results.get("drift", {}).items()
                                       if k.endswith("_3")), default=None),

@@ -38,6 +38,7 @@ LABELS = {
     "nfqueue_cpu_vs_c_veth": "Worker CPU per new connection, Python / C reference, plain veth links",
     "nfqueue_conn_rate_vs_c": "New connections/s, Python worker / C reference (ratio of medians)",
     "cref_cpu_us_per_conn": "C reference worker CPU per new connection, NIC-like links (us)",
+    "nfqueue_floor_cpu_vs_c": "CPU per new connection, least Python netfilterqueue worker / C reference, NIC-like",
     "drift_check_cpu_pct_3": "Host drift check once a second, 3 targets (% of one CPU)",
     "drift_check_cpu_pct_100": "Host drift check once a second, 100 targets (% of one CPU)",
 }
@@ -190,8 +191,19 @@ def _why(key: str, res: dict) -> str:
                 "keeps both CPUs of this VM busy (the point is no failed connection during them), so "
                 "synlb gets a share of a CPU, not a whole one: the slowest flips are the ones that "
                 "waited for a CPU (see the nice = 0 series in the nft_update section).")
-    if key in ("nft_conn_rate_ratio", "nft_throughput_ratio"):
-        sec, base = (cr, "hmark") if key == "nft_conn_rate_ratio" else (tp, "plain")
+    if key == "nft_throughput_ratio":
+        rs = tp.get("ratios", {}).get("nft") or [0]
+        ct = tp.get("ratio_of_medians", {}).get("conntrack_only")
+        ft = tp.get("flowtable") or {}
+        return (f"per-round ratios {min(rs):.2f}..{max(rs):.2f} against plain; the conntrack_only arm (synlb "
+                f"up, iperf3 to a target, not through the VIP: conntrack and nothing of synlb's on the path) "
+                f"comes out at {_fmt(ct)}. The cost is conntrack's own per-packet work, which the engine needs: "
+                "the conntrack mark is what keeps a running connection on its target when the table changes. "
+                "The usual way past it, an nftables flowtable fast path for established flows, "
+                + ("is in this kernel: not used yet." if ft.get("supported") else
+                   f"is not in this kernel (probe: {ft.get('error') or 'refused'})."))
+    if key == "nft_conn_rate_ratio":
+        sec, base = cr, "hmark"
         rs = sec.get("ratios", {}).get("nft") or [0]
         return (f"per-round ratios {min(rs):.2f}..{max(rs):.2f} against {base}: the engine adds a ct "
                 "mark test to every packet of the service and a jhash and map lookup to each one "
@@ -203,7 +215,11 @@ def _why(key: str, res: dict) -> str:
         return (f"user time per connection: Python worker {_fmt(u.get('synlb_nic'))} us, C reference "
                 f"{_fmt(u.get('cref_nic'))} us; system time {_fmt(sy.get('synlb_nic'))} us against "
                 f"{_fmt(sy.get('cref_nic'))} us (the same two syscalls per packet). The difference is the "
-                "interpreter: netfilterqueue's Packet object, the callback and the hash call.")
+                "interpreter: netfilterqueue's Packet object, the callback and the hash call. The floor "
+                f"worker (netfilterqueue, a callback that only indexes the mark table by the client's port) "
+                f"costs {_fmt(res.get('nfqueue_floor_cpu_vs_c'))} x the C reference (user "
+                f"{_fmt(u.get('floor_nic'))} us, system {_fmt(sy.get('floor_nic'))} us): what is left for "
+                "synlb's own code (flow key, keyed hash, pins) is the rest.")
     if key == "nfqueue_conn_rate_vs_c":
         v = cr.get("vs_c", {}).get("conn_rate", {})
         return (f"per-round ratios {v.get('ratios', {}).get('synlb')}: the worker's extra user time per "
@@ -274,6 +290,7 @@ def render_markdown(res: dict) -> str:
             val = f"{fon['kept']}/{fon['sessions']}"
         add(f"| {LABELS.get(key, key)} | {val} | {t['target']} | {met} |")
     for key in ("cpu_us_per_conn_veth", "conn_rate_ratio_nic", "cref_cpu_us_per_conn", "nfqueue_cpu_vs_c_veth",
+                "nfqueue_floor_cpu_vs_c",
                 "nft_update_ms_100_max", "nft_failover_gap_s", "drift_check_cpu_pct_3", "drift_check_cpu_pct_100",
                 "all_packets_ratio", "conn_rate_ratio_multiqueue", "throughput_per_cpu_ratio",
                 "conn_per_cpu_ratio", "conn_per_cpu_ratio_multiqueue"):
@@ -365,7 +382,7 @@ def render_markdown(res: dict) -> str:
         add("| arm | median conn/s | ratio to hmark (median) | per-round ratios used | conn/s per lab CPU | "
             "ratio per lab CPU | worker CPU us/conn (user + sys) | worker RSS MB | packets queued per conn |")
         add("|---|---:|---:|---|---:|---:|---:|---:|---:|")
-        for arm in ("hmark", "synlb", "cref", "nft", "synlb_mq", "hmark_nic", "synlb_nic", "cref_nic"):
+        for arm in ("hmark", "synlb", "cref", "nft", "synlb_mq", "hmark_nic", "synlb_nic", "cref_nic", "floor_nic"):
             if arm not in cr["median"]:
                 continue
             cpu = cr.get("cpu_us_per_conn", {}).get(arm)
@@ -393,7 +410,9 @@ def render_markdown(res: dict) -> str:
                                                  ("CPU per connection, plain veth", vs.get("cpu_veth", {}),
                                                   "synlb"),
                                                  ("CPU per connection, NIC-like", vs.get("cpu_nic", {}),
-                                                  "synlb_nic")))
+                                                  "synlb_nic"),
+                                                 ("CPU per connection, NIC-like, floor worker",
+                                                  vs.get("cpu_nic", {}), "floor_nic")))
                 + ". Both hash alike (checked on IPv4 and IPv6 keys before the runs), so they pick the "
                   "same targets.")
             add("")
