@@ -20,7 +20,7 @@ pytestmark = pytest.mark.lab(tools=("ip", "wrk", "iperf3", "nginx", "keepalived"
 KEYS = ("throughput_ratio", "all_packets_ratio", "conn_rate_ratio", "cpu_us_per_conn", "worker_rss_mb",
         "maglev_build_ms_100", "failover_gap_s", "sessions_kept_ratio",
         "nft_conn_rate_ratio", "nft_throughput_ratio", "nft_update_ms_100", "nfqueue_cpu_vs_c",
-        "nfqueue_conn_rate_vs_c", "nft_sessions_kept_ratio", "nfqueue_floor_cpu_vs_c")
+        "nfqueue_conn_rate_vs_c", "nft_sessions_kept_ratio", "nfqueue_floor_cpu_vs_c", "nfqueue_jhash_cpu_vs_c")
 
 
 def synlb_lab() -> str:
@@ -65,7 +65,7 @@ def test_quick_bench_writes_a_sane_report(tmp_path):
     assert all(r["queued_packets"] == 0 for r in cr["runs"] if r["arm"] == "nft")
     # the C reference worker served the same connections (one SYN each), hashing as synlb does
     # and so did the Python floor worker (netfilterqueue, the least Python)
-    for arm in ("cref", "cref_nic", "floor_nic"):
+    for arm in ("cref", "cref_nic", "floor_nic", "synlb_jhash_nic", "cref_jhash_nic"):
         assert 0.9 <= cr["queued_per_conn"][arm] <= 1.2, cr["queued_per_conn"]
         assert 0 < cr["cpu_us_per_conn"][arm] < 10_000
     assert all(cr["vs_c"]["hash_check"].values()) and len(cr["vs_c"]["hash_check"]) == 4

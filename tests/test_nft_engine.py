@@ -194,6 +194,51 @@ def test_no_service_no_table(tmp_path):
     assert plan.empty and plan.skeleton == "" and E.describe(plan) == ""
 
 
+def test_an_nfqueue_service_with_the_kernels_hash_gets_its_slot_chain(tmp_path):
+    """flow_hash = jhash: the table holds only the chain that hands the
+    worker its slot (the nftables engine's jhash, as a slot mark), ahead of
+    iptables' mangle PREROUTING; iptables never saves a slot mark."""
+    p = tmp_path / "s.ini"
+    p.write_text(CONF.format(protocols="tcp", mode="route", extra="flow_hash = jhash")
+                 .replace("engine = nftables\n", ""))
+    cfg = config.load(str(p))
+    svc = cfg.service("web")
+    assert svc.engine == "nfqueue" and svc.flow_hash == "jhash" and list(svc.queues) == [0]
+    seed = jhash.service_seed(cfg.globals.hash_key, "web")
+    plan = E.desired(cfg)
+    assert not plan.empty and plan.services == {} and E.services(cfg) == []
+    chain = plan.skeleton.split("\tchain slot_prerouting {\n")[1].split("\t}\n")[0].splitlines()
+    m4 = 'iifname "front" ip daddr 10.0.0.1/32 meta l4proto tcp th dport { 80, 8000-8100 }'
+    assert [ln.strip() for ln in chain] == [
+        "type filter hook prerouting priority mangle - 1; policy accept;",
+        f"{m4} ct mark != 0 meta mark set ct mark",
+        f"{m4} ct mark 0 meta mark set jhash meta l4proto . ip saddr . th sport . ip daddr . th dport "
+        f"mod 65537 seed {seed:#010x} offset 0x7e000000",
+        chain[3].strip(), chain[4].strip()]
+    assert "ip6 daddr fd00::1/128" in chain[4] and "offset 0x7e000000" in chain[4]
+    assert "map slots_web" not in plan.skeleton  # the worker holds the table
+    # the base chain is there to carry the digest
+    assert f'comment "synlb {plan.digest}"' in E.with_comment(plan.skeleton, plan.digest)
+    vipout = [r for r in rules.render_family(cfg, 4)["mangle"].rules if r.startswith(f"-A {rules.VIPOUT}")]
+    assert vipout == [f"-A {rules.VIPOUT} -m connmark --mark 0 -m mark ! --mark 0x7e000000/0xfff00000 "
+                      "-j CONNMARK --save-mark"]
+    # the nftables engine hashes so already: blake2b is the worker's
+    with pytest.raises(ConfigError) as e:
+        load(tmp_path, extra="flow_hash = blake2b")
+    assert any(":service:web:flow_hash: blake2b is the nfqueue engine's" in line for line in e.value.lines())
+    assert load(tmp_path).service("web").flow_hash == "jhash"
+    p.write_text(CONF.format(protocols="tcp", mode="route", extra="").replace("engine = nftables\n", ""))
+    assert config.load(str(p)).service("web").flow_hash == "blake2b"
+
+
+def test_no_target_has_a_slot_mark(tmp_path):
+    p = tmp_path / "m.ini"
+    p.write_text(CONF.format(protocols="tcp", mode="route", extra="").replace("mark = 0x10", "mark = 0x7e000010"))
+    with pytest.raises(ConfigError) as e:
+        config.load(str(p))
+    assert any(":target:a:mark: 0x7e000010 is in synlb's slot marks" in line for line in e.value.lines())
+
+
 # ------------------------------------------------------------------ elements
 
 def test_full_script(tmp_path):

@@ -1,6 +1,8 @@
-"""What switching engines costs: the two engines hash flows
-independently (docs/ENGINES.md), so a session picked up by a router on the
-other engine lands on another target with probability ~ 1 - 1/targets.
+"""What switching engines costs: with its own hash (flow_hash = blake2b,
+the nfqueue engine's default) the worker hashes flows independently of the
+nftables engine (docs/ENGINES.md), so a session picked up by a router on the
+other engine lands on another target with probability ~ 1 - 1/targets; with
+the kernel's (flow_hash = jhash) both engines pick alike and nothing is lost.
 
 Two routers with real keepalived: lb1 (MASTER) on the nfqueue engine, lb2 on
 the nftables engine; sessions run through lb1, then lb1's links go down.
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from synlb_lab.demo_failover import Pair, fail_over, start_sessions, stop_sessions, summarize
+from synlb_lab.demo_failover import Pair, fail_over, snapshot, start_sessions, stop_sessions, summarize
 from synlb_lab.topology import Lab
 
 pytestmark = pytest.mark.lab(tools=("ip", "nft", "keepalived", "conntrack", "iptables"))
@@ -39,4 +41,25 @@ def test_failover_between_engines_moves_two_thirds_of_the_sessions(lab):
     # a session the new master hashes elsewhere is reset by that target, never moved
     assert res["moved"] == 0
     assert 0.45 <= lost / res["sessions"] <= 0.85, res["per"]
+    pair.close()
+
+
+def test_failover_between_engines_with_the_kernels_hash_keeps_every_session(lab):
+    """lb1's workers get each flow's slot from the kernel (flow_hash =
+    jhash, the nftables engine's hash): lb2, on the nftables engine, picks
+    up every session on its target. lb1, in FAULT, is then exactly as
+    before synlb ran: no table inet synlb (its slot chain), no VIPOUT rule."""
+    pair = Pair(lab, engine={"lb1": "nfqueue", "lb2": "nftables"}, flow_hash={"lb1": "jhash", "lb2": None})
+    pair.prepare()
+    pair.start()
+    handles = start_sessions(lab, COUNT, ("echo", "up"), (4, 6))
+    try:
+        steps = fail_over(pair, "links")
+    finally:
+        results = stop_sessions(handles)
+    res = summarize(results)
+    print(f"\nnfqueue (flow_hash = jhash) master -> nftables backup, links down ({steps}): "
+          f"{res['kept']}/{res['sessions']} kept, {res['moved']} moved")
+    assert res["kept"] == res["sessions"] == 4 * COUNT and res["moved"] == 0, res["per"]
+    assert snapshot(lab, "lb1", pair.state_dir("lb1")) == pair.baseline["lb1"]
     pair.close()

@@ -270,3 +270,50 @@ def test_status_check_covers_the_nftables_table(lab, clean):
     assert synlb(lab, "lb1", conf, "status", "--check").returncode == 0
     synlb(lab, "lb1", conf, "down")
     assert synlb(lab, "lb1", conf, "status", "--check").returncode == 0
+
+
+def test_nfqueue_workers_on_the_kernels_hash_pick_as_the_nftables_engine(lab, clean):
+    """flow_hash = jhash on the nfqueue engine: the kernel hands the worker
+    each new connection's slot (table inet synlb, chain slot_prerouting)
+    and the worker only looks it up. Every connection conntrack holds has
+    the mark the nftables engine's hash gives it, the worker hashed nothing
+    itself, status --check covers the slot chain, and down leaves the router
+    as it was (the clean fixture)."""
+    import json
+
+    from synlb import statedir
+    lab.run("lb1", ["conntrack", "-F"], check=False)  # no entry of an earlier test's marks
+    conf = write_config(lab, "lb1", name="slots.ini", protocols="tcp, udp", extra_service="flow_hash = jhash")
+    out = synlb(lab, "lb1", conf, "up").stdout
+    assert "nftables: installed table inet synlb (0 services, 0 slots)" in out, out
+    for family in (4, 6):
+        res = lab.open_connections(A.VIP[family], count=CONNS, concurrency=15)
+        assert res["ok"] == CONNS, res["errors"]
+        assert sorted(res["per_target"]) == ["t1", "t2", "t3"]
+        udp = lab.udp_flows(A.VIP[family], count=FLOWS, rounds=3)
+        assert udp["ok"] == FLOWS and udp["moved"] == 0 and udp["lost"] == 0, udp["errors"]
+    flows = assert_kernel_picks_are_the_python_ones(lab, conf)
+    assert flows >= 2 * (CONNS + FLOWS) - REUSED_PORTS_AT_MOST
+
+    def stats() -> dict:
+        with open(statedir.worker_stats(state_dir(lab), 0)) as fh:
+            return json.load(fh)
+    deadline = time.monotonic() + 5
+    while stats()["packets"] < flows and time.monotonic() < deadline:
+        time.sleep(0.2)  # the worker writes its stats once a second
+    st = stats()
+    assert st["flow_hash"] == "jhash" and st["unslotted"] == 0 and st["packets"] >= flows, st
+    assert synlb(lab, "lb1", conf, "status", "--check").returncode == 0
+    lab.run("lb1", ["nft", "delete", "table", "inet", "synlb"])
+    r = synlb(lab, "lb1", conf, "status", "--check", check=False)
+    assert r.returncode == 1 and "nftables: missing table inet synlb" in r.stdout.splitlines(), r.stdout
+    synlb(lab, "lb1", conf, "up")
+    assert synlb(lab, "lb1", conf, "status", "--check").returncode == 0
+    # back to the worker's own hash: the worker binds anew, the slot chain goes
+    write_config(lab, "lb1", name="slots.ini", protocols="tcp, udp")
+    out = synlb(lab, "lb1", conf, "up").stdout
+    assert "stopped worker queue 0" in out and "flow_hash is now blake2b" in out and "started worker queue 0" in out
+    assert "nftables: deleted table inet synlb" in out, out
+    assert lab.open_connections(A.VIP[4], count=30, concurrency=5)["ok"] == 30
+    assert synlb(lab, "lb1", conf, "status", "--check").returncode == 0
+    synlb(lab, "lb1", conf, "down")

@@ -357,3 +357,72 @@ def test_a_worker_log_past_its_size_is_kept_once_and_emptied(tmp_path):
         assert path.read_bytes() == b"after\n"
     finally:
         os.close(fd)
+
+
+class SlotPkt(Pkt):
+    """A queued packet as the kernel hands it over with flow_hash = jhash:
+    its mark is the slot (SLOT_MARKS.start + slot), or the connection's."""
+
+    def __init__(self, payload: bytes, mark: int):
+        super().__init__(payload)
+        self.mark = mark
+
+    def get_mark(self) -> int:
+        return self.mark
+
+
+def test_a_slot_worker_serves_the_kernels_slots(tmp_path):
+    """flow_hash = jhash: the worker looks up the slot the kernel computed
+    (the nftables engine's jhash), follows pins for picked-up connections,
+    keeps a connection's own mark, and hashes as the kernel does a packet
+    that came with neither."""
+    from synlb.jhash import kernel_slot, service_seed
+    path = write_config(tmp_path, ("t1", "t2", "t3"), extra_service="flow_hash = jhash")
+    cfg = config_mod.load(path)
+    svc = cfg.service("web")
+    assert svc.flow_hash == "jhash" and svc.kernel_slots
+    table = P.ServiceTable.build(cfg, svc)
+    seed = service_seed(cfg.globals.hash_key, "web")
+    assert table.seed == seed  # pins judge the service by the kernel's hash too
+    w = Worker.from_config(cfg, "web")
+    assert w.spec.flow_hash == "jhash" and w.spec.seed == seed
+    base = config_mod.SLOT_MARKS.start
+    for c, v, s in flows(40) + flows(20, family=6):
+        key = key_of(6, c, v, s, 80)
+        slot = kernel_slot(key, seed, svc.table_size)
+        p = SlotPkt(packet(c, v, 6, s, 80, SYN), base + slot)
+        w.on_slot_packet(p)
+        assert p.verdict == "accept" and p.mark == table.marks[slot] == table.pick(key)
+        # the same flow without the kernel's slot (its rule missing): hashed here alike
+        q = SlotPkt(packet(c, v, 6, s, 80, SYN), 0)
+        w.on_slot_packet(q)
+        assert q.mark == p.mark
+    assert w.unslotted == 60
+    t2 = cfg.targets["t2"].mark
+    kept = SlotPkt(packet("10.64.1.10", VIP4, 6, 5000, 80, ACK), t2)
+    w.on_slot_packet(kept)
+    assert kept.verdict == "accept" and kept.mark == t2 and w.kept == 1
+    # a pin wins over the kernel's slot for a picked-up connection, not for a SYN
+    c, v, s = next((c, v, s) for c, v, s in flows(100) if table.pick(key_of(6, c, v, s, 80)) != t2)
+    pins_state.write(cfg.globals.state_dir, {"web": {key_of(6, c, v, s, 80): t2}})
+    w.load_pins()
+    slot = kernel_slot(key_of(6, c, v, s, 80), seed, svc.table_size)
+    ack, syn = SlotPkt(packet(c, v, 6, s, 80, ACK), base + slot), SlotPkt(packet(c, v, 6, s, 80, SYN), base + slot)
+    w.on_slot_packet(ack)
+    w.on_slot_packet(syn)
+    assert ack.mark == t2 and syn.mark == table.marks[slot] != t2 and w.pinned == 1
+    assert w.packets == 120 + 1 + 2
+
+
+def test_a_worker_refuses_a_table_of_the_other_flow_hash(tmp_path):
+    path = write_config(tmp_path, ("t1", "t2"))
+    cfg = config_mod.load(path)
+    w = Worker.from_config(cfg, "web")
+    cfg2 = config_mod.load(write_config(tmp_path, ("t1", "t2"), extra_service="flow_hash = jhash"))
+    from synlb import worker_table
+    worker_table.write(cfg.globals.state_dir, worker_table.build(cfg2, cfg2.service("web"), 0))
+    w.reload = True
+    w.attention = True
+    w.attend()
+    w._builder.join(10)
+    assert w.built is None and w.spec.flow_hash == "blake2b"  # kept the running table

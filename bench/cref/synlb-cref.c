@@ -11,8 +11,13 @@
  * different design. It does not follow pins, reload, publish counters while
  * running or rotate logs: it is a yardstick, not a product.
  *
+ * With --slot-base BASE it does the job of a worker of flow_hash = jhash
+ * instead: the kernel has put the flow's Maglev slot in the packet's mark
+ * (BASE + slot), so it looks that slot up, keeps a mark that is no slot
+ * (the connection's own), and hashes only a packet that came with neither.
+ *
  * Usage:
- *   synlb-cref --queue N --marks FILE --key FILE [--copy-range B] [--maxlen N]
+ *   synlb-cref --queue N --marks FILE --key FILE [--copy-range B] [--maxlen N] [--slot-base BASE]
  *       FILE (marks): the table's slots, one uint32 mark per slot, little
  *       endian (the benchmark writes it from synlb's own Maglev table).
  *       FILE (key): the hash_key's bytes (at most 64 are used, as synlb does).
@@ -46,7 +51,8 @@
 static blake2b_state keyed; /* the hash state that has absorbed the key */
 static uint32_t *marks;
 static uint32_t nslots;
-static uint64_t hashed, fallback, nomark;
+static uint64_t hashed, fallback, nomark, slotted, kept;
+static uint32_t slot_base; /* 0: hash every packet (flow_hash = blake2b) */
 static volatile sig_atomic_t stopping;
 
 static int is_port_protocol(uint8_t p)
@@ -155,6 +161,18 @@ static int on_packet(struct nfq_q_handle *qh, struct nfgenmsg *msg, struct nfq_d
     if (!ph)
         return 0;
     uint32_t id = ntohl(ph->packet_id);
+    if (slot_base) {
+        uint32_t m = nfq_get_nfmark(nfa);
+        uint32_t slot = m - slot_base;
+        if (m && slot >= (1u << 20)) { /* the connection's own mark: it stays */
+            kept++;
+            return nfq_set_verdict(qh, id, NF_ACCEPT, 0, NULL);
+        }
+        if (m && slot < nslots) {
+            slotted++;
+            return nfq_set_verdict2(qh, id, NF_ACCEPT, marks[slot], 0, NULL);
+        }
+    }
     unsigned char *payload;
     int n = nfq_get_payload(nfa, &payload);
     uint8_t key[64];
@@ -210,6 +228,8 @@ int main(int argc, char **argv)
             copy_range = strtol(argv[i + 1], NULL, 10);
         else if (!strcmp(argv[i], "--maxlen"))
             maxlen = strtol(argv[i + 1], NULL, 10);
+        else if (!strcmp(argv[i], "--slot-base"))
+            slot_base = (uint32_t)strtoul(argv[i + 1], NULL, 0);
         else {
             fprintf(stderr, "synlb-cref: unknown option %s\n", argv[i]);
             return 2;
@@ -281,8 +301,9 @@ int main(int argc, char **argv)
     }
     nfq_destroy_queue(qh);
     nfq_close(h);
-    printf("{\"hashed\": %llu, \"fallback\": %llu, \"no_target\": %llu, \"recv_errors\": %llu}\n",
+    printf("{\"hashed\": %llu, \"fallback\": %llu, \"no_target\": %llu, \"recv_errors\": %llu, "
+           "\"slotted\": %llu, \"kept\": %llu}\n",
            (unsigned long long)hashed, (unsigned long long)fallback, (unsigned long long)nomark,
-           (unsigned long long)recv_errors);
+           (unsigned long long)recv_errors, (unsigned long long)slotted, (unsigned long long)kept);
     return 0;
 }

@@ -74,6 +74,7 @@ from typing import Any, Callable
 import psutil
 
 from synlb import config as config_mod
+from synlb.config import SLOT_MARKS
 from synlb import health_state, worker_table
 
 from . import addresses as A
@@ -118,6 +119,7 @@ TARGETS = {
     "nft_sessions_kept_ratio": (">=", 1.0),
     # the Python worker against the reference C worker on the same links, same rounds
     "nfqueue_cpu_vs_c": ("<=", 1.1),
+    "nfqueue_jhash_cpu_vs_c": ("<=", 1.1),
     "nfqueue_conn_rate_vs_c": (">=", 0.95),
 }
 
@@ -198,21 +200,24 @@ engine = {engine}
 
 
 def render_config(state_dir: str, *, queue: str = "0", shortcut: bool = True, engine: str = "nfqueue",
-                  iperf_service: bool = True, ports: str = f"80, 8080, {NGINX_PORT}") -> str:
+                  iperf_service: bool = True, ports: str = f"80, 8080, {NGINX_PORT}",
+                  flow_hash: str | None = None) -> str:
     """The bench's synlb configuration for one router.
 
     ``web``: the lab's VIPs on ``ports`` over t1..t3, with explicit marks
     0x101..0x103 so that an HMARK rule (offset 0x101, mod 3) can stand in
     for the worker. ``ipf``: the same VIPs on the iperf3 port with t1 only,
     because an iperf3 test (control + data connections) must reach one
-    server; its queue is separate (8). ``engine`` is both services'."""
+    server; its queue is separate (8). ``engine`` is both services';
+    ``flow_hash`` web's (None: the engine's default)."""
     sc = "yes" if shortcut else "no"
     ipf = iperf_section(engine, f"shortcut = {sc}") if iperf_service else ""
     targets = [(f"t{k}", A.target(k, 4), A.target(k, 6)) for k in (1, 2, 3)]
     marks = {f"t{k}": MARK_BASE + k - 1 for k in (1, 2, 3)}
     return "# written by synlb-lab bench\n" + render_service_config(
         state_dir, targets, queue=queue, ports=ports, marks=marks, engine=engine,
-        extra_service=f"table_size = {TABLE_SIZE}\nshortcut = {sc}", extra=ipf)
+        extra_service=f"table_size = {TABLE_SIZE}\nshortcut = {sc}" + (f"\nflow_hash = {flow_hash}" if flow_hash else ""),
+        extra=ipf)
 
 
 class Synlb:
@@ -674,38 +679,47 @@ def bench_conn_rate(lab: Lab, sl: Synlb, plan: Plan, foreign: Foreign, wait_budg
             ("synlb", "hmark", "0", plan.conn_rounds, plan.conn_rounds_max, ["synlb", "cref", "nft"]),
             ("synlb_mq", "hmark", "0-1", plan.conn_rounds_mq, plan.conn_rounds_mq_max, ["synlb_mq"]),
             ("synlb_nic", "hmark_nic", "0", plan.conn_rounds_nic, plan.conn_rounds_nic_max,
-             ["synlb_nic", "cref_nic", "floor_nic"]))
+             ["synlb_nic", "cref_nic", "floor_nic"]),
+            # flow_hash = jhash: the kernel hands both workers the slot
+            ("synlb_jhash_nic", "hmark_jhash_nic", "0", plan.conn_rounds_nic, plan.conn_rounds_nic_max,
+             ["synlb_jhash_nic", "cref_jhash_nic"]))
         for block_name, base, queue, rounds, rounds_max, others in blocks:
             if block_name == "synlb_nic":
                 nic_like_wire(lab, sl.router)
+            flow_hash = "jhash" if "jhash" in block_name else None
             block = _conn_rate_block(lab, sl, plan, foreign, wait_budget, url, exe, work, block_name, base,
-                                     queue, rounds, rounds_max, others)
+                                     queue, rounds, rounds_max, others, flow_hash)
             for r in block:
                 _log_disturbed(r)
             runs += block
             sl.up(queue=queue)  # the rules exactly as synlb renders them (checks nothing drifted)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    veth = [r for r in runs if r["block"] != "synlb_nic"]
+    veth = [r for r in runs if r["block"] not in ("synlb_nic", "synlb_jhash_nic")]
     out = summarize_pairs(veth, "rate", "hmark", ["synlb", "synlb_mq", "cref", "nft"])
     out["per_cpu"] = summarize_pairs(veth, "conn_per_cpu", "hmark", ["synlb", "synlb_mq", "cref", "nft"])
     del out["per_cpu"]["runs"]
     nic_runs = [r for r in runs if r["block"] == "synlb_nic"]
     nic = summarize_pairs(nic_runs, "rate", "hmark_nic", ["synlb_nic", "cref_nic", "floor_nic"])
+    jh_runs = [r for r in runs if r["block"] == "synlb_jhash_nic"]
+    jh = summarize_pairs(jh_runs, "rate", "hmark_jhash_nic", ["synlb_jhash_nic", "cref_jhash_nic"])
     out["runs"] = runs
-    for k in ("median", "ratio", "ratios", "ratios_all", "quiet_rounds", "noisy"):
-        out[k].update(nic.get(k, {}))
+    for part in (nic, jh):
+        for k in ("median", "ratio", "ratios", "ratios_all", "quiet_rounds", "noisy"):
+            out[k].update(part.get(k, {}))
     # synlb's worker against the C reference, same rounds: connections/s (plain
     # veth, like conn_rate_ratio) and CPU per connection (both wires)
     first = [r for r in runs if r["block"] == "synlb"]
     vs_c = {"conn_rate": summarize_pairs(first, "rate", "cref", ["synlb"]),
             "cpu_veth": summarize_pairs(first, "cpu_us_per_conn", "cref", ["synlb"]),
-            "cpu_nic": summarize_pairs(nic_runs, "cpu_us_per_conn", "cref_nic", ["synlb_nic", "floor_nic"])}
+            "cpu_nic": summarize_pairs(nic_runs, "cpu_us_per_conn", "cref_nic", ["synlb_nic", "floor_nic"]),
+            "cpu_nic_jhash": summarize_pairs(jh_runs, "cpu_us_per_conn", "cref_jhash_nic", ["synlb_jhash_nic"])}
     for v in vs_c.values():
         del v["runs"]
     vs_c["hash_check"] = c
     out["vs_c"] = vs_c
-    for arm in ("synlb", "synlb_mq", "synlb_nic", "cref", "cref_nic", "floor_nic"):
+    for arm in ("synlb", "synlb_mq", "synlb_nic", "cref", "cref_nic", "floor_nic", "synlb_jhash_nic",
+                "cref_jhash_nic"):
         mine = [r for r in runs if r["arm"] == arm]
         quiet = [r for r in mine if r["quiet_round"]]
         use = quiet if len(quiet) >= 3 else mine
@@ -747,15 +761,16 @@ def _cref_check_hash(exe: str, work: str) -> dict:
 
 def _conn_rate_block(lab: Lab, sl: Synlb, plan: Plan, foreign: Foreign, wait_budget: list[float], url: str,
                      exe: str, work: str, block: str, base: str, queue: str, rounds: int, rounds_max: int,
-                     others: list[str]) -> list[dict]:
-    sl.up(queue=queue)
+                     others: list[str], flow_hash: str | None = None) -> list[dict]:
+    sl.up(queue=queue, flow_hash=flow_hash)
     nfqueue_rule = sl.last_rule("synlb-VIP-web")
     c = None
     if any(a.startswith("cref") for a in others):
         # the same mark table as synlb's worker for the queue, on a queue of its own
         spec = worker_table.load(sl.state_dir, 0)
         key_path, marks_path = cref.write_inputs(work, spec.hash_key, cref.marks_of(spec))
-        c = cref.CRef(lab, sl.router, exe, CREF_QUEUE, key_path, marks_path, spec.copy_range, spec.queue_maxlen)
+        c = cref.CRef(lab, sl.router, exe, CREF_QUEUE, key_path, marks_path, spec.copy_range, spec.queue_maxlen,
+                      slot_base=SLOT_MARKS.start if spec.flow_hash == "jhash" else None)
         cref_rule = _retarget(nfqueue_rule, CREF_QUEUE)
     floor = None
     if any(a.startswith("floor") for a in others):
@@ -768,7 +783,7 @@ def _conn_rate_block(lab: Lab, sl: Synlb, plan: Plan, foreign: Foreign, wait_bud
 
     def nfqueue_engine() -> None:
         if engine[0] != "nfqueue":
-            sl.up(queue=queue)
+            sl.up(queue=queue, flow_hash=flow_hash)
             engine[0] = "nfqueue"
 
     def run_arm(a: str) -> dict:
@@ -1362,6 +1377,8 @@ def headline(results: dict) -> dict:
         "cref_cpu_us_per_conn": cpu.get("cref_nic"),
         # netfilterqueue with the least Python (pyfloor.py) against C: below it no Python worker can go
         "nfqueue_floor_cpu_vs_c": vs_c.get("cpu_nic", {}).get("ratio_of_medians", {}).get("floor_nic"),
+        # flow_hash = jhash: synlb's worker and the C reference both read the kernel's slot
+        "nfqueue_jhash_cpu_vs_c": vs_c.get("cpu_nic_jhash", {}).get("ratio_of_medians", {}).get("synlb_jhash_nic"),
         # the host's drift check, once a second: % of one CPU, 3 and 100 targets (the worse engine)
         "drift_check_cpu_pct_3": max((v["cpu_share_at_1s_pct"] for k, v in results.get("drift", {}).items()
                                       if k.endswith("_3")), default=None),

@@ -39,6 +39,7 @@ LABELS = {
     "nfqueue_conn_rate_vs_c": "New connections/s, Python worker / C reference (ratio of medians)",
     "cref_cpu_us_per_conn": "C reference worker CPU per new connection, NIC-like links (us)",
     "nfqueue_floor_cpu_vs_c": "CPU per new connection, least Python netfilterqueue worker / C reference, NIC-like",
+    "nfqueue_jhash_cpu_vs_c": "Worker CPU per new connection with flow_hash = jhash (the kernel's slot), Python / C, NIC-like",
     "drift_check_cpu_pct_3": "Host drift check once a second, 3 targets (% of one CPU)",
     "drift_check_cpu_pct_100": "Host drift check once a second, 100 targets (% of one CPU)",
 }
@@ -220,6 +221,10 @@ def _why(key: str, res: dict) -> str:
                 f"costs {_fmt(res.get('nfqueue_floor_cpu_vs_c'))} x the C reference (user "
                 f"{_fmt(u.get('floor_nic'))} us, system {_fmt(sy.get('floor_nic'))} us): what is left for "
                 "synlb's own code (flow key, keyed hash, pins) is the rest.")
+    if key == "nfqueue_jhash_cpu_vs_c":
+        u = cr.get("worker_user_us_per_conn", {})
+        return (f"user time per connection: Python worker {_fmt(u.get('synlb_jhash_nic'))} us, C reference "
+                f"{_fmt(u.get('cref_jhash_nic'))} us; both read the slot the kernel put in the packet's mark.")
     if key == "nfqueue_conn_rate_vs_c":
         v = cr.get("vs_c", {}).get("conn_rate", {})
         return (f"per-round ratios {v.get('ratios', {}).get('synlb')}: the worker's extra user time per "
@@ -376,13 +381,17 @@ def render_markdown(res: dict) -> str:
             "the reference C worker (bench/cref/synlb-cref.c: the same hash, key, mark table, copy "
             "range and one recv and one verdict per packet) on a queue of its own, the chain's "
             "NFQUEUE rule pointed at it. nft: `engine = nftables`, the same Maglev table in a "
-            "kernel map, no worker.")
+            "kernel map, no worker. floor_nic: the least Python worker on netfilterqueue "
+            "(lab/synlb_lab/pyfloor.py). The *_jhash_nic arms: a block of their own, NIC-like links, "
+            "with `flow_hash = jhash`: the kernel puts each new connection's slot in the packet's "
+            "mark, synlb's worker and the C reference (`--slot-base`) only look it up.")
         add("")
         pc = cr.get("per_cpu", {})
         add("| arm | median conn/s | ratio to hmark (median) | per-round ratios used | conn/s per lab CPU | "
             "ratio per lab CPU | worker CPU us/conn (user + sys) | worker RSS MB | packets queued per conn |")
         add("|---|---:|---:|---|---:|---:|---:|---:|---:|")
-        for arm in ("hmark", "synlb", "cref", "nft", "synlb_mq", "hmark_nic", "synlb_nic", "cref_nic", "floor_nic"):
+        for arm in ("hmark", "synlb", "cref", "nft", "synlb_mq", "hmark_nic", "synlb_nic", "cref_nic", "floor_nic",
+                    "hmark_jhash_nic", "synlb_jhash_nic", "cref_jhash_nic"):
             if arm not in cr["median"]:
                 continue
             cpu = cr.get("cpu_us_per_conn", {}).get(arm)
@@ -412,7 +421,9 @@ def render_markdown(res: dict) -> str:
                                                  ("CPU per connection, NIC-like", vs.get("cpu_nic", {}),
                                                   "synlb_nic"),
                                                  ("CPU per connection, NIC-like, floor worker",
-                                                  vs.get("cpu_nic", {}), "floor_nic")))
+                                                  vs.get("cpu_nic", {}), "floor_nic"),
+                                                 ("CPU per connection, NIC-like, flow_hash = jhash (both workers)",
+                                                  vs.get("cpu_nic_jhash", {}), "synlb_jhash_nic")))
                 + ". Both hash alike (checked on IPv4 and IPv6 keys before the runs), so they pick the "
                   "same targets.")
             add("")

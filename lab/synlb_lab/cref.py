@@ -84,11 +84,14 @@ class CRef:
     """The reference worker running in a lab router, bound to ``queue``."""
 
     def __init__(self, lab, router: str, exe: str, queue: int, key_path: str, marks_path: str,
-                 copy_range: int, maxlen: int):
+                 copy_range: int, maxlen: int, slot_base: int | None = None):
+        """``slot_base``: the worker of flow_hash = jhash, reading the slot
+        from the packet's mark (``slot_base`` + slot) instead of hashing."""
         self.lab = lab
         self.queue = queue
+        slots = ["--slot-base", hex(slot_base)] if slot_base is not None else []
         self.proc = lab.popen(router, [exe, "--queue", str(queue), "--marks", marks_path, "--key", key_path,
-                                       "--copy-range", str(copy_range), "--maxlen", str(maxlen)],
+                                       "--copy-range", str(copy_range), "--maxlen", str(maxlen), *slots],
                               name=f"cref-{queue}", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         ready, _, _ = select.select([self.proc.stdout], [], [], BIND_TIMEOUT)
         line = self.proc.stdout.readline().strip() if ready else "(nothing)"  # EOF: it failed

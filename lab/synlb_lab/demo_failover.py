@@ -132,6 +132,7 @@ class Pair:
                  pickup: bool = True, firewall: bool = True, dbus_in_host: bool = False,
                  targets: Iterable[str] | None = None, plugins: str | None = None,
                  extra: Callable[[str], str] | None = None, engine: str | Mapping[str, str] = "nfqueue",
+                 flow_hash: str | Mapping[str, str | None] | None = None,
                  synlb: str | None = None, hook: str | None = None):
         if lab.nrouters != 2:
             raise LabError("a Pair needs a 2-router lab")
@@ -148,6 +149,9 @@ class Pair:
         self.extra = extra  # router -> more INI text (sections of those plugins)
         # the service's engine, on every router or per router ({"lb1": "nfqueue", "lb2": "nftables"})
         self.engines = {r: engine if isinstance(engine, str) else engine[r] for r in lab.routers}
+        # the service's flow_hash likewise (None: the engine's default)
+        self.flow_hashes = {r: flow_hash if flow_hash is None or isinstance(flow_hash, str) else flow_hash[r]
+                            for r in lab.routers}
         self.hosts: dict[str, object] = {}
         self.synlb = synlb or synlb_exe()
         self.given_hook = hook
@@ -190,7 +194,9 @@ class Pair:
             extra += "\nplugins = lb, dbus"
         elif self.plugins:
             extra += f"\nplugins = {self.plugins}"
-        text = service_config(self.lab, r, self.targets, ports="80", extra_synlb=extra, engine=self.engines[r])
+        fh = self.flow_hashes[r]
+        text = service_config(self.lab, r, self.targets, ports="80", extra_synlb=extra, engine=self.engines[r],
+                              extra_service=f"flow_hash = {fh}" if fh else "")
         text += f"\n[vrrp]\nsync_group = G1\nstandby = {self.standby}\n"
         if self.extra:
             text += self.extra(r)
@@ -316,7 +322,8 @@ class Pair:
         while True:
             quiet = not self.busy(r) and not _notify_running(self.lab, r)
             snap = snapshot(self.lab, r, self.state_dir(r))
-            ok = quiet and shape_ok(snap, active, len(self.targets), self.engines[r])
+            ok = quiet and shape_ok(snap, active, len(self.targets), self.engines[r],
+                                    kernel_slots=self.flow_hashes[r] == "jhash")
             stable = stable + 1 if ok else 0
             if stable >= 2:
                 return snap
@@ -411,8 +418,11 @@ def _shape(snap: dict) -> dict:
 NFT_TABLE = "table inet synlb"
 
 
-def shape_ok(snap: dict, active: bool, targets: int = 3, engine: str = "nfqueue") -> bool:
-    """Fully installed or fully removed (not the exact content: see snapshot equality)."""
+def shape_ok(snap: dict, active: bool, targets: int = 3, engine: str = "nfqueue",
+             kernel_slots: bool = False) -> bool:
+    """Fully installed or fully removed (not the exact content: see snapshot
+    equality). ``kernel_slots``: the nfqueue engine with flow_hash = jhash,
+    whose slot chain lives in the nftables table."""
     if active:
         routes = (snap["routes4"].count("default via") == targets
                   and snap["routes6"].count("default via") == targets)
@@ -421,7 +431,7 @@ def shape_ok(snap: dict, active: bool, targets: int = 3, engine: str = "nfqueue"
                     and NFT_TABLE in snap["nft_tables"] and "synlb-" not in snap["iptables"] and routes)
         return (snap["applied"] and snap["workers"] == ["web/0"] and snap["worker_procs"] == ["--queue=0"]
                 and snap["queues"] == [0] and "synlb-" in snap["iptables"] and "synlb-" in snap["ip6tables"]
-                and NFT_TABLE not in snap["nft_tables"] and routes)
+                and (NFT_TABLE in snap["nft_tables"]) == kernel_slots and routes)
     return (not snap["applied"] and not snap["workers"] and not snap["worker_procs"] and not snap["queues"]
             and "synlb-" not in snap["iptables"] and "synlb-" not in snap["ip6tables"]
             and NFT_TABLE not in snap["nft_tables"]

@@ -119,6 +119,12 @@ class Service:
     shortcut: bool = True
     track_syn: bool = True
     engine: str = "nfqueue"  # "nfqueue" (iptables + NFQUEUE workers) or "nftables" (Maglev in the kernel)
+    flow_hash: str = "blake2b"  # "blake2b" (the worker's) or "jhash" (the kernel's; always, for nftables)
+
+    @property
+    def kernel_slots(self) -> bool:
+        """An nfqueue service whose worker gets the slot from the kernel (flow_hash = jhash)."""
+        return self.engine == "nfqueue" and self.flow_hash == "jhash"
 
     @property
     def queues(self) -> range:
@@ -342,12 +348,22 @@ def _hash_key(text: str) -> str:
 # 1..200) and deletes the ip rules that carry such marks on every commit.
 VYOS_MARKS = range(0x7FFFFFFF - 200, 0x7FFFFFFF)
 
+# With ``flow_hash = jhash`` the kernel hands a worker the packet's Maglev
+# slot as its mark, SLOT_MARKS.start + slot (nft_engine.py), until the
+# worker sets the target's mark: no target may have one of these marks.
+# (1 << 20 slots: the largest table_size, 1000003, fits.)
+SLOT_MARKS = range(0x7E000000, 0x7E000000 + (1 << 20))
+SLOT_MARK_MASK = 0xFFF00000  # mark & SLOT_MARK_MASK == SLOT_MARKS.start: a slot mark
+
 
 def _mark(text: str) -> int:
     v = _int(1, 0xFFFFFFFF)(text)
     if v in VYOS_MARKS:
         raise OptionError(f"{v:#x} is one of VyOS's policy-route marks ({VYOS_MARKS.start:#x}.."
                           f"{VYOS_MARKS.stop - 1:#x}), whose ip rules VyOS deletes")
+    if v in SLOT_MARKS:
+        raise OptionError(f"{v:#x} is in synlb's slot marks ({SLOT_MARKS.start:#x}..{SLOT_MARKS.stop - 1:#x}), "
+                          "which carry a packet's Maglev slot to the worker (flow_hash = jhash)")
     return v
 
 
@@ -430,6 +446,9 @@ def _check_service(s: dict) -> list[tuple[str, str]]:
         out.append(("track_syn", "no needs mode = route (DNAT needs the connection tracked from its SYN)"))
     if s.get("engine") == "nftables" and s.get("shortcut") is False:
         out.append(("shortcut", "no is for the nfqueue engine only (the nftables engine has no queue)"))
+    if s.get("engine") == "nftables" and s.get("flow_hash") == "blake2b":
+        out.append(("flow_hash", "blake2b is the nfqueue engine's worker hash; the nftables engine hashes "
+                                 "in the kernel (jhash)"))
     return out
 
 
@@ -456,6 +475,10 @@ SERVICE_OPTIONS = schema.Schema("service", [
            "conntrack the opening SYN; no = leave it untracked (route mode only), for routers "
            "that see only the client's direction (behind ECMP): the connection's first ACK "
            "then makes the conntrack entry that keeps its mark"),
+    Option("flow_hash", _choice("blake2b", "jhash"), None,
+           "the flow hash that picks a connection's Maglev slot: blake2b (keyed BLAKE2b in the "
+           "worker; the nfqueue engine's default) or jhash (the kernel's, as the nftables engine "
+           "computes it: the kernel hands the worker the slot, and both engines pick alike)"),
 ], checks=[_check_service])
 
 TARGET_OPTIONS = schema.Schema("target", [
@@ -632,7 +655,8 @@ def load(path: str | None = None) -> Config:
             mode=s["mode"], egress=s["egress"], queue_first=q1, queue_last=q2,
             queue_bypass=s["queue_bypass"], target_names=tuple(s["targets"]),
             table_size=s["table_size"], no_target_verdict=s["no_target_verdict"],
-            shortcut=s["shortcut"], track_syn=s["track_syn"], engine=s["engine"]))
+            shortcut=s["shortcut"], track_syn=s["track_syn"], engine=s["engine"],
+            flow_hash=s["flow_hash"] or ("jhash" if s["engine"] == "nftables" else "blake2b")))
 
     # The workers' user must exist wherever there are workers (a service of
     # the nfqueue engine): never a fallback to root. Not asked otherwise (no

@@ -35,11 +35,11 @@ def problems(cfg: Config) -> list[str]:
     for tool in ("iptables-restore", "ip6tables-restore", "iptables-save", "ip6tables-save"):
         if shutil.which(tool) is None:
             out.append(f"{main}:-:-: {tool} not found (apt-get install iptables)")
-    if any(s.engine == "nftables" for s in cfg.services):
+    if any(s.flow_hash == "jhash" for s in cfg.services):
         from .nft_apply import available
         if available() is None:
             out.append(f"{main}:-:-: neither python3-nftables nor nft found, needed by engine = nftables "
-                       "(apt-get install python3-nftables)")
+                       "and flow_hash = jhash (apt-get install python3-nftables)")
     if os.geteuid() != 0:
         out.append(f"{main}:-:-: must run as root to change the data plane")
     with IPRoute() as ipr:

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from itertools import compress
 from operator import ne
 
-from .config import Config, Service
+from .config import SLOT_MARKS, Config, Service
 from .jhash import service_seed
 from .maglev import build_table
 from .packet import PORT_PROTOCOLS
@@ -62,6 +62,13 @@ PinKey = tuple  # (l4proto, client, client port, VIP, port)
 def services(cfg: Config) -> list[Service]:
     """The services of the nftables engine."""
     return [s for s in cfg.services if s.engine == "nftables"]
+
+
+def slot_services(cfg: Config) -> list[Service]:
+    """The nfqueue services whose workers get the slot from the kernel
+    (``flow_hash = jhash``): the table hashes for them, before their
+    NFQUEUE rule (chain ``slot_prerouting``)."""
+    return [s for s in cfg.services if s.kernel_slots]
 
 
 # ------------------------------------------------------------------ names
@@ -129,7 +136,8 @@ class Plan:
 
     @property
     def empty(self) -> bool:
-        return not self.services
+        """No table wanted: no service of the engine, none with the kernel's slots."""
+        return not self.skeleton
 
 
 def pin_key(flow_key: bytes) -> tuple[int, PinKey] | None:
@@ -236,9 +244,10 @@ def _service_rules(svc: Service, family: int, seed: int) -> list[str]:
 
 def skeleton(cfg: Config) -> str:
     """The table without elements (``comment`` left out: see ``with_comment``);
-    "" when no service uses the engine."""
+    "" when no service uses the engine or the kernel's slots."""
     svcs = services(cfg)
-    if not svcs:
+    slotted = slot_services(cfg)
+    if not svcs and not slotted:
         return ""
     out = [f"table {QUALIFIED} {{"]
     for svc in svcs:
@@ -278,6 +287,8 @@ def skeleton(cfg: Config) -> str:
                 out.append(f"\t\t{_match(svc, fam)} dnat {'ip' if fam == 4 else 'ip6'} to meta mark map "
                            f"@{dnat_map(svc.name, fam)}")
         out.append("\t}")
+    if slotted:
+        out.extend(_slot_chain(cfg, slotted))
     untracked = [s for s in svcs if not s.track_syn and "tcp" in s.protocols]
     if untracked:
         # the opening SYN untracked: the first ACK makes the conntrack entry
@@ -292,6 +303,25 @@ def skeleton(cfg: Config) -> str:
         out.append("\t}")
     out.append("}")
     return "\n".join(out) + "\n"
+
+
+def _slot_chain(cfg: Config, slotted: list[Service]) -> list[str]:
+    # Before iptables' mangle PREROUTING, where the service's NFQUEUE rule
+    # is: a packet of a connection without a mark reaches the worker with
+    # its Maglev slot as its mark (SLOT_MARKS.start + the slot the nftables
+    # engine's rule computes), one with a mark with that mark (the worker
+    # keeps it). iptables' CONNMARK restore overwrites either for the
+    # established packets it short-cuts.
+    out = ["\tchain slot_prerouting {", "\t\ttype filter hook prerouting priority mangle - 1; policy accept;"]
+    for svc in slotted:
+        seed = service_seed(cfg.globals.hash_key, svc.name)
+        for fam in svc.families():
+            m = _match(svc, fam)
+            out.append(f"\t\t{m} ct mark != 0 meta mark set ct mark")
+            out.append(f"\t\t{m} ct mark 0 meta mark set jhash {_tuple(fam)} mod {svc.table_size} "
+                       f"seed {seed:#010x} offset {SLOT_MARKS.start:#x}")
+    out.append("\t}")
+    return out
 
 
 def digest(skel: str) -> str:

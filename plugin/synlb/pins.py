@@ -67,21 +67,22 @@ def active_targets(cfg: Config, service: Service, down: Iterable[str] = ()) -> l
 class ServiceTable:
     """The marks a service's current Maglev table gives to flow keys.
 
-    Both engines build the same table (slot -> mark); they differ in the
-    flow hash that picks the slot: the NFQUEUE worker's keyed BLAKE2b
-    (``Maglev.slot``), the kernel's jhash for the nftables engine
-    (``jhash.kernel_slot``, see docs/ENGINES.md)."""
+    Both engines build the same table (slot -> mark); the service's
+    ``flow_hash`` picks the slot: the NFQUEUE worker's keyed BLAKE2b
+    (``Maglev.slot``), or the kernel's jhash (``jhash.kernel_slot``, see
+    docs/ENGINES.md), the nftables engine's and an nfqueue service's with
+    ``flow_hash = jhash``."""
     service: Service
     marks: list  # mark of each slot
     maglev: Maglev
     target_marks: frozenset  # marks of every configured target of the service
-    seed: int | None = None  # the kernel jhash seed (nftables engine), None for nfqueue
+    seed: int | None = None  # the kernel jhash seed (flow_hash = jhash), None for blake2b
 
     @classmethod
     def build(cls, cfg: Config, service: Service, down: Iterable[str] = ()) -> "ServiceTable":
         targets = active_targets(cfg, service, down)
         maglev = Maglev([t.name for t in targets], service.table_size, cfg.globals.hash_key.encode())
-        seed = service_seed(cfg.globals.hash_key, service.name) if service.engine == "nftables" else None
+        seed = service_seed(cfg.globals.hash_key, service.name) if service.flow_hash == "jhash" else None
         return cls(service, [targets[i].mark for i in maglev.table], maglev,
                    frozenset(t.mark for t in cfg.targets_of(service)), seed)
 

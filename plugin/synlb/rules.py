@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .config import Config, Service
+from .config import SLOT_MARK_MASK, SLOT_MARKS, Config, Service
 
 PREFIX = "synlb-"
 COMMENT_PREFIX = "synlb:"
@@ -146,8 +146,12 @@ def render_family(cfg: Config, family: int, active_targets: dict[str, list[str]]
     mangle.rules.append(f"-A {ESTABLISHED} -j CONNMARK --restore-mark")
     mangle.rules.append(f"-A {ESTABLISHED} -j ACCEPT")
     # NEW connections, and picked-up ones first seen from the target side
-    # (connmark still 0), get the worker's mark saved.
-    mangle.rules.append(f"-A {VIPOUT} -m connmark --mark 0 -j CONNMARK --save-mark")
+    # (connmark still 0), get the worker's mark saved. A slot mark (what the
+    # kernel handed a worker, flow_hash = jhash) is never saved: it is still
+    # there only if no worker gave a verdict (queue_bypass).
+    keep_slot = (f"-m mark ! --mark {SLOT_MARKS.start:#x}/{SLOT_MARK_MASK:#x} "
+                 if any(s.kernel_slots for s in services) else "")
+    mangle.rules.append(f"-A {VIPOUT} -m connmark --mark 0 {keep_slot}-j CONNMARK --save-mark")
     return tables
 
 

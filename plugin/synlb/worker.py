@@ -10,6 +10,11 @@ picked up mid-stream after a failover or an ECMP change) whose flow is
 pinned (``pins.py``: a running connection the current table would move)
 gets its pinned mark instead of the table's.
 
+With ``flow_hash = jhash`` the kernel has already hashed the flow: the
+packet comes with its Maglev slot as its mark (``SLOT_MARKS.start`` +
+slot, nft_engine.py), or, for a connection that has a mark, with that mark,
+which the worker keeps (``on_slot_packet``).
+
 A worker never reads the INI files: it serves the table the data plane
 wrote for its queue (worker_table.py), so it can never pick a target the
 kernel has no route or DNAT for.  SIGHUP re-reads that table; SIGUSR1
@@ -28,6 +33,8 @@ import time
 from hashlib import blake2b
 
 from . import pins_state, statedir, worker_table
+from .config import SLOT_MARKS
+from .jhash import kernel_slot
 from .maglev import FLOW_PERSON, MAX_KEY_BYTES, Maglev
 from .packet import flow_key, opens_connection
 from .pins import usable
@@ -83,12 +90,15 @@ class Worker:
         self.stats_due = False
         self.no_target = 0
         self.pinned = 0  # packets that followed a pin
+        self.kept = 0  # packets that came with their connection's mark (flow_hash = jhash)
+        self.unslotted = 0  # of those without a slot, hashed here as the kernel would (jhash)
         self.picks: dict[int, int] = {}  # counts of the tables a reload replaced
         self.started = time.time()
 
     @property
     def packets(self) -> int:
-        return self.no_target + self.pinned + sum(self.picks.values()) + sum(self.table.picks.values())
+        return (self.no_target + self.pinned + self.kept + sum(self.picks.values())
+                + sum(self.table.picks.values()))
 
     # The hot path: no allocation beyond what netfilterqueue (Packet, payload)
     # and hashing (hash state, digest, int) force. With no pins (the normal
@@ -120,6 +130,57 @@ class Worker:
                 pkt.drop()
         if self.stop:
             raise LeaveLoop
+
+    def on_slot_packet(self, pkt, _flow_key=flow_key, _opens=opens_connection, _base=SLOT_MARKS.start,
+                       _span=len(SLOT_MARKS)) -> None:
+        """The callback for ``flow_hash = jhash``: no hash here, the kernel
+        gave the slot. Pins first, as in ``on_packet``; a packet that came
+        with neither a slot nor a mark (the kernel's rule missing) is
+        hashed as the kernel would have, at the pure-Python jhash's cost."""
+        if self.attention:
+            self.attend()
+        t = self.table
+        pins = self.pins
+        if pins:
+            payload = pkt.get_payload()
+            key = _flow_key(payload)
+            if key in pins and not _opens(payload):
+                pkt.set_mark(pins[key])
+                pkt.accept()
+                self.pinned += 1
+                if self.stop:
+                    raise LeaveLoop
+                return
+        mark = pkt.get_mark()
+        slot = mark - _base
+        if mark and not 0 <= slot < _span:
+            pkt.accept()  # the connection's own mark, restored by the kernel: it stays
+            self.kept += 1
+        elif t.size:
+            if not mark or slot >= t.size:  # no slot, or one of another table size (a change under way)
+                slot = self._kernel_slot(pkt.get_payload())
+            mark = t.marks[slot]
+            pkt.set_mark(mark)
+            pkt.accept()
+            t.picks[mark] += 1
+        else:
+            self.no_target += 1
+            if t.verdict_accept:
+                pkt.accept()
+            else:
+                pkt.drop()
+        if self.stop:
+            raise LeaveLoop
+
+    def _kernel_slot(self, payload: bytes) -> int:
+        self.unslotted += 1
+        key = flow_key(payload)
+        slot = kernel_slot(key, self.spec.seed, self.table.size)
+        if slot is None:  # no ports (a fragment conntrack did not reassemble): the kernel never hashes it
+            h = self.table.keyed.copy()
+            h.update(key)
+            slot = int.from_bytes(h.digest(), "big") % self.table.size
+        return slot
 
     @classmethod
     def from_config(cls, cfg, service_name: str, queue: int = 0) -> "Worker":
@@ -153,6 +214,9 @@ class Worker:
             self._build_again = False
             try:
                 spec = self.read_table()
+                if spec.flow_hash != self.spec.flow_hash:
+                    raise WorkerTableError(f"flow_hash {spec.flow_hash}, not {self.spec.flow_hash}: a worker "
+                                           "binds its queue for one flow hash (the data plane restarts it)")
                 self.built = (spec, MarkTable(spec))
             except (WorkerTableError, ValueError) as e:
                 log.error("reload refused, keeping the running table: %s", e)
@@ -191,8 +255,9 @@ class Worker:
         for mark, n in self.table.picks.items():
             picks[mark] = picks.get(mark, 0) + n
         data = {"pid": os.getpid(), "queue": self.queue, "service": self.service_name,
-                "packets": self.no_target + self.pinned + sum(picks.values()),
+                "packets": self.no_target + self.pinned + self.kept + sum(picks.values()),
                 "no_target": self.no_target, "pinned": self.pinned, "pins": len(self.pins),
+                "kept": self.kept, "unslotted": self.unslotted, "flow_hash": self.spec.flow_hash,
                 "targets": self.table.names,
                 "picks": {f"{m:#x}": n for m, n in picks.items() if n},
                 "table_digest": self.table.digest, "started": self.started}
@@ -266,7 +331,10 @@ class Worker:
         self.notify_built = lambda: os.kill(os.getpid(), signal.SIGUSR2)
         signal.signal(signal.SIGALRM, on_alarm)
         nfq = NetfilterQueue()
-        nfq.bind(self.queue, self.on_packet, max_len=self.spec.queue_maxlen, mode=COPY_PACKET,
+        # the callback is the flow hash's for the worker's life: a table of
+        # the other flow_hash is refused (_build); the data plane restarts it
+        callback = self.on_slot_packet if self.spec.flow_hash == "jhash" else self.on_packet
+        nfq.bind(self.queue, callback, max_len=self.spec.queue_maxlen, mode=COPY_PACKET,
                  range=self.spec.copy_range)
         try:
             self.write_stats()  # tells the starter that this process holds the queue

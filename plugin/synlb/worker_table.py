@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 
 from . import statedir
 from .config import Config, Service
+from .jhash import service_seed
 
 
 class WorkerTableError(ValueError):
@@ -41,6 +42,11 @@ class WorkerTable:
     no_target_verdict: str  # "drop" or "accept"
     copy_range: int
     queue_maxlen: int
+    # "blake2b": the worker hashes the flow; "jhash": the kernel hands it the
+    # slot as the packet's mark (nft_engine.py), ``seed`` the kernel's
+    # (for a packet that came without one: see worker.py)
+    flow_hash: str = "blake2b"
+    seed: int = 0
 
     @property
     def names(self) -> list[str]:
@@ -60,11 +66,13 @@ def build(cfg: Config, service: Service, queue: int, down: Iterable[str] = ()) -
     from .pins import active_targets
     active = active_targets(cfg, service, down)
     g = cfg.globals
+    seed = service_seed(g.hash_key, service.name) if service.kernel_slots else 0
     return WorkerTable(service=service.name, queue=queue, targets=tuple((t.name, t.mark) for t in active),
                        target_marks=tuple(t.mark for t in cfg.targets_of(service)),
                        table_size=service.table_size, hash_key=g.hash_key,
                        no_target_verdict=service.no_target_verdict, copy_range=g.copy_range,
-                       queue_maxlen=g.queue_maxlen)
+                       queue_maxlen=g.queue_maxlen, flow_hash="jhash" if service.kernel_slots else "blake2b",
+                       seed=seed)
 
 
 def from_json(d) -> WorkerTable:
@@ -73,14 +81,18 @@ def from_json(d) -> WorkerTable:
                         targets=tuple((n, m) for n, m in d["targets"]),
                         target_marks=tuple(d["target_marks"]), table_size=d["table_size"],
                         hash_key=d["hash_key"], no_target_verdict=d["no_target_verdict"],
-                        copy_range=d["copy_range"], queue_maxlen=d["queue_maxlen"])
+                        copy_range=d["copy_range"], queue_maxlen=d["queue_maxlen"],
+                        # tables written before flow_hash existed hashed with blake2b
+                        flow_hash=d.get("flow_hash", "blake2b"), seed=d.get("seed", 0))
     except (KeyError, TypeError, ValueError) as e:
         raise WorkerTableError(f"not a worker table ({type(e).__name__}: {e})") from None
-    ints = [t.queue, t.table_size, t.copy_range, t.queue_maxlen, *t.target_marks, *(m for _, m in t.targets)]
+    ints = [t.queue, t.table_size, t.copy_range, t.queue_maxlen, t.seed, *t.target_marks,
+            *(m for _, m in t.targets)]
     if (not isinstance(t.service, str) or not isinstance(t.hash_key, str)
             or not all(isinstance(n, str) for n, _ in t.targets)
             or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ints)
             or t.no_target_verdict not in ("drop", "accept") or t.table_size < 2
+            or t.flow_hash not in ("blake2b", "jhash")
             or not {m for _, m in t.targets} <= set(t.target_marks)):
         raise WorkerTableError("not a worker table (a field has the wrong type or value)")
     return t

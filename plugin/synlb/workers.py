@@ -31,7 +31,7 @@ from . import health_state, sched, statedir, trust, worker_table
 from .errors import UserError
 from .worker import stats_file
 from .config import Config
-from .worker_table import WorkerTable
+from .worker_table import WorkerTable, WorkerTableError
 
 QUEUE_PROC = "/proc/net/netfilter/nfnetlink_queue"
 BIND_TIMEOUT = 5.0
@@ -397,6 +397,14 @@ def desired(cfg: Config) -> dict[int, WorkerTable]:
     return {q: worker_table.build(cfg, svc, q, down[svc.name]) for svc in cfg.services for q in svc.queues}
 
 
+def _bound_flow_hash(state_dir: str, queue: int) -> str | None:
+    """The flow hash of the table a running worker serves (None: unknown)."""
+    try:
+        return worker_table.load(state_dir, queue).flow_hash
+    except WorkerTableError:
+        return None
+
+
 def ensure(cfg: Config, stop_unwanted: bool = True) -> list[str]:
     """One worker per configured queue, serving its desired table; return changes.
 
@@ -423,6 +431,11 @@ def ensure(cfg: Config, stop_unwanted: bool = True) -> list[str]:
             stop(w)
             worker_table.remove(state_dir, q)
             changes.append(f"stopped worker queue {q} (pid {w.pid})")
+            del have[q]
+        elif w.digest != table.digest() and _bound_flow_hash(state_dir, q) not in (None, table.flow_hash):
+            # its packet callback is the flow hash's it bound the queue with
+            stop(w)
+            changes.append(f"stopped worker queue {q} (pid {w.pid}): flow_hash is now {table.flow_hash}")
             del have[q]
         elif w.digest != table.digest():
             reload(w, state_dir, table)
