@@ -123,7 +123,7 @@ def test_up_that_cannot_take_its_priority_changes_nothing(tmp_path, fake, capsys
     called = []
     fake(dataplane, "up", lambda config_path, cfg, reason="up": called.append(reason) or [])
     assert cli.main(["-c", path, "up"]) == 1
-    assert capsys.readouterr().err == (f"synlb up: {path}:synlb:nice: cannot run at nice -5: EACCES "
+    assert capsys.readouterr().err == (f"synlb up: {path}:synlb:nice: cannot run at nice -10: EACCES "
                                        "(a negative value needs root or CAP_SYS_NICE)\n")
     assert called == []
 
@@ -135,7 +135,7 @@ def test_an_event_source_that_cannot_take_its_priority_still_delivers(tmp_path, 
     fake(notify, "main", lambda config_path, args: delivered.append(args) or 0)
     assert cli.main(["-c", path, "notify", "GROUP", "G1", "MASTER", "100"]) == 0
     assert delivered == [["GROUP", "G1", "MASTER", "100"]]
-    assert f"{path}:synlb:nice: cannot run at nice -5: EACCES" in caplog.text
+    assert f"{path}:synlb:nice: cannot run at nice -10: EACCES" in caplog.text
 
 
 def test_the_control_plane_runs_at_its_nice(tmp_path, fake):

@@ -222,7 +222,7 @@ print(json.dumps(sorted(out, key=lambda r: r["start"])))
 
 def test_worker_killed_during_traffic(lab, host):
     h = host()
-    # the control plane at [synlb] nice (default -5), every thread of it; the
+    # the control plane at [synlb] nice (default -10), every thread of it; the
     # packet path at 0, the worker it restarts below too (sched.py)
     host_threads = {t.id for t in psutil.Process(h.proc.pid).threads()}
     assert {sched.nice_of(t) for t in host_threads} == {config_mod.DEFAULT_NICE}

@@ -211,8 +211,8 @@ def test_an_nfqueue_service_with_the_kernels_hash_gets_its_slot_chain(tmp_path):
     m4 = 'iifname "front" ip daddr 10.0.0.1/32 meta l4proto tcp th dport { 80, 8000-8100 }'
     assert [ln.strip() for ln in chain] == [
         "type filter hook prerouting priority mangle - 1; policy accept;",
-        f"{m4} ct mark != 0 meta mark set ct mark",
-        f"{m4} ct mark 0 meta mark set jhash meta l4proto . ip saddr . th sport . ip daddr . th dport "
+        f"{m4} ct mark != 0 meta mark set ct mark accept",
+        f"{m4} meta mark set jhash meta l4proto . ip saddr . th sport . ip daddr . th dport "
         f"mod 65537 seed {seed:#010x} offset 0x7e000000",
         chain[3].strip(), chain[4].strip()]
     assert "ip6 daddr fd00::1/128" in chain[4] and "offset 0x7e000000" in chain[4]

@@ -309,6 +309,17 @@ def test_nfqueue_workers_on_the_kernels_hash_pick_as_the_nftables_engine(lab, cl
     assert r.returncode == 1 and "nftables: missing table inet synlb" in r.stdout.splitlines(), r.stdout
     synlb(lab, "lb1", conf, "up")
     assert synlb(lab, "lb1", conf, "status", "--check").returncode == 0
+    # an untracked SYN (track_syn = no: a router behind ECMP) gets its slot too
+    write_config(lab, "lb1", name="slots.ini", protocols="tcp", extra_service="flow_hash = jhash\ntrack_syn = no")
+    synlb(lab, "lb1", conf, "up")
+    before = stats()
+    assert lab.open_connections(A.VIP[4], count=30, concurrency=5)["ok"] == 30
+    deadline = time.monotonic() + 5
+    while stats()["packets"] < before["packets"] + 60 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    st = stats()
+    # each connection's SYN (untracked) and first ACK (picked up) reached the worker, each with its slot
+    assert st["packets"] >= before["packets"] + 60 and st["unslotted"] == before["unslotted"], (before, st)
     # back to the worker's own hash: the worker binds anew, the slot chain goes
     write_config(lab, "lb1", name="slots.ini", protocols="tcp, udp")
     out = synlb(lab, "lb1", conf, "up").stdout

@@ -139,7 +139,7 @@ class Service:
         return tuple(sorted({v.version for v in self.vips}))
 
 
-DEFAULT_NICE = -5  # the control plane's: see sched.py
+DEFAULT_NICE = -10  # the control plane's: see sched.py
 
 
 @dataclass(frozen=True)

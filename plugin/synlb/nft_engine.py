@@ -317,8 +317,9 @@ def _slot_chain(cfg: Config, slotted: list[Service]) -> list[str]:
         seed = service_seed(cfg.globals.hash_key, svc.name)
         for fam in svc.families():
             m = _match(svc, fam)
-            out.append(f"\t\t{m} ct mark != 0 meta mark set ct mark")
-            out.append(f"\t\t{m} ct mark 0 meta mark set jhash {_tuple(fam)} mod {svc.table_size} "
+            out.append(f"\t\t{m} ct mark != 0 meta mark set ct mark accept")
+            # no "ct mark 0" here: an untracked SYN (track_syn = no) has no ct to test
+            out.append(f"\t\t{m} meta mark set jhash {_tuple(fam)} mod {svc.table_size} "
                        f"seed {seed:#010x} offset {SLOT_MARKS.start:#x}")
     out.append("\t}")
     return out
