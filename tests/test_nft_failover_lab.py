@@ -25,8 +25,10 @@ def lab(open_lab):
     return open_lab(Lab, routers=2, targets=3, server_ports=(80,))
 
 
-def test_failover_between_engines_moves_two_thirds_of_the_sessions(lab):
-    pair = Pair(lab, engine={"lb1": "nfqueue", "lb2": "nftables"})
+def fail_over_between_engines(lab, flow_hash: str | None) -> tuple[dict, dict, Pair]:
+    """Sessions through lb1 (nfqueue engine, ``flow_hash``), then lb1's links
+    down: lb2 (nftables engine) picks them up. (summary, failover steps, pair)."""
+    pair = Pair(lab, engine={"lb1": "nfqueue", "lb2": "nftables"}, flow_hash={"lb1": flow_hash, "lb2": None})
     pair.prepare()
     pair.start()
     handles = start_sessions(lab, COUNT, ("echo", "up"), (4, 6))
@@ -34,7 +36,11 @@ def test_failover_between_engines_moves_two_thirds_of_the_sessions(lab):
         steps = fail_over(pair, "links")
     finally:
         results = stop_sessions(handles)
-    res = summarize(results)
+    return summarize(results), steps, pair
+
+
+def test_failover_between_engines_moves_two_thirds_of_the_sessions(lab):
+    res, steps, pair = fail_over_between_engines(lab, None)
     lost = res["sessions"] - res["kept"]
     print(f"\nnfqueue master -> nftables backup, links down ({steps}): {res['kept']}/{res['sessions']} kept, "
           f"{lost} reset ({lost / res['sessions']:.0%}; 1 - 1/3 = 67% expected), {res['moved']} moved")
@@ -49,15 +55,7 @@ def test_failover_between_engines_with_the_kernels_hash_keeps_every_session(lab)
     jhash, the nftables engine's hash): lb2, on the nftables engine, picks
     up every session on its target. lb1, in FAULT, is then exactly as
     before synlb ran: no table inet synlb (its slot chain), no VIPOUT rule."""
-    pair = Pair(lab, engine={"lb1": "nfqueue", "lb2": "nftables"}, flow_hash={"lb1": "jhash", "lb2": None})
-    pair.prepare()
-    pair.start()
-    handles = start_sessions(lab, COUNT, ("echo", "up"), (4, 6))
-    try:
-        steps = fail_over(pair, "links")
-    finally:
-        results = stop_sessions(handles)
-    res = summarize(results)
+    res, steps, pair = fail_over_between_engines(lab, "jhash")
     print(f"\nnfqueue (flow_hash = jhash) master -> nftables backup, links down ({steps}): "
           f"{res['kept']}/{res['sessions']} kept, {res['moved']} moved")
     assert res["kept"] == res["sessions"] == 4 * COUNT and res["moved"] == 0, res["per"]

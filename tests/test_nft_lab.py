@@ -75,6 +75,20 @@ def assert_kernel_picks_are_the_python_ones(lab, conf: str, down=()) -> int:
     return n
 
 
+def balance_both_families(lab) -> None:
+    """CONNS TCP connections and FLOWS UDP flows (3 datagrams each) per IP
+    version through the VIP: all answered, spread over t1..t3, no UDP flow
+    moved or lost."""
+    for family in (4, 6):
+        res = lab.open_connections(A.VIP[family], count=CONNS, concurrency=15)
+        assert res["ok"] == CONNS, res["errors"]
+        assert sorted(res["per_target"]) == ["t1", "t2", "t3"]
+        assert all(25 <= n <= 75 for n in res["per_target"].values()), res["per_target"]
+        udp = lab.udp_flows(A.VIP[family], count=FLOWS, rounds=3)
+        assert udp["ok"] == FLOWS and udp["moved"] == 0 and udp["lost"] == 0, udp["errors"]
+        assert sorted(udp["per_target"]) == ["t1", "t2", "t3"], udp["per_target"]
+
+
 REUSED_PORTS_AT_MOST = 3  # of CONNS connections, the same client port twice (seen: once)
 
 
@@ -84,14 +98,7 @@ def test_balances_tcp_and_udp_over_both_families_in_the_kernel(lab, clean):
     assert "table inet synlb {" in dry and "# slots_web: 65537 elements" in dry
     out = synlb(lab, "lb1", conf, "up").stdout
     assert "nftables: installed table inet synlb" in out, out
-    for family in (4, 6):
-        res = lab.open_connections(A.VIP[family], count=CONNS, concurrency=15)
-        assert res["ok"] == CONNS, res["errors"]
-        assert sorted(res["per_target"]) == ["t1", "t2", "t3"]
-        assert all(25 <= n <= 75 for n in res["per_target"].values()), res["per_target"]
-        udp = lab.udp_flows(A.VIP[family], count=FLOWS, rounds=3)
-        assert udp["ok"] == FLOWS and udp["moved"] == 0 and udp["lost"] == 0, udp["errors"]
-        assert sorted(udp["per_target"]) == ["t1", "t2", "t3"], udp["per_target"]
+    balance_both_families(lab)
     st = status(lab, "lb1", conf)
     assert not [q for s in st["services"] for q in s["queues"]]  # no worker, no queue
     assert not lab.run("lb1", ["cat", "/proc/net/netfilter/nfnetlink_queue"]).stdout.strip()
@@ -259,15 +266,19 @@ def test_health_flip_of_100_targets_under_traffic(lab, clean):
     synlb(lab, "lb1", conf, "down", timeout=120)
 
 
-def test_status_check_covers_the_nftables_table(lab, clean):
-    conf = nft_config(lab)
-    synlb(lab, "lb1", conf, "up")
+def check_finds_the_table_deleted_and_up_repairs_it(lab, conf: str) -> None:
     assert synlb(lab, "lb1", conf, "status", "--check").returncode == 0
     lab.run("lb1", ["nft", "delete", "table", "inet", "synlb"])
     r = synlb(lab, "lb1", conf, "status", "--check", check=False)
     assert r.returncode == 1 and "nftables: missing table inet synlb" in r.stdout.splitlines(), r.stdout
     synlb(lab, "lb1", conf, "up")
     assert synlb(lab, "lb1", conf, "status", "--check").returncode == 0
+
+
+def test_status_check_covers_the_nftables_table(lab, clean):
+    conf = nft_config(lab)
+    synlb(lab, "lb1", conf, "up")
+    check_finds_the_table_deleted_and_up_repairs_it(lab, conf)
     synlb(lab, "lb1", conf, "down")
     assert synlb(lab, "lb1", conf, "status", "--check").returncode == 0
 
@@ -286,38 +297,29 @@ def test_nfqueue_workers_on_the_kernels_hash_pick_as_the_nftables_engine(lab, cl
     conf = write_config(lab, "lb1", name="slots.ini", protocols="tcp, udp", extra_service="flow_hash = jhash")
     out = synlb(lab, "lb1", conf, "up").stdout
     assert "nftables: installed table inet synlb (0 services, 0 slots)" in out, out
-    for family in (4, 6):
-        res = lab.open_connections(A.VIP[family], count=CONNS, concurrency=15)
-        assert res["ok"] == CONNS, res["errors"]
-        assert sorted(res["per_target"]) == ["t1", "t2", "t3"]
-        udp = lab.udp_flows(A.VIP[family], count=FLOWS, rounds=3)
-        assert udp["ok"] == FLOWS and udp["moved"] == 0 and udp["lost"] == 0, udp["errors"]
+    balance_both_families(lab)
     flows = assert_kernel_picks_are_the_python_ones(lab, conf)
     assert flows >= 2 * (CONNS + FLOWS) - REUSED_PORTS_AT_MOST
 
-    def stats() -> dict:
-        with open(statedir.worker_stats(state_dir(lab), 0)) as fh:
-            return json.load(fh)
-    deadline = time.monotonic() + 5
-    while stats()["packets"] < flows and time.monotonic() < deadline:
-        time.sleep(0.2)  # the worker writes its stats once a second
-    st = stats()
+    def stats(packets: int = 0) -> dict:
+        """The worker's stats file, once it counts ``packets`` (it is
+        rewritten once a second; 5 s at most)."""
+        deadline = time.monotonic() + 5
+        while True:
+            with open(statedir.worker_stats(state_dir(lab), 0)) as fh:
+                st = json.load(fh)
+            if st["packets"] >= packets or time.monotonic() > deadline:
+                return st
+            time.sleep(0.2)
+    st = stats(flows)
     assert st["flow_hash"] == "jhash" and st["unslotted"] == 0 and st["packets"] >= flows, st
-    assert synlb(lab, "lb1", conf, "status", "--check").returncode == 0
-    lab.run("lb1", ["nft", "delete", "table", "inet", "synlb"])
-    r = synlb(lab, "lb1", conf, "status", "--check", check=False)
-    assert r.returncode == 1 and "nftables: missing table inet synlb" in r.stdout.splitlines(), r.stdout
-    synlb(lab, "lb1", conf, "up")
-    assert synlb(lab, "lb1", conf, "status", "--check").returncode == 0
+    check_finds_the_table_deleted_and_up_repairs_it(lab, conf)
     # an untracked SYN (track_syn = no: a router behind ECMP) gets its slot too
     write_config(lab, "lb1", name="slots.ini", protocols="tcp", extra_service="flow_hash = jhash\ntrack_syn = no")
     synlb(lab, "lb1", conf, "up")
     before = stats()
     assert lab.open_connections(A.VIP[4], count=30, concurrency=5)["ok"] == 30
-    deadline = time.monotonic() + 5
-    while stats()["packets"] < before["packets"] + 60 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    st = stats()
+    st = stats(before["packets"] + 60)
     # each connection's SYN (untracked) and first ACK (picked up) reached the worker, each with its slot
     assert st["packets"] >= before["packets"] + 60 and st["unslotted"] == before["unslotted"], (before, st)
     # back to the worker's own hash: the worker binds anew, the slot chain goes

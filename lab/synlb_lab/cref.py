@@ -80,25 +80,23 @@ def python_hash(hash_key: str, flow_key: bytes) -> int:
     return int.from_bytes(h.digest(), "big")
 
 
-class CRef:
-    """The reference worker running in a lab router, bound to ``queue``."""
+class ReferenceWorker:
+    """A benchmark worker process in a lab router, bound to ``queue``: it
+    prints "bound" once the queue is bound and, stopped, one JSON line of
+    counters (the C reference here, the Python floor in pyfloor.py)."""
 
-    def __init__(self, lab, router: str, exe: str, queue: int, key_path: str, marks_path: str,
-                 copy_range: int, maxlen: int, slot_base: int | None = None):
-        """``slot_base``: the worker of flow_hash = jhash, reading the slot
-        from the packet's mark (``slot_base`` + slot) instead of hashing."""
+    what = "reference worker"
+
+    def __init__(self, lab, router: str, argv: list[str], name: str, queue: int):
         self.lab = lab
         self.queue = queue
-        slots = ["--slot-base", hex(slot_base)] if slot_base is not None else []
-        self.proc = lab.popen(router, [exe, "--queue", str(queue), "--marks", marks_path, "--key", key_path,
-                                       "--copy-range", str(copy_range), "--maxlen", str(maxlen), *slots],
-                              name=f"cref-{queue}", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.proc = lab.popen(router, argv, name=name, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         ready, _, _ = select.select([self.proc.stdout], [], [], BIND_TIMEOUT)
         line = self.proc.stdout.readline().strip() if ready else "(nothing)"  # EOF: it failed
         if line != "bound":
             err = self.proc.stderr.read() if self.proc.poll() is not None else ""
             self.lab.stop_process(self.proc)
-            raise CRefError(f"C reference worker on queue {queue} did not bind: {line!r} {err.strip()}")
+            raise CRefError(f"{self.what} on queue {queue} did not bind: {line!r} {err.strip()[-300:]}")
         self.ps = psutil.Process(self.proc.pid)  # `ip netns exec` execs: this is the worker itself
 
     def stop(self) -> dict:
@@ -114,6 +112,21 @@ class CRef:
             except ValueError:
                 continue
         return {}
+
+
+class CRef(ReferenceWorker):
+    """The C reference worker (bench/cref/synlb-cref.c)."""
+
+    what = "C reference worker"
+
+    def __init__(self, lab, router: str, exe: str, queue: int, key_path: str, marks_path: str,
+                 copy_range: int, maxlen: int, slot_base: int | None = None):
+        """``slot_base``: the worker of flow_hash = jhash, reading the slot
+        from the packet's mark (``slot_base`` + slot) instead of hashing."""
+        slots = ["--slot-base", hex(slot_base)] if slot_base is not None else []
+        super().__init__(lab, router, [exe, "--queue", str(queue), "--marks", marks_path, "--key", key_path,
+                                       "--copy-range", str(copy_range), "--maxlen", str(maxlen), *slots],
+                         f"cref-{queue}", queue)
 
 
 def marks_of(table) -> list[int]:

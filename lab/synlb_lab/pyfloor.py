@@ -11,13 +11,9 @@ own code costs.
 
 from __future__ import annotations
 
-import select
-import subprocess
 import sys
 
-import psutil
-
-from .cref import BIND_TIMEOUT, CRefError
+from .cref import ReferenceWorker
 
 FLOOR = r"""
 import json, signal, struct, sys
@@ -47,32 +43,11 @@ finally:
 """
 
 
-class PyFloor:
+class PyFloor(ReferenceWorker):
     """The floor worker running in a lab router, bound to ``queue``."""
 
-    def __init__(self, lab, router: str, queue: int, marks_path: str, copy_range: int, maxlen: int):
-        self.lab = lab
-        self.proc = lab.popen(router, [sys.executable, "-c", FLOOR, str(queue), str(copy_range), str(maxlen),
-                                       marks_path],
-                              name=f"pyfloor-{queue}", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        ready, _, _ = select.select([self.proc.stdout], [], [], BIND_TIMEOUT)
-        line = self.proc.stdout.readline().strip() if ready else "(nothing)"
-        if line != "bound":
-            err = self.proc.stderr.read() if self.proc.poll() is not None else ""
-            self.lab.stop_process(self.proc)
-            raise CRefError(f"Python floor worker on queue {queue} did not bind: {line!r} {err.strip()[-300:]}")
-        self.ps = psutil.Process(self.proc.pid)
+    what = "Python floor worker"
 
-    def stop(self) -> dict:
-        self.lab.stop_process(self.proc)
-        try:
-            out = self.proc.stdout.read()
-        except (OSError, ValueError):
-            out = ""
-        import json
-        for line in reversed(out.splitlines()):
-            try:
-                return json.loads(line)
-            except ValueError:
-                continue
-        return {}
+    def __init__(self, lab, router: str, queue: int, marks_path: str, copy_range: int, maxlen: int):
+        super().__init__(lab, router, [sys.executable, "-c", FLOOR, str(queue), str(copy_range), str(maxlen),
+                                       marks_path], f"pyfloor-{queue}", queue)

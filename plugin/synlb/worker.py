@@ -123,11 +123,7 @@ class Worker:
             pkt.accept()
             t.picks[mark] += 1
         else:
-            self.no_target += 1
-            if t.verdict_accept:
-                pkt.accept()
-            else:
-                pkt.drop()
+            self.no_target_verdict(pkt, t)
         if self.stop:
             raise LeaveLoop
 
@@ -164,13 +160,17 @@ class Worker:
             pkt.accept()
             t.picks[mark] += 1
         else:
-            self.no_target += 1
-            if t.verdict_accept:
-                pkt.accept()
-            else:
-                pkt.drop()
+            self.no_target_verdict(pkt, t)
         if self.stop:
             raise LeaveLoop
+
+    def no_target_verdict(self, pkt, t: MarkTable) -> None:
+        """No target is active: the service's ``no_target_verdict``."""
+        self.no_target += 1
+        if t.verdict_accept:
+            pkt.accept()
+        else:
+            pkt.drop()
 
     def _kernel_slot(self, payload: bytes) -> int:
         self.unslotted += 1
