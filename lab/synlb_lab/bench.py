@@ -74,7 +74,6 @@ from typing import Any, Callable
 import psutil
 
 from synlb import config as config_mod
-from synlb.config import SLOT_MARKS
 from synlb import health_state, worker_table
 
 from . import addresses as A
@@ -764,19 +763,17 @@ def _conn_rate_block(lab: Lab, sl: Synlb, plan: Plan, foreign: Foreign, wait_bud
                      others: list[str], flow_hash: str | None = None) -> list[dict]:
     sl.up(queue=queue, flow_hash=flow_hash)
     nfqueue_rule = sl.last_rule("synlb-VIP-web")
-    c = None
-    if any(a.startswith("cref") for a in others):
-        # the same mark table as synlb's worker for the queue, on a queue of its own
+    c = floor = None
+    if any(a.startswith(("cref", "floor")) for a in others):
+        # the same mark table as synlb's worker for the queue, each on a queue of its own
         spec = worker_table.load(sl.state_dir, 0)
         key_path, marks_path = cref.write_inputs(work, spec.hash_key, cref.marks_of(spec))
+    if any(a.startswith("cref") for a in others):
         c = cref.CRef(lab, sl.router, exe, CREF_QUEUE, key_path, marks_path, spec.copy_range, spec.queue_maxlen,
-                      slot_base=SLOT_MARKS.start if spec.flow_hash == "jhash" else None)
+                      slot_base=config_mod.SLOT_MARKS.start if spec.flow_hash == "jhash" else None)
         cref_rule = _retarget(nfqueue_rule, CREF_QUEUE)
-    floor = None
     if any(a.startswith("floor") for a in others):
-        # netfilterqueue with the least Python a worker can run, on the same mark table
-        spec = worker_table.load(sl.state_dir, 0)
-        _, marks_path = cref.write_inputs(work, spec.hash_key, cref.marks_of(spec))
+        # netfilterqueue with the least Python a worker can run
         floor = PyFloor(lab, sl.router, FLOOR_QUEUE, marks_path, spec.copy_range, spec.queue_maxlen)
         floor_rule = _retarget(nfqueue_rule, FLOOR_QUEUE)
     engine = ["nfqueue"]

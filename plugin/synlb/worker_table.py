@@ -71,8 +71,7 @@ def build(cfg: Config, service: Service, queue: int, down: Iterable[str] = ()) -
                        target_marks=tuple(t.mark for t in cfg.targets_of(service)),
                        table_size=service.table_size, hash_key=g.hash_key,
                        no_target_verdict=service.no_target_verdict, copy_range=g.copy_range,
-                       queue_maxlen=g.queue_maxlen, flow_hash="jhash" if service.kernel_slots else "blake2b",
-                       seed=seed)
+                       queue_maxlen=g.queue_maxlen, flow_hash=service.flow_hash, seed=seed)
 
 
 def from_json(d) -> WorkerTable:
