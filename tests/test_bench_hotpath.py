@@ -152,3 +152,14 @@ def test_report_renders_partial_results(tmp_path):
     md = render_markdown(res)
     assert "Maglev table build" in md and "| 100 |" in md
     assert any("maglev_build_ms_100" in line for line in summary_lines(res))
+
+
+def test_bench_log_survives_its_reader_going_away(monkeypatch):
+    """`make bench 2>&1 | head`: once the reader is gone, logging must not
+    raise, or the labs' teardown (which logs) would stop half-way."""
+    import os
+    r, w = os.pipe()
+    os.close(r)
+    monkeypatch.setattr("sys.stderr", os.fdopen(w, "w"))
+    bench._log("first line, to a closed pipe")
+    bench._log("and every line after it")

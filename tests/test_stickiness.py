@@ -149,6 +149,7 @@ def test_target_added_then_failover_keeps_every_session(lab, engine):
         pair.set_targets(["t1", "t2", "t3"])
         pinned = wait_pins_handed_over(pair, t_change)
         metrics = lab.run("lb1", ["curl", "-sf", "http://127.0.0.1:9712/metrics"]).stdout
+        lb1_sync = sync_status(pair, "lb1")
         text = pair.lab.run("lb2", [synlb_exe(), "--config", pair.config("lb2"), "status"]).stdout
         steps = failover_and_back(pair)
     finally:
@@ -166,7 +167,7 @@ def test_target_added_then_failover_keeps_every_session(lab, engine):
     assert got["ok"] == 60 and set(got["per_target"]) == {"t1", "t2", "t3"}, got
     # what an operator sees: the master's metrics, the backup's status
     assert f"synlb_pins_own {float(pinned)}" in metrics, metrics
-    assert f'synlb_sync_peer_ok{{peer="{A.router_back(2)}"}} 1.0' in metrics
+    assert f'synlb_sync_peer_ok{{peer="{A.router_back(2)}"}} 1.0' in metrics, lb1_sync
     assert f"sync: 0 own pins handed to 1 peers, {pinned} held from them" in text, text
     # the backup's view of the exchange
     b = sync_status(pair, "lb2")

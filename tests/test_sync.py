@@ -163,6 +163,18 @@ DRIVER = textwrap.dedent(r"""
         except ConnectionResetError:  # closed with our bytes unread
             return ""
     if open(key_a).read() == open(key_b).read():
+        # both push at once and a's reply to b's push overtakes a's own
+        # push: b drops that one as older, and a must not call it a failure
+        older, seen = a._message_for("127.0.0.12")
+        b.exchange_all()
+        a._send("127.0.0.12", older, seen)
+        out["a_crossed"] = a.status()["peers"]["127.0.0.12"]
+        # dropped when nothing of b's came in meanwhile: that one is a failure
+        older, _ = a._message_for("127.0.0.12")
+        a.exchange_all()
+        a._send("127.0.0.12", older, a.status()["peers"]["127.0.0.12"]["exchanges"])
+        out["a_dropped"] = a.status()["peers"]["127.0.0.12"]
+        a.exchange_all()
         # a replayed message: refused, the pins stay
         msg = P.encode({}, 1, open(key_a, "rb").read().strip())
         with socket.create_connection(("127.0.0.12", 9714), source_address=("127.0.0.11", 0)) as s:
@@ -209,6 +221,9 @@ def test_pins_travel_between_peers_and_strangers_are_refused(tmp_path):
     assert a["peers"]["127.0.0.12"]["error"] is None and b["peers"]["127.0.0.11"]["error"] is None
     ports = sorted(int(k[-8:-4], 16) for k, _ in out["b_file"]["web"])
     assert ports == out["moved"]
+    # crossed pushes are not a failure; a message dropped for no reason is
+    assert (out["a_crossed"]["crossed"], out["a_crossed"]["error"]) == (1, None), out["a_crossed"]
+    assert out["a_dropped"]["crossed"] == 1 and "closed" in out["a_dropped"]["error"], out["a_dropped"]
     # the replay got no reply and changed nothing; the stranger got nothing either
     assert out["replay_reply"] == "" and out["stranger_reply"] == ""
     assert out["b_after"]["peers"]["127.0.0.11"]["stale"] >= 1

@@ -166,7 +166,12 @@ class Plan:
 
 
 def _log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+    try:
+        print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+    except OSError:
+        # the reader went away (`make bench 2>&1 | head`): the run and, above
+        # all, its labs' teardown go on with nothing more written there
+        sys.stderr = open(os.devnull, "w")
 
 
 def median(xs: list[float]) -> float | None:
@@ -1464,6 +1469,9 @@ def main(args) -> int:
     finally:
         signal.signal(signal.SIGTERM, old)
     from .bench_report import summary_lines
-    print("\n".join(summary_lines(res)))
-    print(f"\nreport: {os.path.join(out_dir, 'latest.md')}")
+    try:
+        print("\n".join(summary_lines(res)))
+        print(f"\nreport: {os.path.join(out_dir, 'latest.md')}", flush=True)
+    except BrokenPipeError:  # the results are written; only this summary is lost
+        sys.stdout = open(os.devnull, "w")
     return 0

@@ -145,6 +145,7 @@ class PeerState:
         self.error: str | None = None  # why our last exchange with it failed
         self.refused: str | None = None  # why we last refused a message from it
         self.stale = 0  # messages dropped for being older than one already accepted
+        self.crossed = 0  # our message dropped by the peer as older than one it got from us since
         self.exchanges = 0
 
 
@@ -242,6 +243,7 @@ class SyncPlugin(Plugin):
                     "held_pins": pins_mod.count(self._written or {}),
                     "peers": {p: {"pins": pins_mod.count(s.pins), "digest": pins_mod.digest(s.pins),
                                   "last_ok": s.last_ok, "exchanges": s.exchanges, "stale": s.stale,
+                                  "crossed": s.crossed,
                                   "error": s.error, "refused": s.refused}
                               for p, s in sorted(self._peers.items())}}
 
@@ -301,18 +303,44 @@ class SyncPlugin(Plugin):
         self._apply()
 
     def _exchange(self, peer: str) -> None:
+        self._send(peer, *self._message_for(peer))
+
+    def _message_for(self, peer: str) -> tuple[bytes, int]:
+        """Our pins for ``peer``, and how many of its messages we had accepted
+        when they were signed."""
+        with self._lock:
+            st = self._peers.get(peer)
+            return pins_mod.encode(self._own, self._next_seq(), self._key), st.exchanges if st else 0
+
+    def _send(self, peer: str, message: bytes, accepted_before: int) -> None:
         with self._lock:
             opts = self._opts
-            message = pins_mod.encode(self._own, self._next_seq(), self._key)
         try:
             with socket.create_connection((peer, opts["port"]), timeout=opts["timeout"],
                                           source_address=(str(opts["listen"]), 0)) as sock:
                 sock.sendall(message)
                 seq, theirs = read_message(sock, self._key, opts["timeout"])
+        except ConnectionError as e:
+            if not self._crossed(peer, accepted_before):
+                self._record_error(peer, e)
+            return
         except (OSError, pins_mod.PinsError) as e:
             self._record_error(peer, e)
             return
         self._accept(peer, seq, theirs)
+
+    def _crossed(self, peer: str, accepted_before: int) -> bool:
+        """A peer closes without a reply when our message is older than one
+        it already holds from us. That happens when both push at once and our
+        reply to its push overtakes this message: it then has our newer pins,
+        and we have just accepted its message, so the exchange worked."""
+        with self._lock:
+            st = self._peers.get(peer)
+            if st is None or st.exchanges == accepted_before:
+                return False
+            st.crossed += 1
+        log.debug("sync: %s: our message crossed its own and was dropped as older", peer)
+        return True
 
     # ------------------------------------------------------------ their pins
     def _serve(self) -> None:
