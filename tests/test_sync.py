@@ -186,6 +186,47 @@ DRIVER = textwrap.dedent(r"""
             out["stranger_reply"] = reply(s)
         time.sleep(0.2)
         out["b_after"] = b.status()
+        # b's apply of new pins is slow (a big nftables map, a reconcile
+        # holding the data plane's lock): its server still answers a's next
+        # push within the timeout (1 s)
+        import synlb.workers as W
+        told = W.reload_pins
+        W.reload_pins = lambda state_dir: (time.sleep(1.5), told(state_dir))[1]
+        subprocess.run(["conntrack", "-D", "-p", "tcp", "-s", "10.64.1.10", "-d", "10.64.100.1",
+                        "--sport", str(moved[0]), "--dport", "80"], check=True, capture_output=True)
+        a.exchange_all()
+        a.exchange_all()
+        out["a_while_b_applies"] = a.status()["peers"]["127.0.0.12"]
+        deadline = time.monotonic() + 5
+        while b.status()["held_pins"] != len(moved) - 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        out["b_slow"] = b.status()
+        W.reload_pins = told
+        # b's disk is full once: the pins are written at the next exchange,
+        # and its threads live on
+        import errno
+        import synlb.pins_state as PS
+        write, failed = PS.write, []
+        def full_once(state_dir, pins):
+            if not failed:
+                failed.append(1)
+                raise OSError(errno.ENOSPC, "No space left on device")
+            write(state_dir, pins)
+        PS.write = full_once
+        subprocess.run(["conntrack", "-D", "-p", "tcp", "-s", "10.64.1.10", "-d", "10.64.100.1",
+                        "--sport", str(moved[1]), "--dport", "80"], check=True, capture_output=True)
+        a.exchange_all()
+        deadline = time.monotonic() + 5
+        while not failed and time.monotonic() < deadline:
+            time.sleep(0.05)
+        out["b_full"] = b.status()
+        a.exchange_all()
+        while b.status()["held_pins"] != len(moved) - 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        out["b_after_full"] = b.status()
+        out["a_after_full"] = a.status()["peers"]["127.0.0.12"]
+        PS.write = write
+        out["b_threads_alive"] = [t.is_alive() for t in b._threads]
     for p in (a, b):
         p.stop()
     out["moved"] = moved
@@ -228,6 +269,13 @@ def test_pins_travel_between_peers_and_strangers_are_refused(tmp_path):
     assert out["replay_reply"] == "" and out["stranger_reply"] == ""
     assert out["b_after"]["peers"]["127.0.0.11"]["stale"] >= 1
     assert out["b_after"]["held_pins"] == 5
+    # a slow apply on b kept neither its server nor a waiting
+    assert out["a_while_b_applies"]["error"] is None, out["a_while_b_applies"]
+    assert out["b_slow"]["held_pins"] == 4, out["b_slow"]
+    # a full disk delays the pins to the next exchange, and stops nothing
+    assert out["b_full"]["held_pins"] == 4 and out["b_after_full"]["held_pins"] == 3, out
+    assert out["a_after_full"]["error"] is None, out["a_after_full"]
+    assert out["b_threads_alive"] == [True, True, True]
 
 
 @pytest.mark.lab(tools=("ip", "conntrack"))

@@ -157,6 +157,7 @@ class SyncPlugin(Plugin):
         self._lock = threading.Lock()  # peers, own pins, the pins file
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self._apply_wanted = threading.Event()
         self._threads: list[threading.Thread] = []
         self._server: socket.socket | None = None
         self._key = b""
@@ -193,7 +194,7 @@ class SyncPlugin(Plugin):
             log.warning("sync: old pins file ignored: %s", e)
         self._peers = {str(p): PeerState() for p in opts["peers"]}
         self._due = [time.monotonic()]  # a first exchange at once: peers' pins reach us at start
-        for target in (self._serve, self._publish_loop):
+        for target in (self._serve, self._publish_loop, self._apply_loop):
             t = threading.Thread(target=target, name=f"sync-{target.__name__.strip('_')}", daemon=True)
             t.start()
             self._threads.append(t)
@@ -227,6 +228,7 @@ class SyncPlugin(Plugin):
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
+        self._apply_wanted.set()
         for t in self._threads:
             t.join(2.0)
         if self._server is not None:
@@ -377,7 +379,10 @@ class SyncPlugin(Plugin):
                 sock.sendall(reply)
             except OSError as e:
                 self._record_error(peer, e)
-        self._apply()
+            # not here: the apply waits for the disk and for the data plane's
+            # lock (a reconcile may hold it for a second), and the next peer's
+            # push must not wait for it past its timeout
+            self._apply_wanted.set()
 
     def _accept(self, peer: str, seq: int, theirs: pins_mod.Pins) -> bool:
         with self._lock:
@@ -412,6 +417,14 @@ class SyncPlugin(Plugin):
                     log.warning("sync: exchange with %s failed: %s", peer, e)
                 st.error = str(e) or type(e).__name__
 
+    def _apply_loop(self) -> None:
+        while True:
+            self._apply_wanted.wait()
+            if self._stop.is_set():
+                return
+            self._apply_wanted.clear()
+            self._apply()
+
     def _apply(self) -> None:
         """Write the merged pins and tell the workers, when they changed; the
         nftables engine's pins maps get them in one transaction."""
@@ -422,8 +435,12 @@ class SyncPlugin(Plugin):
             merged = pins_mod.merge(self._previous, *(s.pins for _, s in sorted(self._peers.items())))
             if merged == self._written:
                 return
-            statedir.ensure(state_dir)
-            pins_state.write(state_dir, merged)
+            try:
+                statedir.ensure(state_dir)
+                pins_state.write(state_dir, merged)
+            except (OSError, statedir.StateDirError) as e:  # the next exchange tries again
+                log.error("sync: pins file not written: %s", e)
+                return
             self._written = merged
         n = workers.reload_pins(state_dir)
         try:
