@@ -16,6 +16,8 @@ elsewhere.  A name that does not import, or a module without ``create``, makes
 
 from __future__ import annotations
 
+import contextlib
+import os
 from typing import Any
 
 # What plugins and the host use, defined where the config loader and the
@@ -57,3 +59,30 @@ class Plugin:
 
     def status(self) -> dict:
         return {}
+
+
+class Wakeup:
+    """A file descriptor that one thread selects on beside its own input and
+    that any thread makes readable with :meth:`poke` (stop, new work): the
+    thread sleeps until there is something to do instead of waking up to
+    look. One per waiting thread: the waiter drains what it was poked with."""
+
+    def __init__(self) -> None:
+        self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def fileno(self) -> int:
+        return self._r
+
+    def poke(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # full: it is readable already
+            os.write(self._w, b"\0")
+
+    def drain(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._r, 512):
+                pass
+
+    def close(self) -> None:
+        for fd in (self._r, self._w):
+            with contextlib.suppress(OSError):
+                os.close(fd)

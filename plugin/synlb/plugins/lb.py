@@ -16,7 +16,7 @@ import select
 import threading
 import time
 
-from . import Plugin
+from . import Plugin, Wakeup
 
 # dataplane and workers (pyroute2, psutil) are imported where used: the config
 # loader imports every named plugin, and the NFQUEUE workers load the config
@@ -44,12 +44,18 @@ class LbPlugin(Plugin):
         self._recent: dict[int, list[float]] = {}
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        # the supervisor looks again when the workers may have changed (a
+        # reconcile, a dead worker the drift check saw) and at stop; the
+        # link watcher at stop
+        self._supervisor_wakeup: Wakeup | None = None
+        self._links_wakeup: Wakeup | None = None
         self.active = False
         self.repairs = 0  # reconciles asked for because the kernel drifted
         self.last_drift: list[str] = []
 
     # ------------------------------------------------------------ host API
     def start(self) -> None:
+        self._supervisor_wakeup, self._links_wakeup = Wakeup(), Wakeup()
         for target in (self._supervise, self._watch_links, self._watch_drift):
             t = threading.Thread(target=target, name=f"lb-{target.__name__.strip('_')}", daemon=True)
             t.start()
@@ -63,16 +69,28 @@ class LbPlugin(Plugin):
         else:
             changes = dataplane.down(g.state_dir, g.route_protocol, reason=node.reason)
         self.active = node.active
+        self._poke_supervisor()
         return changes
 
     def teardown(self) -> list[str]:
         from .. import dataplane
         g = self.host.cfg.globals
         self.active = False
-        return dataplane.down(g.state_dir, g.route_protocol, reason="host stop")
+        changes = dataplane.down(g.state_dir, g.route_protocol, reason="host stop")
+        self._poke_supervisor()
+        return changes
 
     def stop(self) -> None:
         self._stop.set()
+        # the pipes stay open: a thread still inside a reconcile it asked
+        # for selects on its pipe once more before it sees the stop
+        for w in (self._supervisor_wakeup, self._links_wakeup):
+            if w is not None:
+                w.poke()
+
+    def _poke_supervisor(self) -> None:
+        if self._supervisor_wakeup is not None:
+            self._supervisor_wakeup.poke()
 
     def status(self) -> dict:
         return {"worker_restarts": dict(self.restarts), "drift_repairs": self.repairs,
@@ -85,11 +103,15 @@ class LbPlugin(Plugin):
             if not self.active:
                 continue
             try:
-                # a dead worker is the supervisor's: it restarts it with backoff
-                diffs = [d for d in dataplane.drift(self.host.cfg) if not d.endswith(DEAD_WORKER)]
+                diffs = dataplane.drift(self.host.cfg)
             except Exception as e:  # noqa: BLE001 - a failed look is retried next round
                 log.warning("drift check failed: %s", e)
                 continue
+            # a dead worker is the supervisor's: it restarts it with backoff
+            # (told here too, for a worker it was not watching yet)
+            if any(d.endswith(DEAD_WORKER) for d in diffs):
+                self._poke_supervisor()
+            diffs = [d for d in diffs if not d.endswith(DEAD_WORKER)]
             if not diffs:
                 continue
             self.repairs += 1
@@ -102,9 +124,11 @@ class LbPlugin(Plugin):
     def _supervise(self) -> None:
         """Wait on pidfds of the running workers; when one exits, ask for a reconcile."""
         from .. import workers
+        wakeup = self._supervisor_wakeup
         while not self._stop.is_set():
             if not self.active:
-                self._stop.wait(0.2)
+                select.select([wakeup], [], [])
+                wakeup.drain()
                 continue
             state_dir = self.host.cfg.globals.state_dir
             running = workers.running(state_dir)
@@ -120,11 +144,15 @@ class LbPlugin(Plugin):
                 except (ProcessLookupError, OSError):
                     continue
             try:
-                ready, _, _ = select.select(list(fds), [], [], 0.5)
+                ready, _, _ = select.select([*fds, wakeup], [], [])
             finally:
                 for fd in fds:
                     os.close(fd)
+            if wakeup in ready:
+                wakeup.drain()
             for fd in ready:
+                if fd is wakeup:
+                    continue
                 w = fds[fd]
                 _reap(w.pid)
                 log.warning("worker queue %d (pid %d) exited", w.queue, w.pid)
@@ -152,8 +180,8 @@ class LbPlugin(Plugin):
             ipr.bind(groups=RTMGRP_LINK)
             was_up: dict[str, bool] = {}
             while not self._stop.is_set():
-                r, _, _ = select.select([ipr], [], [], 0.5)
-                if not r:
+                r, _, _ = select.select([ipr, self._links_wakeup], [], [])
+                if ipr not in r:
                     continue
                 for msg in ipr.get():
                     name = msg.get_attr("IFLA_IFNAME")

@@ -38,13 +38,12 @@ from ..schema import REQUIRED, Option, OptionError, Schema
 from ..schema import integer as _int
 from ..schema import seconds
 from ..schema import words as _words
-from . import Plugin, PluginError
+from . import Plugin, PluginError, Wakeup
 
 log = logging.getLogger("synlb.sync")
 
 DEFAULT_PORT = 9714
 AGAIN_AFTER = 1.0  # a second exchange after a change: catches SYNs the old table marked meanwhile
-ACCEPT_POLL = 0.5  # how often the server thread looks at the stop flag
 
 
 def _address(text: str):
@@ -158,6 +157,7 @@ class SyncPlugin(Plugin):
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._apply_wanted = threading.Event()
+        self._server_wakeup: Wakeup | None = None
         self._threads: list[threading.Thread] = []
         self._server: socket.socket | None = None
         self._key = b""
@@ -187,6 +187,7 @@ class SyncPlugin(Plugin):
             raise PluginError(f"[sync] listen = {listen} port {opts['port']}: {e.strerror}") from None
         srv.listen(16)
         self._server = srv
+        self._server_wakeup = Wakeup()
         from .. import pins_state
         try:
             self._previous = pins_state.load(self.host.cfg.globals.state_dir)
@@ -229,10 +230,14 @@ class SyncPlugin(Plugin):
         self._stop.set()
         self._wake.set()
         self._apply_wanted.set()
+        if self._server_wakeup is not None:
+            self._server_wakeup.poke()
         for t in self._threads:
             t.join(2.0)
         if self._server is not None:
             self._server.close()
+        if self._server_wakeup is not None and not any(t.is_alive() for t in self._threads):
+            self._server_wakeup.close()
 
     def status(self) -> dict:
         with self._lock:
@@ -348,8 +353,8 @@ class SyncPlugin(Plugin):
     def _serve(self) -> None:
         srv = self._server
         while not self._stop.is_set():
-            r, _, _ = select.select([srv], [], [], ACCEPT_POLL)
-            if not r:
+            r, _, _ = select.select([srv, self._server_wakeup], [], [])
+            if srv not in r:
                 continue
             try:
                 sock, addr = srv.accept()
