@@ -76,4 +76,3 @@ def test_plugin_modules_stay_cheap_to_import(tmp_path):
             "{'pyroute2', 'prometheus_client', 'http', 'psutil', 'concurrent'}))")
     r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "[]", r.stdout
-
