@@ -165,7 +165,7 @@ def test_failed_worker_leaves_nothing_behind(lab, clean):
         assert squatter.stdout.readline().startswith(b"bound")
         r = synlb(lab, "lb1", conf, "up", check=False)
         assert r.returncode == 1, r.stdout
-        assert "worker for queue 0" in r.stderr and "Traceback" not in r.stderr
+        assert "worker for queue 0 exited" in r.stderr and "Traceback" not in r.stderr
     finally:
         lab.stop_process(squatter)
     # clean() asserts the router is exactly as before

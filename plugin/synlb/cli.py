@@ -92,7 +92,7 @@ def cmd_status(args) -> int:
 def cmd_worker(args) -> int:
     from . import worker
     statedir.ensure(args.state_dir, create=False)  # the data plane made it, with the worker's table
-    return worker.main(args.state_dir, args.service, args.queue)
+    return worker.main(args.state_dir, args.service, args.queue, args.ready_fd)
 
 
 def cmd_run(args) -> int:
@@ -166,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--state-dir", required=True)
     s.add_argument("--service", required=True)
     s.add_argument("--queue", type=int, required=True)
+    s.add_argument("--ready-fd", type=int)  # written to once the queue is served (workers.wait_bound)
     s.set_defaults(func=cmd_worker)
 
     # the VRRP event sources (synlb/vrrp/)

@@ -286,7 +286,9 @@ class Worker:
             except OSError as e:  # runs before a packet's verdict: never let it cost the packet
                 log.warning("queue %d: stats not written: %s", self.queue, e)
 
-    def run(self) -> int:
+    def run(self, ready_fd: int | None = None) -> int:
+        """Serve the queue until SIGTERM; ``ready_fd`` (from the starter) gets
+        one byte once the queue is served, and is closed."""
         from netfilterqueue import COPY_PACKET, NetfilterQueue
 
         # netfilterqueue's C loop blocks in recv() with no Python between
@@ -344,6 +346,8 @@ class Worker:
             nfq.unbind()
             return 1
         self.load_pins()  # from here on SIGUSR1 reaches us for every later change (workers.reload_pins)
+        if ready_fd is not None:
+            _say_ready(ready_fd)
         log.info("queue %d bound (service %s, targets %s)", self.queue, self.service_name,
                  ",".join(self.table.names))
         fd = nfq.get_fd()
@@ -367,6 +371,14 @@ class Worker:
                 log.warning("queue %d: stats not written: %s", self.queue, e.strerror or e)
         log.info("queue %d unbound", self.queue)
         return 0
+
+
+def _say_ready(fd: int) -> None:
+    try:
+        os.write(fd, b"1")
+        os.close(fd)
+    except OSError as e:  # the starter is gone: nobody waits for us any more
+        log.warning("ready pipe not written: %s", e.strerror or e)
 
 
 class LeaveLoop(Exception):
@@ -413,7 +425,7 @@ def stats_file(state_dir: str, queue: int) -> str:
     return statedir.worker_stats(state_dir, queue)
 
 
-def main(state_dir: str, service_name: str, queue: int) -> int:
+def main(state_dir: str, service_name: str, queue: int, ready_fd: int | None = None) -> int:
     # force: cli.main already configured the root logger at WARNING
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s[%(process)d]: %(message)s", force=True)
     try:
@@ -421,4 +433,4 @@ def main(state_dir: str, service_name: str, queue: int) -> int:
     except WorkerTableError as e:
         log.error("queue %d: %s", queue, e)
         return 1
-    return w.run()
+    return w.run(ready_fd)

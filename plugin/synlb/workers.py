@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import os
 import pwd
+import select
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import psutil
 
@@ -59,6 +60,9 @@ class WorkerInfo:
     started: float = 0.0  # psutil create_time
     exe: str = ""
     uid: int = -1
+    # the read end of the pipe the worker writes a byte to once it serves
+    # its queue (wait_bound); only in the process that started it
+    ready: int | None = field(default=None, compare=False, repr=False)
 
     @property
     def pidfile(self) -> str:
@@ -237,16 +241,23 @@ def start(state_dir: str, table: WorkerTable, ident: Identity) -> WorkerInfo:
     statedir.remove(stats_file(state_dir, queue))
     worker_table.write(state_dir, table)
     pre = launcher(ident)
+    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
     argv = pre + synlb_command() + ["worker", f"--state-dir={state_dir}", f"--service={table.service}",
-                                    f"--queue={queue}"]
-    with statedir.open_log(statedir.worker_log(state_dir, queue)) as log:
-        # a new session: keepalived kills a notify script's process group on
-        # timeout, and the workers must outlive the script that started them
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                start_new_session=True, close_fds=True, cwd="/")
+                                    f"--queue={queue}", f"--ready-fd={ready_w}"]
+    try:
+        with statedir.open_log(statedir.worker_log(state_dir, queue)) as log:
+            # a new session: keepalived kills a notify script's process group
+            # on timeout, and the workers must outlive the script that started them
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                    start_new_session=True, close_fds=True, pass_fds=(ready_w,), cwd="/")
+    except BaseException:
+        os.close(ready_r)
+        raise
+    finally:
+        os.close(ready_w)  # the worker's alone now: its exit is the pipe's end
     sched.reset_worker(proc.pid)  # the packet path, at the default priority (not the control plane's)
     info = WorkerInfo(pid=proc.pid, service=table.service, queue=queue, digest=table.digest(),
-                      state_dir=state_dir, uid=ident.uid)
+                      state_dir=state_dir, uid=ident.uid, ready=ready_r)
     try:
         me = psutil.Process(proc.pid)
         info.started = me.create_time()
@@ -259,6 +270,7 @@ def start(state_dir: str, table: WorkerTable, ident: Identity) -> WorkerInfo:
     except (OSError, psutil.Error, WorkerError) as e:  # a worker nobody can find would hold the queue for good
         proc.kill()
         proc.wait(5)
+        _close_ready(info)
         if isinstance(e, WorkerError):
             raise
         raise WorkerError(f"{info.pidfile}: cannot record worker queue {queue}: "
@@ -294,24 +306,35 @@ def _holds_queue(info: WorkerInfo, bound: dict) -> bool:
 
 
 def wait_bound(infos: list[WorkerInfo], timeout: float = BIND_TIMEOUT) -> None:
-    """Return once every worker holds its queue; raise with the log tail if one died."""
+    """Return once every worker serves its queue: it writes a byte to its
+    ready pipe after binding the queue, publishing its stats file and
+    reading the pins. A worker that exits first ends its pipe with nothing
+    (WorkerError with its log tail), and so does one not ready in time."""
     deadline = time.monotonic() + timeout
-    pending = list(infos)
-    while pending:
-        bound = bound_queues()
-        still = []
-        for info in pending:
-            if _holds_queue(info, bound):
-                continue
-            if not psutil.pid_exists(info.pid) or psutil.Process(info.pid).status() == psutil.STATUS_ZOMBIE:
-                raise WorkerError(f"worker for queue {info.queue} exited: {_log_tail(info)}")
-            still.append(info)
-        pending = still
-        if pending and time.monotonic() > deadline:
-            raise WorkerError(f"worker for queue {pending[0].queue} did not bind within {timeout}s: "
-                              f"{_log_tail(pending[0])}")
-        if pending:
-            time.sleep(0.02)
+    pending = {info.ready: info for info in infos if info.ready is not None}
+    try:
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                info = next(iter(pending.values()))
+                raise WorkerError(f"worker for queue {info.queue} did not bind within {timeout}s: "
+                                  f"{_log_tail(info)}")
+            ready, _, _ = select.select(list(pending), [], [], left)
+            for fd in ready:
+                info = pending.pop(fd)
+                said = os.read(fd, 1)
+                _close_ready(info)
+                if not said:
+                    raise WorkerError(f"worker for queue {info.queue} exited: {_log_tail(info)}")
+    finally:
+        for info in pending.values():
+            _close_ready(info)
+
+
+def _close_ready(info: WorkerInfo) -> None:
+    if info.ready is not None:
+        os.close(info.ready)
+        info.ready = None
 
 
 def read_stats(state_dir: str, queue: int) -> dict:
@@ -448,6 +471,7 @@ def ensure(cfg: Config, stop_unwanted: bool = True) -> list[str]:
         wait_bound(started)
     except WorkerError:
         for w in started:
+            _close_ready(w)
             stop(w)
         raise
     changes += [f"started worker queue {w.queue} (pid {w.pid})" for w in started]
