@@ -50,21 +50,24 @@ READ_LIMIT = 4 << 20
 
 # ---------------------------------------------------------------- conns
 
-async def _one_conn(host: str, port: int, timeout: float) -> tuple[str | None, str | None]:
+async def _one_conn(host: str, port: int, timeout: float) -> tuple[str | None, str | None, int | None]:
+    """(the target's name or None, the error or None, the client port)"""
     writer = None
+    sport = None
     try:
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection(host, port), timeout)
+        sport = writer.get_extra_info("sockname")[1]
         writer.write(b"NAME\n")
         line = await asyncio.wait_for(reader.readline(), timeout)
         name = line.decode("ascii", "replace").strip()
         if not name:
-            return None, "empty reply"
-        return name, None
+            return None, "empty reply", sport
+        return name, None, sport
     except asyncio.TimeoutError:
-        return None, "timeout"
+        return None, "timeout", sport
     except OSError as e:
-        return None, type(e).__name__
+        return None, type(e).__name__, sport
     finally:
         if writer is not None:
             writer.close()
@@ -80,11 +83,14 @@ async def run_conns(host: str, port: int, count: int, concurrency: int,
     per_target: Counter = Counter()
     errors: Counter = Counter()
     order: list[str] = []
+    ports: set[int] = set()
     t0 = time.monotonic()
 
     async def one() -> None:
         async with sem:
-            name, err = await _one_conn(host, port, timeout)
+            name, err, sport = await _one_conn(host, port, timeout)
+        if sport is not None:
+            ports.add(sport)
         if name:
             per_target[name] += 1
             order.append(name)
@@ -105,6 +111,9 @@ async def run_conns(host: str, port: int, count: int, concurrency: int,
         "per_target": dict(sorted(per_target.items())),
         "errors": dict(errors),
         "order": order,
+        # fewer than count when the kernel gave a port twice (the first
+        # connection's TIME_WAIT let it): one flow to conntrack
+        "client_ports": len(ports),
         "elapsed": round(time.monotonic() - t0, 4),
     }
 
