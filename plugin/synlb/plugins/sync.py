@@ -195,6 +195,7 @@ class SyncPlugin(Plugin):
             log.warning("sync: old pins file ignored: %s", e)
         self._peers = {str(p): PeerState() for p in opts["peers"]}
         self._due = [time.monotonic()]  # a first exchange at once: peers' pins reach us at start
+        self._apply_wanted.set()  # the pins file found, held until every peer spoke
         for target in (self._serve, self._publish_loop, self._apply_loop):
             t = threading.Thread(target=target, name=f"sync-{target.__name__.strip('_')}", daemon=True)
             t.start()
@@ -215,6 +216,7 @@ class SyncPlugin(Plugin):
                 self._peers[p] = PeerState()
             for p in set(self._peers) - peers:
                 del self._peers[p]
+                self._apply_wanted.set()  # its pins are no longer held
             changed = signature != self._signature or node.active != self._active
             self._signature, self._active = signature, node.active
             if changed:
@@ -307,7 +309,6 @@ class SyncPlugin(Plugin):
             t.start()
         for t in threads:
             t.join()
-        self._apply()
 
     def _exchange(self, peer: str) -> None:
         self._send(peer, *self._message_for(peer))
@@ -384,10 +385,6 @@ class SyncPlugin(Plugin):
                 sock.sendall(reply)
             except OSError as e:
                 self._record_error(peer, e)
-            # not here: the apply waits for the disk and for the data plane's
-            # lock (a reconcile may hold it for a second), and the next peer's
-            # push must not wait for it past its timeout
-            self._apply_wanted.set()
 
     def _accept(self, peer: str, seq: int, theirs: pins_mod.Pins) -> bool:
         with self._lock:
@@ -405,7 +402,12 @@ class SyncPlugin(Plugin):
             st.exchanges += 1
             if all(s.last_ok is not None for s in self._peers.values()):
                 self._previous = {}
-            return True
+        # applied by a thread of its own, not by the server or the exchange:
+        # the apply waits for the disk and for the data plane's lock (a
+        # reconcile may hold it for a second), and the next peer's push must
+        # not wait for it past its timeout
+        self._apply_wanted.set()
+        return True
 
     def _record_refusal(self, peer: str, e: Exception) -> None:
         with self._lock:
