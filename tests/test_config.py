@@ -141,7 +141,8 @@ def test_load_alone_accepts_a_full_file_in_a_fresh_interpreter(tmp_path):
     write(tmp_path, "[synlb]\nplugins = lb, health, scripts, metrics, dbus\n"
                     "[target:a]\ncheck = tcp\ncheck_port = 80\n"
                     "[scripts]\ntimeout = 5\n[metrics]\nlisten = [::1]:9100\n"
-                    "[vrrp]\nsync_group = G1\nstandby = cold\ndbus_instances = front/51/IPv4\n",
+                    "[vrrp]\nsync_group = G1\nstandby = cold\ndbus_instances = front/51/IPv4\n"
+                    "ready_file = /run/synlb.ready\n",
           name="synlb.d/10-full.ini")
     code = ("import sys; from synlb import config; cfg = config.load(sys.argv[1]); "
             "print(repr(cfg.vrrp)); print(sorted(cfg.extra)); print(cfg.targets['a'].options['check']); "
@@ -149,7 +150,8 @@ def test_load_alone_accepts_a_full_file_in_a_fresh_interpreter(tmp_path):
     r = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == [
-        "VrrpConfig(kind='GROUP', name='G1', standby='cold', dbus_instances=('front/51/IPv4',))",
+        "VrrpConfig(kind='GROUP', name='G1', standby='cold', dbus_instances=('front/51/IPv4',), "
+        "ready_file='/run/synlb.ready')",
         "['metrics', 'scripts']", "tcp", "[]"]
     # and the same file without [vrrp]: a standalone node
     os.unlink(tmp_path / "synlb.d" / "10-full.ini")

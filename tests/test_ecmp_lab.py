@@ -17,6 +17,7 @@ from synlb_lab.ecmp import (
     flows_by_router,
     reload_router,
     run_target_added_then_router_leaves,
+    status,
     start_host,
     stop_host,
     synlb_down,
@@ -151,7 +152,7 @@ def test_router_leave_and_join_keep_every_session(lab):
 
 # ---------------------------------------------------------------- a target added, then a router leaves
 
-def sync_configs(lab, targets=("t1", "t2")):
+def sync_configs(lab, targets=("t1", "t2"), plugins="lb, sync"):
     """Every router: `synlb run` with the sync plugin (peers: the other
     routers' back addresses) and track_syn = no, since lb2 and lb3 see only
     the client's direction."""
@@ -162,7 +163,7 @@ def sync_configs(lab, targets=("t1", "t2")):
     confs = {}
     for i, r in enumerate(lab.routers, 1):
         peers = ", ".join(A.router_back(j) for j in range(1, len(lab.routers) + 1) if j != i)
-        confs[r] = write_config(lab, r, targets, extra_synlb="plugins = lb, sync",
+        confs[r] = write_config(lab, r, targets, extra_synlb=f"plugins = {plugins}",
                                 extra_service="track_syn = no",
                                 extra=f"\n[sync]\nlisten = {A.router_back(i)}\npeers = {peers}\n"
                                       f"key_file = {key}\nrefresh = 2\n")
@@ -241,5 +242,69 @@ def test_without_sync_a_router_leaving_resets_the_moved_sessions(lab):
     print(f"\nno sync: {res['kept']}/{res['sessions']} kept, established {res['established']}")
     assert res["established"]["after_reload"] == res["established"]["start"] == res["sessions"]
     assert res["kept"] < res["sessions"] and res["established"]["after_leave"] < res["sessions"]
+    for r in lab.routers:
+        stop_host(lab, r)
+
+
+# ---------------------------------------------------------------- a router whose health view differs
+
+HEALTH = "check = tcp\ncheck_port = 8080\ncheck_interval = 0.2\ncheck_timeout = 0.5\nrise = 2\nfall = 2\n"
+
+
+@pytest.fixture
+def checked_lab(open_lab):
+    return open_lab(EcmpLab, routers=3, targets=3, server_ports=(80, 8080))
+
+
+def block_checks(lab, router, target, block):
+    """``router``'s own checks of ``target`` fail; the target and its sessions are untouched."""
+    for tool, fam in (("iptables", 4), ("ip6tables", 6)):
+        lab.run(router, [tool, "-I" if block else "-D", "OUTPUT", "-d", lab.addr(target, fam), "-p", "tcp",
+                         "--dport", "8080", "-j", "REJECT", "--reject-with", "tcp-reset"])
+
+
+def test_a_router_whose_checks_fail_for_a_target_then_a_router_leaves_keeps_every_session(checked_lab):
+    """Sessions through all three routers; lb3's checks of t3 fail (t3
+    serves, lb1 and lb2 see it up); more sessions start, some through lb3,
+    which opens them without t3; then lb2 leaves, and ECMP gives its flows
+    to lb1 and lb3. lb3 picks up lb2's running sessions where they live
+    (the configured table, not its view without t3), and lb1 follows
+    lb3's pins for what lb3 opened: every session kept, none moved."""
+    lab = checked_lab
+    confs = sync_configs(lab, targets=("t1", "t2", "t3"), plugins="lb, health, sync")
+    for r in lab.routers:
+        d = os.path.join(os.path.dirname(confs[r].path), "synlb.d")
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, "health.ini"), "w") as fh:
+            fh.write("".join(f"[target:{t}]\n{HEALTH}\n" for t in lab.targets))
+        start_host(lab, r, confs[r])
+    wait_targets_installed(lab, confs)
+
+    def view(r):
+        return status(lab, r, confs[r])["host"]["plugins"]["health"]["targets"]["t3"]["state"]
+
+    handles = {}
+    try:
+        handles["before"] = start_sessions(lab, 10, PATTERNS, FAMILIES)
+        block_checks(lab, "lb3", "t3", True)
+        deadline = time.monotonic() + 10
+        while view("lb3") != "down":
+            assert time.monotonic() < deadline, "lb3 never saw t3 down"
+            time.sleep(0.1)
+        assert view("lb1") == view("lb2") == "up"
+        handles["during"] = start_sessions(lab, 10, PATTERNS, FAMILIES)
+        own = wait_pins_everywhere(lab, confs, time.time(), again_after=AGAIN_AFTER)
+        lab.router_leave("lb2")
+        time.sleep(1.0)
+    finally:
+        results = {when: stop_sessions(h) for when, h in handles.items()}
+        block_checks(lab, "lb3", "t3", False)
+    for when, r in results.items():
+        res = summarize(r)
+        print(f"\n{when}: t3 down on lb3 only, pins {own}, then lb2 left: {res['kept']}/{res['sessions']} kept, "
+              f"{res['moved']} moved")
+        bad = {k: v for k, v in res["per"].items() if v["kept"] != v["sessions"] or v["moved"]}
+        assert not bad, (when, bad)
+    assert own["lb3"] > 0, own  # what lb3 opened off the configured table's pick, pinned for the others
     for r in lab.routers:
         stop_host(lab, r)

@@ -170,3 +170,12 @@ def test_two_routers_keepalived_failover_keeps_routed_session(assert_torn_down):
             lab.wait_state("lb1", "MASTER", timeout=0.2)
         pids = [t.proc.pid for t in lab.procs.items]
     assert_torn_down(lab, pids)
+
+
+def test_keepalived_conf_wires_the_ready_file():
+    """The lab's option wires [vrrp] ready_file as conf/keepalived.conf.example does."""
+    conf = render_keepalived_conf(2, ready_file="/lab/lb2/synlb.ready")
+    assert 'track_file synlb_ready {\n    file "/lab/lb2/synlb.ready"\n    init_file 1\n}\n' in conf
+    assert "    track_file {\n        synlb_ready weight -60\n    }\n}" in conf
+    assert conf.index("track_file synlb_ready") < conf.index("vrrp_sync_group G1")
+    assert "track_file" not in render_keepalived_conf(2)

@@ -158,10 +158,15 @@ def test_skeleton(tmp_path):
         "map @pins4_web ct mark set meta mark counter name pinned4_web accept",
         "tcp flags & (syn | ack) != syn meta mark set meta l4proto . ip saddr . th sport . ip daddr . th dport "
         "map @pins4_web ct mark set meta mark counter name pinned4_web accept",
+        # a pickup: the table of every configured target, whatever this router's health view
+        f"tcp flags & (syn | ack) != syn meta mark set jhash meta l4proto . ip saddr . th sport . ip daddr . th dport "
+        f"mod 65537 seed {seed:#010x} map @pickup_web ct mark set meta mark counter name pickup4_web "
+        "counter name meta mark map @picks_web accept",
         f"meta mark set jhash meta l4proto . ip saddr . th sport . ip daddr . th dport mod 65537 seed {seed:#010x} "
         "map @slots_web ct mark set meta mark counter name hashed4_web counter name meta mark map @picks_web accept",
         "counter name notarget4_web drop",
     ]
+    assert "map split_web" not in text and "map opened4_web" not in text  # no record with tracked SYNs
     assert "nat_prerouting" not in text and "raw_prerouting" not in text
     assert E.digest(text) == E.desired(cfg).digest
     assert f'comment "synlb {E.digest(text)}"' in E.with_comment(text, E.digest(text))
@@ -172,6 +177,7 @@ def test_skeleton_variants(tmp_path):
     assert "meta l4proto != tcp" not in tcp and "tcp flags & (syn | ack) != syn" in tcp
     udp = E.skeleton(load(tmp_path, protocols="udp"))
     assert "meta l4proto != tcp" in udp and "tcp flags" not in udp
+    assert "map pickup_web" not in udp and "map opened4_web" not in udp  # UDP has no pickup to tell
     nat = E.skeleton(load(tmp_path, mode="nat"))
     assert "\tmap dnat4_web { type mark : ipv4_addr; }" in nat
     assert "type nat hook prerouting priority dstnat" in nat
@@ -180,6 +186,26 @@ def test_skeleton_variants(tmp_path):
     assert "type filter hook prerouting priority raw" in raw
     assert ('iifname "front" ip daddr 10.0.0.1/32 meta l4proto tcp th dport { 80, 8000-8100 } '
             "tcp flags & (syn | ack) == syn notrack") in raw
+    # an untracked SYN leaves no conntrack entry: one sent off the configured table's pick is recorded,
+    # for its first ACK (a pickup); the IPv6 record by two jhashes (nft 1.0.6 takes no longer key)
+    seed = jhash.service_seed(load(tmp_path).globals.hash_key, "web")
+    svc4 = raw.split("\tchain svc4_web {\n")[1].split("\t}\n")[0]
+    assert ("tcp flags & (syn | ack) != syn meta mark set ip saddr . tcp sport . ip daddr . tcp dport "
+            "map @opened4_web ct mark set meta mark counter name opened4_web accept") in svc4
+    assert svc4.index("@opened4_web") < svc4.index("@pickup_web") < svc4.index("@slots_web")
+    assert "counter name meta mark map @picks_web goto hashed4_web" in svc4
+    svc6 = raw.split("\tchain svc6_web {\n")[1].split("\t}\n")[0]
+    v6_key = " . ".join(f"jhash ip6 saddr . tcp sport . ip6 daddr . tcp dport mod 4294967295 seed {seed ^ k:#010x}"
+                        for k in (0x5EED0001, 0x5EED0002))
+    assert f"meta mark set {v6_key} map @opened6_web" in svc6 and "goto hashed6_web" in svc6
+    hashed = raw.split("\tchain hashed4_web {\n")[1].split("\t}\n")[0].splitlines()
+    assert [ln.strip() for ln in hashed] == [
+        f"tcp flags & (syn | ack) == syn jhash meta l4proto . ip saddr . th sport . ip daddr . th dport "
+        f"mod 65537 seed {seed:#010x} vmap @split_web", "accept"]
+    record = raw.split("\tchain record_web {\n")[1].split("\t}\n")[0].splitlines()
+    assert [ln.strip() for ln in record] == [
+        "meta nfproto ipv4 update @opened4_web { ip saddr . tcp sport . ip daddr . tcp dport : meta mark }",
+        f"meta nfproto ipv6 update @opened6_web {{ {v6_key} : meta mark }}", "accept"]
     accept = E.skeleton(load(tmp_path, extra="no_target_verdict = accept"))
     assert "counter name notarget4_web accept" in accept
     # the skeleton does not depend on health, targets or pins: those are elements
@@ -315,10 +341,36 @@ def test_health_flip_100_targets_changes_only_differing_slots(tmp_path):
              if ln.startswith("add element inet synlb slots_web ") for e in ln.split("{ ", 1)[1].rstrip(" }").split(", ")}
     assert deleted == added == differing
     assert all(ln.startswith(("delete element inet synlb slots_web ", "add element inet synlb slots_web "))
-               for ln in script.splitlines())
+               for ln in script.splitlines())  # the pickup map is the configured table: a flip leaves it
     # and back: the same slots again
     back = E.update_script(E.applied_of(after), {"web": new}, before, {"web": old})
     assert back.count(" : ") == len(differing)
+
+
+def test_a_health_flip_replaces_the_split_slots_of_an_untracked_syn_service(tmp_path):
+    """track_syn = no: the split map holds exactly the slots whose SYN goes
+    off the configured table's pick; a flip replaces it whole, the pickup
+    map is left; a target added changes the pickup map by difference."""
+    cfg = load(tmp_path, protocols="tcp", extra="track_syn = no")
+    names = [t.name for t in cfg.targets_of(cfg.service("web"))]
+    before, after = E.desired(cfg), E.desired(cfg, {"web": [names[0]]})
+    old, new = before.services["web"].slots(), after.services["web"].slots()
+    pickup = after.services["web"].pickup_slots()
+    assert pickup == old and E.split_slots(old, pickup) == []
+    script = E.update_script(E.applied_of(before), {"web": old}, after, {"web": new})
+    split = {int(e.split(" : ")[0]) for ln in script.splitlines()
+             if ln.startswith("add element inet synlb split_web ") for e in ln.split("{ ", 1)[1].rstrip(" }").split(", ")}
+    assert split == {i for i in range(len(new)) if new[i] != pickup[i]} and split
+    assert "flush map inet synlb split_web" in script and "pickup_web" not in script
+    back = E.update_script(E.applied_of(after), {"web": new}, before, {"web": old})
+    assert "flush map inet synlb split_web" in back and "add element inet synlb split_web" not in back
+    full = E.full_script(after, {"web": new}, False)
+    assert full.count(" : goto record_web") == len(split)
+    grown = E.desired(with_targets(cfg, names + ["c"]))
+    add = E.update_script(E.applied_of(before), {"web": old}, grown, {"web": grown.services["web"].slots()})
+    moved = sum(a != b for a, b in zip(old, grown.services["web"].pickup_slots()))
+    assert 0 < moved < len(old) and sum(ln.startswith("add element inet synlb pickup_web ")
+                                        for ln in add.splitlines()) >= 1
 
 
 def test_update_script_targets_and_pins(tmp_path):

@@ -18,7 +18,7 @@ from synlb import pins as P
 from synlb import pins_state
 from synlb.conntrack import Entry, parse
 from synlb.packet import flow_key, is_flow_key, key_of, opens_connection
-from synlb.worker import Worker
+from synlb.worker import MarkTable, Worker
 
 VIP4, VIP6 = "10.64.100.1", "fd64:100::1"
 SYN, ACK, PSH = 0x02, 0x10, 0x08
@@ -168,15 +168,23 @@ def test_misplaced_reads_reply_side_entries_and_ignores_others(tmp_path):
     assert got == {"web": {key_of(6, c, v, s, 80): t1 for c, v, s in wrong}}
 
 
-def test_a_down_target_makes_its_connections_misplaced(tmp_path):
+def test_misplaced_is_against_the_configured_table_whatever_is_down(tmp_path):
+    """A health view never makes a running connection misplaced; what a
+    router opened while t3 was down, off the configured table's pick, is."""
     cfg = config_mod.load(write_config(tmp_path, ("t1", "t2", "t3")))
+    svc = cfg.service("web")
     t3 = cfg.targets["t3"].mark
-    table = P.ServiceTable.build(cfg, cfg.service("web"))
-    on_t3 = [(c, v, s) for c, v, s in flows(200) if table.pick(key_of(6, c, v, s, 80)) == t3]
-    entries = [Entry(6, c, v, s, 80, t3) for c, v, s in on_t3]
-    assert P.misplaced(cfg, entries) == {}
-    got = P.misplaced(cfg, entries, {"web": {"t3"}})
-    assert len(got["web"]) == len(on_t3) and set(got["web"].values()) == {t3}
+    configured = P.ServiceTable.build(cfg, svc)
+    without_t3 = P.ServiceTable.build(cfg, svc, {"t3"})
+    keys = [(c, v, s) for c, v, s in flows(300)]
+    on_t3 = [Entry(6, c, v, s, 80, t3) for c, v, s in keys if configured.pick(key_of(6, c, v, s, 80)) == t3]
+    assert on_t3 and P.misplaced(cfg, on_t3) == {}
+    opened = [Entry(6, c, v, s, 80, without_t3.pick(key_of(6, c, v, s, 80))) for c, v, s in keys]
+    got = P.misplaced(cfg, opened)["web"]
+    # those the configured table gives t3, and the few Maglev moved between t1 and t2 as t3 left
+    assert got == {k: e.mark for e in opened
+                   if configured.pick(k := key_of(e.proto, e.src, e.dst, e.sport, e.dport)) != e.mark}
+    assert 0.2 < len(got) / len(opened) < 0.45
 
 
 # ------------------------------------------------------------------ messages
@@ -426,3 +434,66 @@ def test_a_worker_refuses_a_table_of_the_other_flow_hash(tmp_path):
     w.attend()
     w._builder.join(10)
     assert w.built is None and w.spec.flow_hash == "blake2b"  # kept the running table
+
+
+@pytest.mark.parametrize("flow_hash", ["blake2b", "jhash"])
+def test_a_pickup_follows_the_configured_table_whatever_is_down(tmp_path, flow_hash):
+    """With t3 down here: a new connection follows the table without t3,
+    a picked-up one the configured table (where it lives, whatever this
+    router's health view), unless this worker opened it: then where it
+    sent its SYN (the first ACK of an untracked SYN is a pickup too)."""
+    from synlb import worker_table
+    from synlb.jhash import kernel_slot
+    path = write_config(tmp_path, ("t1", "t2", "t3"), extra_service=f"flow_hash = {flow_hash}")
+    cfg = config_mod.load(path)
+    svc = cfg.service("web")
+    state = cfg.globals.state_dir
+    configured = P.ServiceTable.build(cfg, svc)
+    active = P.ServiceTable.build(cfg, svc, {"t3"})
+    w = Worker.from_config(cfg, "web")
+    assert not w.table.split  # nothing down: the normal path
+
+    def serve(down):  # what SIGHUP does, without the builder thread
+        worker_table.write(state, worker_table.build(cfg, svc, 0, down=down))
+        spec = worker_table.load(state, 0)
+        w.built = (spec, MarkTable(spec))
+        w.swap_built()
+    serve({"t3"})
+    assert w.table.split and w.table.names == ["t1", "t2"]
+    base = config_mod.SLOT_MARKS.start
+
+    def send(c, v, s, flags, proto=6):
+        key = key_of(proto, c, v, s, 80)
+        if flow_hash == "jhash":
+            p = SlotPkt(packet(c, v, proto, s, 80, flags), base + kernel_slot(key, active.seed, svc.table_size))
+            w.on_slot_packet(p)
+        else:
+            p = Pkt(packet(c, v, proto, s, 80, flags))
+            w.on_packet(p)
+        assert p.verdict == "accept"
+        return p.mark
+
+    keys = flows(200)
+    differ = [f for f in keys if configured.pick(key_of(6, *f, 80)) != active.pick(key_of(6, *f, 80))]
+    assert len(differ) > 30
+    for c, v, s in keys[:100]:  # running connections picked up: the configured table
+        assert send(c, v, s, ACK) == configured.pick(key_of(6, c, v, s, 80))
+    assert w.picked_up == 100 and not w.opened
+    for c, v, s in keys[100:]:  # new ones: the active table, and their first ACK where the SYN went
+        mark = send(c, v, s, SYN)
+        assert mark == active.pick(key_of(6, c, v, s, 80))
+        assert send(c, v, s, ACK) == mark
+    assert set(w.opened) == {key_of(6, *f, 80) for f in differ if f in keys[100:]}
+    for c, v, s in keys[:20]:  # UDP has no opening packet: the active table
+        assert send(c, v, s, 0, proto=17) == active.pick(key_of(17, c, v, s, 80))
+    # every target down: a new connection gets the no-target verdict, a pickup still its target
+    serve({"t1", "t2", "t3"})
+    c, v, s = keys[0]
+    if flow_hash == "jhash":
+        p = SlotPkt(packet(c, v, 6, s, 80, SYN), 0)
+        w.on_slot_packet(p)
+    else:
+        p = Pkt(packet(c, v, 6, s, 80, SYN))
+        w.on_packet(p)
+    assert p.verdict == "drop"
+    assert send(c, v, s, ACK) == configured.pick(key_of(6, c, v, s, 80))

@@ -170,7 +170,10 @@ def test_flip_writes_down_set_and_asks_for_reconcile(tmp_path, fake, FakeHost):
     try:
         wait_for(lambda: calls.get("a", 0) >= 3 and calls.get("b", 0) >= 3)
         assert "c" not in calls  # check = none: never checked, always up
-        assert host.submitted == [] and not os.path.exists(os.path.join(state_dir, "targets-down.json"))
+        # no flip: no reconcile; each target's first check settled its view (the router may be ready)
+        assert sorted(d["reason"] for k, d in host.submitted if k == "ready") == ["health: a checked", "health: b checked"]
+        assert all(k == "ready" for k, _ in host.submitted)
+        assert not os.path.exists(os.path.join(state_dir, "targets-down.json"))
 
         t0 = time.monotonic()
         results["a"] = False

@@ -114,7 +114,7 @@ def _writers(d: str):
         w = worker.Worker.__new__(worker.Worker)
         w.state_dir, w.queue, w.service_name = d, 0, "web"
         w.picks, w.no_target, w.pinned, w.pins, w.started = {}, 0, 0, {}, 0.0
-        w.kept, w.unslotted, w.spec = 0, 0, table
+        w.kept, w.unslotted, w.spec, w.picked_up, w.opened = 0, 0, table, 0, {}
         w.table = worker.MarkTable(table)
         w.write_stats()
 

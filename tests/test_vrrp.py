@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -134,12 +135,28 @@ def test_vrrp_section_loads(tmp_path):
     ("[vrrp]\nsync_group = G1\ndbus_instances = front/51\n", "vrrp:dbus_instances: 'front/51' is not"),
     ("[vrrp]\nsync_group = G 1\n", "vrrp:sync_group:"),
     ("[vrrp]\nsync_group = G1\ngroup = G1\n", "vrrp:group: unknown key"),
+    ("[vrrp]\nsync_group = G1\nready_file = run/synlb.ready\n", "vrrp:ready_file: 'run/synlb.ready' is not an absolute"),
+    ("[vrrp]\nsync_group = G1\nready_file = /run/my ready\n", "vrrp:ready_file: '/run/my ready': keepalived's"),
+    ("[vrrp]\nsync_group = G1\nready_file = /run/\n", "vrrp:ready_file: '/run/' names a directory"),
 ])
 def test_vrrp_section_problems_name_file_section_key(tmp_path, capsys, section, want):
     path = write_config(tmp_path, section)
     assert cli_main(["-c", path, "check"]) == 1
     err = capsys.readouterr().err
     assert f"{path}:{want}" in err and "Traceback" not in err
+
+
+def test_ready_file_loads_and_is_never_in_the_state_dir(tmp_path, capsys):
+    cfg = config.load(write_config(tmp_path, "[vrrp]\nsync_group = G1\nready_file = /run/synlb.ready\n"))
+    assert cfg.vrrp.ready_file == "/run/synlb.ready"
+    assert config.load(write_config(tmp_path, name="none.ini")).vrrp.ready_file is None
+    # keepalived drops a track file whose directory is missing when it starts,
+    # and synlb makes its state dir later
+    for inside in (tmp_path / "state" / "ready", tmp_path / "state" / "sub" / "r"):
+        path = write_config(tmp_path, f"[vrrp]\nsync_group = G1\nready_file = {inside}\n", name="in.ini")
+        assert cli_main(["-c", path, "check"]) == 1
+        err = capsys.readouterr().err
+        assert f"{path}:vrrp:ready_file: {inside} is inside state_dir" in err and "Traceback" not in err
 
 
 def test_check_passes_with_vrrp_section(tmp_path, capsys):
@@ -241,17 +258,23 @@ def test_hook_file_modes():
 
 def test_example_keepalived_conf_renders_for_the_lab():
     kw = {"config": "/lab/lb2/synlb.ini", "hook": "/lab/hooks/keepalived-notify",
-          "fifo": "/lab/lb2/keepalived.fifo", "synlb": "/venv/bin/synlb"}
+          "fifo": "/lab/lb2/keepalived.fifo", "synlb": "/venv/bin/synlb", "ready_file": "/lab/lb2/synlb.ready"}
     conf = demo_failover.keepalived_conf(2, **kw)
     for want in ("router_id lb2", "priority 100", "vrrp_sync_group G1", "enable_script_security",
                  'notify "/lab/hooks/keepalived-notify --config /lab/lb2/synlb.ini"',
                  "10.64.1.254/24 dev front", "fd64:2::254/64 dev back", "interface back",
-                 "advert_int 0.03", "preempt_delay 5", "#enable_dbus", "#notify_fifo /lab/lb2/keepalived.fifo"):
+                 "advert_int 0.03", "preempt_delay 5", "#enable_dbus", "#notify_fifo /lab/lb2/keepalived.fifo",
+                 'file "/lab/lb2/synlb.ready"', "synlb_ready weight -60"):
         assert want in conf, want
     settings = "\n".join(ln for ln in conf.splitlines() if not ln.lstrip().startswith("#"))
-    for gone in ("eth0", "eth1", "192.0.2.", "198.51.100.", "203.0.113.", "2001:db8", "/etc/synlb", "/usr/"):
+    for gone in ("eth0", "eth1", "192.0.2.", "198.51.100.", "203.0.113.", "2001:db8", "/etc/synlb", "/usr/",
+                 "/run/"):
         assert gone not in settings, gone
     assert conf.count("{") == conf.count("}")
+    # the ready file's weight: above the gap between the routers' priorities
+    # (150 and 100), below the lower one (both not ready: the better one still wins)
+    weight = int(re.search(r"synlb_ready weight -(\d+)", conf).group(1))
+    assert 150 - 100 < weight < 100
     dbus_only = demo_failover.keepalived_conf(1, notify=False, dbus=True, **kw)
     assert "\n    enable_dbus" in dbus_only and "\n    notify \"" not in dbus_only
     assert "priority 150" in dbus_only and "#notify_fifo" in dbus_only

@@ -63,9 +63,11 @@ FIREWALL = ["-A", "FORWARD", "-m", "conntrack", "--ctstate", "INVALID", "-j", "D
 
 # ---------------------------------------------------------------- keepalived.conf
 
-def lab_substitutions(router: int, *, config: str, hook: str, fifo: str, synlb: str) -> list[tuple[str, str]]:
+def lab_substitutions(router: int, *, config: str, hook: str, fifo: str, synlb: str,
+                      ready_file: str) -> list[tuple[str, str]]:
     """(example text, lab text) pairs; each must occur in the example."""
     return [
+        ("/run/synlb.ready", ready_file),
         ("router_id lb1", f"router_id lb{router}"),
         ("priority 150", f"priority {150 if router == 1 else 100}"),
         ("/usr/lib/synlb/keepalived-notify", hook),
@@ -81,15 +83,17 @@ def lab_substitutions(router: int, *, config: str, hook: str, fifo: str, synlb: 
     ]
 
 
-def keepalived_conf(router: int, *, config: str, hook: str, fifo: str, synlb: str,
+def keepalived_conf(router: int, *, config: str, hook: str, fifo: str, synlb: str, ready_file: str,
                     notify: bool = True, dbus: bool = False, use_fifo: bool = False,
-                    example: str | None = None) -> str:
+                    example: str | None = None, preempt_delay: float | None = None) -> str:
     """The shipped example, for lab router ``router`` (1 or 2).
 
     ``notify``: keep the sync group's notify hook; ``dbus``/``use_fifo``:
-    uncomment ``enable_dbus`` / the ``notify_fifo`` lines."""
+    uncomment ``enable_dbus`` / the ``notify_fifo`` lines; ``preempt_delay``:
+    the example's, or this (a test that fails back many times in a row)."""
     text = example if example is not None else EXAMPLE.read_text()
-    for old, new in lab_substitutions(router, config=config, hook=hook, fifo=fifo, synlb=synlb):
+    for old, new in lab_substitutions(router, config=config, hook=hook, fifo=fifo, synlb=synlb,
+                                      ready_file=ready_file):
         if old not in text:
             raise LabError(f"{EXAMPLE}: {old!r} not found; the lab and the example disagree")
         text = text.replace(old, new)
@@ -102,6 +106,8 @@ def keepalived_conf(router: int, *, config: str, hook: str, fifo: str, synlb: st
             line = line.replace("#notify_fifo", "notify_fifo", 1)
         if not notify and s.startswith("notify ") and hook in s:
             continue
+        if preempt_delay is not None and s.startswith("preempt_delay "):
+            line = line.replace(s, f"preempt_delay {preempt_delay:g}")
         lines.append(line)
     return "\n".join(lines) + "\n"
 
@@ -133,7 +139,7 @@ class Pair:
                  targets: Iterable[str] | None = None, plugins: str | None = None,
                  extra: Callable[[str], str] | None = None, engine: str | Mapping[str, str] = "nfqueue",
                  flow_hash: str | Mapping[str, str | None] | None = None,
-                 synlb: str | None = None, hook: str | None = None):
+                 synlb: str | None = None, hook: str | None = None, preempt_delay: float | None = None):
         if lab.nrouters != 2:
             raise LabError("a Pair needs a 2-router lab")
         if source not in ("notify", "fifo", "dbus"):
@@ -158,6 +164,7 @@ class Pair:
         self.hook = ""
         self.listeners: dict[str, object] = {}
         self.baseline: dict[str, dict] = {}  # router -> snapshot before synlb ever ran
+        self.preempt_delay = preempt_delay  # keepalived's, when not the example's
 
     # --- files
 
@@ -169,6 +176,10 @@ class Pair:
 
     def fifo(self, r: str) -> str:
         return os.path.join(self.lab.role_dir(r), "keepalived.fifo")
+
+    def ready_file(self, r: str) -> str:
+        """``[vrrp] ready_file``: beside the state dir, in a directory that exists before keepalived starts."""
+        return os.path.join(self.lab.role_dir(r), "synlb.ready")
 
     def env(self) -> dict[str, str]:
         return {"SYNLB_BIN": self.synlb}
@@ -197,7 +208,7 @@ class Pair:
         fh = self.flow_hashes[r]
         text = service_config(self.lab, r, self.targets, ports="80", extra_synlb=extra, engine=self.engines[r],
                               extra_service=f"flow_hash = {fh}" if fh else "")
-        text += f"\n[vrrp]\nsync_group = G1\nstandby = {self.standby}\n"
+        text += f"\n[vrrp]\nsync_group = G1\nstandby = {self.standby}\nready_file = {self.ready_file(r)}\n"
         if self.extra:
             text += self.extra(r)
         with open(self.config(r), "w") as fh:
@@ -245,8 +256,9 @@ class Pair:
     def keepalived_text(self, r: str) -> str:
         n = self.lab.routers.index(r) + 1
         return keepalived_conf(n, config=self.config(r), hook=self.hook, fifo=self.fifo(r),
-                               synlb=self.synlb, notify=self.source == "notify",
-                               dbus=self.source == "dbus", use_fifo=self.source == "fifo")
+                               synlb=self.synlb, ready_file=self.ready_file(r), notify=self.source == "notify",
+                               dbus=self.source == "dbus", use_fifo=self.source == "fifo",
+                               preempt_delay=self.preempt_delay)
 
     def start(self, timeout: float = 20.0) -> None:
         """keepalived on both (lb1 MASTER, lb2 BACKUP), synlb settled on both."""

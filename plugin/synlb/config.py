@@ -676,12 +676,30 @@ def load(path: str | None = None) -> Config:
                 problems.append((where(f"service:{b.name}"), f"service:{b.name}", "vips",
                                  f"overlaps service {a.name} (same VIPs, protocol and ports)"))
 
+    why = _ready_file_problem(single.get("vrrp", {}).get("ready_file"), glob_vals.get("state_dir"))
+    if why:
+        problems.append((sections["vrrp"]["ready_file"][1], "vrrp", "ready_file", why))
+
     if problems:
         raise ConfigError(problems)
     g = Globals(**{**glob_vals, "plugins": tuple(glob_vals["plugins"])})
     return Config(files=tuple(files), globals=g, services=tuple(services), targets=targets,
                   sections=sections, extra=extra_values,
                   vrrp=vrrp_config(single["vrrp"]) if "vrrp" in single else None)
+
+
+def _ready_file_problem(ready_file: str | None, state_dir: str | None) -> str | None:
+    """Why ``[vrrp] ready_file`` cannot be in ``state_dir``, or None."""
+    if not ready_file or not state_dir:
+        return None
+    sd = os.path.normpath(state_dir)
+    if os.path.commonpath([sd, os.path.normpath(ready_file)]) == sd:
+        # keepalived drops a track_file whose directory is missing when it
+        # starts, and synlb makes its state dir later (at boot, /run/synlb)
+        return (f"{ready_file} is inside state_dir {state_dir}, which may not exist yet when keepalived "
+                "starts (keepalived then ignores the file for good): name a file in a directory that "
+                "always exists, e.g. /run/synlb.ready")
+    return None
 
 
 def _known(plugin_sections: dict) -> str:

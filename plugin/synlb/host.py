@@ -4,6 +4,12 @@ One thread applies changes: every event source (control socket, signals,
 plugins' own threads) only submits events, and the host thread turns the
 latest state into one serialized reconcile of every plugin.  Events that
 arrive while a reconcile runs are coalesced into the next one.
+
+The host thread also judges whether the router is ready to take the traffic
+over (ready.py, from the plugins' facts) after every reconcile and whenever
+a plugin says a fact changed, and keeps ``[vrrp] ready_file`` saying so for
+keepalived's track_file: not ready from before anything starts until the
+first judgement, and again from the moment the host stops.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import config as config_mod
-from . import control, plugins, statedir
+from . import control, plugins, ready, statedir
 from .vrrp import journal
 from .vrrp.events import NodeState, standalone
 
@@ -29,7 +35,7 @@ RETRY_BACKOFF = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)  # seconds before the n-th
 
 @dataclass
 class Event:
-    kind: str  # reconcile, reload, stop, vrrp
+    kind: str  # reconcile, reload, stop, vrrp, link (a link came up), ready (a readiness fact changed)
     data: dict = field(default_factory=dict)
     done: threading.Event | None = None
     result: dict = field(default_factory=dict)
@@ -47,6 +53,9 @@ class Host:
         self.history: list[dict] = []
         self.failing: dict | None = None  # the last reconcile's errors and the next retry, while failing
         self.ready = False  # READY=1 sent to systemd: once, after the first reconcile that converged
+        self.readiness = ready.STARTING  # ready to take the traffic over (keepalived's track_file)
+        self.ready_since = time.time()
+        self._ready_written: tuple[str, bytes] | None = None  # (path, content) last written
 
     # ------------------------------------------------------------ events
     def submit(self, kind: str, data: dict | None = None, *, reason: str | None = None,
@@ -66,6 +75,10 @@ class Host:
 
     # ------------------------------------------------------------ main loop
     def run(self) -> int:
+        # before anything: whatever the file said (a crashed host, keepalived's
+        # init_file), this router is not ready until the first judgement
+        if not self._set_readiness(ready.STARTING):
+            return 1
         signal.signal(signal.SIGHUP, lambda *_: self.submit("reload"))
         signal.signal(signal.SIGTERM, lambda *_: self.submit("stop"))
         signal.signal(signal.SIGINT, lambda *_: self.submit("stop"))
@@ -99,6 +112,9 @@ class Host:
                 if self.handle(batch):
                     break
         finally:
+            # not ready first, so that keepalived lowers the priority (and a
+            # ready peer takes over) while the data plane still carries the traffic
+            self._set_readiness(ready.STOPPED)
             # stopping is going inactive: every plugin prepares for it before
             # any teardown (the bgp plugin withdraws the VIPs and lets the
             # upstream move the flows while the data plane still carries them)
@@ -122,9 +138,17 @@ class Host:
         """Apply a batch of events; True when the host must stop."""
         stop = any(e.kind == "stop" for e in batch)
         reasons = []
+        judge = False
         if not stop:
             for e in batch:
-                if e.kind == "reload":
+                if e.kind == "link":
+                    self._link_up(e.data)
+                    judge = True
+                    if e.data.get("reconcile"):
+                        reasons.append(e.data.get("reason", "link up"))
+                elif e.kind == "ready":
+                    judge = True
+                elif e.kind == "reload":
                     if self.reload():
                         reasons.append("reload")
                 elif e.kind == "vrrp":
@@ -135,7 +159,9 @@ class Host:
                 elif e.kind == "reconcile":
                     reasons.append(e.data.get("reason", "reconcile"))
             if reasons:
-                self.reconcile("; ".join(dict.fromkeys(reasons)))
+                self.reconcile("; ".join(dict.fromkeys(reasons)))  # judges readiness too
+            elif judge:
+                self.judge_readiness()
         for e in batch:
             if e.done:
                 e.result["node"] = self.node.vrrp
@@ -197,13 +223,68 @@ class Host:
                                          "active": node.active, "changes": len(changes)}])[-50:]
         log.info("%s: node %s (%s): %s", reason, node.vrrp, "active" if node.active else "inactive",
                  "; ".join(changes) if changes else "no change")
+        self.judge_readiness()
+
+    # ------------------------------------------------------------ readiness
+    def _link_up(self, data: dict) -> None:
+        name, at = data.get("name", "?"), data.get("at", time.monotonic())
+        for p in self.plugins:
+            try:
+                p.link_up(name, at)
+            except Exception as e:  # noqa: BLE001 - the others still hear of it
+                log.error("plugin %s failed on link %s up: %s", p.name, name, e)
+
+    def judge_readiness(self) -> None:
+        """Gather every plugin's facts, judge them (ready.decide), keep the file saying so."""
+        facts = []
+        for p in self.plugins:
+            try:
+                facts += p.ready_facts(self.cfg, self.node)
+            except Exception as e:  # noqa: BLE001 - a plugin that cannot tell makes the router not ready
+                log.error("plugin %s cannot tell whether the router is ready: %s", p.name, e)
+                facts.append(ready.Unknown(f"{p.name}: {e}"))
+        self._set_readiness(ready.decide(self.node, self.cfg.vrrp.standby if self.cfg.vrrp else None, facts))
+
+    def ready_path(self) -> str | None:
+        return self.cfg.vrrp.ready_file if self.cfg.vrrp else None
+
+    def _set_readiness(self, r: ready.Readiness) -> bool:
+        """Record ``r`` and write the file when its content changes; False
+        when the file could not be written (logged; tried again next time)."""
+        if r != self.readiness:
+            # logged when it flips or a reason comes or goes, not for each
+            # target of a pending list that shrinks as the checks come in
+            if r.ready != self.readiness.ready or _kinds(r) != _kinds(self.readiness):
+                (log.info if r.ready else log.warning)("this router is %s", r.describe())
+            self.readiness, self.ready_since = r, time.time()
+        path = self.ready_path()
+        old = self._ready_written
+        ok = True
+        if old is not None and old[0] != path and old[1] != ready.NOT_READY:
+            ok = self._write_ready(old[0], ready.NOT_READY)  # a file no longer kept must not stay saying ready
+        if path is not None and old != (path, r.content()):
+            ok = self._write_ready(path, r.content()) and ok
+        return ok
+
+    def _write_ready(self, path: str, content: bytes) -> bool:
+        try:
+            statedir.write_file(path, lambda fh: fh.write(content))
+        except OSError as e:
+            log.error("cannot write [vrrp] ready_file %s: %s", path, e.strerror or e)
+            self._ready_written = None
+            return False
+        self._ready_written = (path, content)
+        return True
 
     # ------------------------------------------------------------ control socket
     def handle_request(self, req: dict) -> dict:
         cmd = req.get("cmd")
         if cmd == "status":
             failing = None if self.failing is None else {k: v for k, v in self.failing.items() if k != "next"}
+            r = self.readiness
             return {"ok": True, "node": self.node.vrrp, "active": self.node.active, "failing": failing,
+                    "ready": {"ready": r.ready, "reasons": list(r.reasons), "since": self.ready_since,
+                              "file": self.ready_path()},
                     "plugins": {p.name: p.status() for p in self.plugins},
                     "transitions": self.transitions, "history": self.history[-10:],
                     "started": self.started}
@@ -214,6 +295,10 @@ class Host:
             done = self.submit("reload", wait=True)
             return {"ok": bool(done)}
         return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+
+def _kinds(r: ready.Readiness) -> tuple:
+    return tuple(reason.split(":")[0] for reason in r.reasons)
 
 
 # ------------------------------------------------------------ node state

@@ -151,7 +151,7 @@ def load_state(state_dir: str) -> tuple[E.Applied | None, bool]:
         d = statedir.read_json(_state_path(state_dir))
         applied = E.Applied(d["digest"], d["active"],
                             {s: {int(m): tuple(a) for m, a in t.items()} for s, t in d["targets"].items()},
-                            d["pins"])
+                            d["pins"], d["configured"])
         return applied, bool(d.get("pending"))
     except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError):
         return None, False
@@ -160,7 +160,7 @@ def load_state(state_dir: str) -> tuple[E.Applied | None, bool]:
 def _store_state(state_dir: str, applied: E.Applied, pending: bool) -> None:
     d = {"digest": applied.digest, "active": applied.active,
          "targets": {s: {str(m): list(a) for m, a in t.items()} for s, t in applied.targets.items()},
-         "pins": applied.pins, "pending": pending}
+         "pins": applied.pins, "configured": applied.configured, "pending": pending}
     statedir.write_json(_state_path(state_dir), d)
 
 

@@ -5,24 +5,45 @@ deletes it and nothing else on the router is touched. Per service
 ``<s>`` of ``engine = nftables`` (see docs/ENGINES.md for the packet path)::
 
     table inet synlb {
-      map slots_<s>  { typeof numgen inc mod 2 : meta mark; size M; }   # slot -> target mark
+      map slots_<s>  { typeof numgen inc mod 2 : meta mark; size M; }   # slot -> target mark (active)
+      map pickup_<s> { typeof numgen inc mod 2 : meta mark; size M; }   # the same, every configured target
       map pins4_<s>  { typeof meta l4proto . ip saddr . th sport . ip daddr . th dport : meta mark; }
       map pins6_<s>  { ... ip6 ... }                                     # pinned flows -> mark
+      (track_syn=no)  map split_<s>  { typeof numgen inc mod 2 : verdict; size M; }  # slots where the two differ
+      (track_syn=no)  map opened4_<s> { type ipv4_addr . inet_service . ipv4_addr . inet_service : mark;
+                                        flags dynamic,timeout; timeout T; size N; }  # opened off pickup's pick
+      (track_syn=no)  map opened6_<s> { typeof numgen inc mod 2 . numgen inc mod 2 : meta mark; ... }
       map picks_<s>  { type mark : counter; }                            # mark -> pick_<s>_<mark>
-      counter kept4_<s>, pinned4_<s>, hashed4_<s>, notarget4_<s> (and 6)
+      counter kept4_<s>, pinned4_<s>, opened4_<s>, pickup4_<s>, hashed4_<s>, notarget4_<s> (and 6)
       chain prerouting { type filter hook prerouting priority mangle + 1; comment "synlb <digest>";
         iifname I ip daddr {VIPs} meta l4proto {P} th dport {ports} jump svc4_<s> ... }
       chain svc4_<s> {
         ct mark != 0 meta mark set ct mark counter name kept4_<s> accept
         meta l4proto != tcp       meta mark set <5-tuple> map @pins4_<s> ct mark set meta mark ... accept
         tcp flags & (syn|ack) != syn meta mark set <5-tuple> map @pins4_<s> ct mark set meta mark ... accept
+        (track_syn=no) tcp flags & (syn|ack) != syn meta mark set <4-tuple> map @opened4_<s> ... accept
+        tcp flags & (syn|ack) != syn meta mark set jhash <5-tuple> mod M seed S map @pickup_<s> ... accept
         meta mark set jhash <5-tuple> mod M seed S map @slots_<s> ct mark set meta mark
-            counter name hashed4_<s> counter name meta mark map @picks_<s> accept
+            counter name hashed4_<s> counter name meta mark map @picks_<s> accept   # (track_syn=no: goto hashed4_<s>)
         counter name notarget4_<s> drop            # or accept: no_target_verdict
       }
+      (track_syn=no) chain hashed4_<s> { tcp flags & (syn|ack) == syn jhash <5-tuple> ... vmap @split_<s>; accept }
+      (track_syn=no) chain record_<s> { meta nfproto ipv4 update @opened4_<s> { <4-tuple> : meta mark }; ...; accept }
       (nat mode)      chain nat_prerouting { type nat hook prerouting priority dstnat; ... dnat ip to meta mark map @dnat4_<s> }
       (track_syn=no)  chain raw_prerouting { type filter hook prerouting priority raw; ... syn ... notrack }
     }
+
+A TCP packet that does not open its connection and reaches the hash is a
+pickup (after a failover, or an ECMP change): it follows its pin, else the
+configured table, whatever this router's health view (docs/STICKINESS.md).
+UDP has no opening packet and follows the active table. With ``track_syn =
+no`` the SYN leaves no conntrack entry and its first ACK is a pickup too,
+so a SYN sent off the configured table's pick (its slot is in ``split``)
+is recorded in ``opened``, which that ACK follows. nft 1.0.6 (Debian 12)
+aborts on a dynamic update whose key is longer than 16 bytes, so the IPv6
+record is keyed by two 32-bit jhashes of the 4-tuple (``_v6_record_key``:
+a pickup whose key collides with a recorded one's, about one in 2^64 per
+pair, would take its mark).
 
 The *skeleton* (declarations, chains and rules, no element) changes only
 with the structure of the configuration; its digest is the base chain's
@@ -85,6 +106,54 @@ def picks_map(svc: str) -> str:
     return f"picks_{svc}"
 
 
+def pickup_map(svc: str) -> str:
+    return f"pickup_{svc}"
+
+
+def split_map(svc: str) -> str:
+    return f"split_{svc}"
+
+
+def opened_map(svc: str, family: int) -> str:
+    return f"opened{family}_{svc}"
+
+
+def hashed_chain(svc: str, family: int) -> str:
+    return f"hashed{family}_{svc}"
+
+
+def record_chain(svc: str) -> str:
+    return f"record_{svc}"
+
+
+# a TCP connection opened off the configured table's pick is remembered this
+# long (its first ACK, when the SYN went untracked, is a pickup) and at most
+# this many; past that, its pickup follows the configured table
+OPENED_TIMEOUT = "120s"
+OPENED_MAX = 65536
+
+
+def pickup_families(svc: Service) -> tuple:
+    """The families whose TCP pickups follow the configured table: every
+    family of a TCP service."""
+    return svc.families() if "tcp" in svc.protocols else ()
+
+
+def records(svc: Service) -> bool:
+    """The service records its SYNs sent off the configured table's pick
+    (track_syn = no): chains hashed<f> and record, maps split and opened<f>."""
+    return not svc.track_syn and bool(pickup_families(svc))
+
+
+def _record_key(family: int, seed: int) -> str:
+    """The key of the ``opened`` map for ``family``: the 4-tuple for IPv4;
+    for IPv6 two jhashes of it (see above)."""
+    if family == 4:
+        return _tcp_tuple(4)
+    return " . ".join(f"jhash {_tcp_tuple(6)} mod 4294967295 seed {(seed ^ k) & 0xFFFFFFFF:#010x}"
+                      for k in (0x5EED0001, 0x5EED0002))
+
+
 def dnat_map(svc: str, family: int) -> str:
     return f"dnat{family}_{svc}"
 
@@ -97,7 +166,7 @@ def pick_counter(svc: str, mark: int) -> str:
     return f"pick_{svc}_{mark:x}"
 
 
-COUNTERS = ("kept", "pinned", "hashed", "notarget")
+COUNTERS = ("kept", "pinned", "opened", "pickup", "hashed", "notarget")
 
 
 def counter_name(kind: str, svc: str, family: int) -> str:
@@ -114,17 +183,37 @@ class ServicePlan:
     seed: int
     mode: str
     families: tuple  # IP versions of the service's VIPs
-    active: tuple  # ((target name, mark), ...) sorted by name: the Maglev population
+    active: tuple  # ((target name, mark), ...) sorted by name: the Maglev population of new connections
     targets: dict  # mark -> (IPv4 address or None, IPv6 address or None): every configured target
     pins: dict = field(default_factory=dict)  # family -> {PinKey: mark}, for each of the families
     key: bytes = field(default=b"", repr=False)  # hash_key: the Maglev permutations
     _pins_digest: str | None = field(default=None, repr=False, compare=False)  # see pins_digest
+    # every configured target, sorted by name: the population of pickups
+    configured: tuple = ()
+    pickup: bool = False  # it has the pickup map (pickup_families)
+    records: bool = False  # it has the split map (records)
 
     def slots(self) -> list[int]:
         """Mark of each slot (Maglev over the active targets), [] without one."""
-        names = [n for n, _ in self.active]
-        marks = [m for _, m in self.active]
-        return [marks[i] for i in build_table(names, self.size, self.key)] if names else []
+        return _table(self.active, self.size, self.key)
+
+    def pickup_slots(self) -> list[int]:
+        """Mark of each slot over every configured target."""
+        return _table(self.configured, self.size, self.key)
+
+
+def _table(population: Sequence, size: int, key: bytes) -> list[int]:
+    names = [n for n, _ in population]
+    marks = [m for _, m in population]
+    return [marks[i] for i in build_table(names, size, key)] if names else []
+
+
+def split_slots(slots: Sequence[int], pickup: Sequence[int]) -> list[int]:
+    """The slots where a new connection's target is not the configured
+    table's (a target is down): a SYN hashed there is recorded in ``opened``."""
+    if not slots:
+        return []
+    return list(compress(range(len(slots)), map(ne, slots, pickup)))
 
 
 @dataclass
@@ -188,11 +277,12 @@ def desired(cfg: Config, down: Mapping[str, Iterable[str]] | None = None, pins: 
     plans = {}
     for svc in services(cfg):
         active = tuple((t.name, t.mark) for t in active_targets(cfg, svc, down.get(svc.name, ())))
+        configured = tuple((t.name, t.mark) for t in active_targets(cfg, svc))
         targets = {t.mark: (_addr(t, 4), _addr(t, 6)) for t in cfg.targets_of(svc)}
         spins, pdigest = _service_pins(pins.get(svc.name, {}), targets, svc.families())
         plans[svc.name] = ServicePlan(
             svc.name, svc.table_size, service_seed(cfg.globals.hash_key, svc.name), svc.mode, svc.families(),
-            active, targets, spins, key, pdigest)
+            active, targets, spins, key, pdigest, configured, bool(pickup_families(svc)), records(svc))
     skel = skeleton(cfg)
     return Plan(skel, digest(skel), plans)
 
@@ -222,6 +312,18 @@ def _tuple(family: int) -> str:
     return f"meta l4proto . {ip} saddr . th sport . {ip} daddr . th dport"
 
 
+def _tcp_tuple(family: int) -> str:
+    ip = "ip" if family == 4 else "ip6"
+    return f"{ip} saddr . tcp sport . {ip} daddr . tcp dport"
+
+
+def _hash(svc: Service, family: int, seed: int) -> str:
+    return f"jhash {_tuple(family)} mod {svc.table_size} seed {seed:#010x}"
+
+
+PICKUP = "tcp flags & (syn | ack) != syn"  # TCP that does not open its connection
+
+
 def _service_rules(svc: Service, family: int, seed: int) -> list[str]:
     n = svc.name
     t = _tuple(family)
@@ -232,14 +334,39 @@ def _service_rules(svc: Service, family: int, seed: int) -> list[str]:
     # pins are for packets that do not open a connection: not a TCP SYN without ACK
     if any(p != "tcp" for p in svc.protocols):
         rules.append(f"meta l4proto != tcp {pinned}")
+    picks = f"counter name meta mark map @{picks_map(n)}"
+    recorded = records(svc)
     if "tcp" in svc.protocols:
-        rules.append(f"tcp flags & (syn | ack) != syn {pinned}")
-    rules.append(f"meta mark set jhash {t} mod {svc.table_size} seed {seed:#010x} map @{slots_map(n)} {save} "
-                 f"counter name {counter_name('hashed', n, family)} counter name meta mark map @{picks_map(n)} "
-                 f"accept")
+        rules.append(f"{PICKUP} {pinned}")
+    if recorded:
+        rules.append(f"{PICKUP} meta mark set {_record_key(family, seed)} map @{opened_map(n, family)} {save} "
+                     f"counter name {counter_name('opened', n, family)} accept")
+    if family in pickup_families(svc):
+        rules.append(f"{PICKUP} meta mark set {_hash(svc, family, seed)} map @{pickup_map(n)} {save} "
+                     f"counter name {counter_name('pickup', n, family)} {picks} accept")
+    rules.append(f"meta mark set {_hash(svc, family, seed)} map @{slots_map(n)} {save} "
+                 f"counter name {counter_name('hashed', n, family)} {picks} "
+                 + (f"goto {hashed_chain(n, family)}" if recorded else "accept"))
     verdict = "accept" if svc.no_target_verdict == "accept" else "drop"
     rules.append(f"counter name {counter_name('notarget', n, family)} {verdict}")
     return rules
+
+
+def _record_chains(svc: Service, seed: int) -> list[str]:
+    """A SYN whose slot is in ``split`` is recorded with its mark in
+    ``opened`` (a full map records nothing: the packet goes on alike)."""
+    n = svc.name
+    out = []
+    for fam in svc.families():
+        out += [f"\tchain {hashed_chain(n, fam)} {{",
+                f"\t\ttcp flags & (syn | ack) == syn {_hash(svc, fam, seed)} vmap @{split_map(n)}",
+                "\t\taccept", "\t}"]
+    out.append(f"\tchain {record_chain(n)} {{")
+    for fam in svc.families():
+        out.append(f"\t\tmeta nfproto {'ipv4' if fam == 4 else 'ipv6'} update @{opened_map(n, fam)} "
+                   f"{{ {_record_key(fam, seed)} : meta mark }}")
+    out += ["\t\taccept", "\t}"]
+    return out
 
 
 def skeleton(cfg: Config) -> str:
@@ -253,6 +380,15 @@ def skeleton(cfg: Config) -> str:
     for svc in svcs:
         n = svc.name
         out.append(f"\tmap {slots_map(n)} {{ typeof numgen inc mod 2 : meta mark; size {svc.table_size}; }}")
+        if pickup_families(svc):
+            out.append(f"\tmap {pickup_map(n)} {{ typeof numgen inc mod 2 : meta mark; size {svc.table_size}; }}")
+        if records(svc):
+            out.append(f"\tmap {split_map(n)} {{ typeof numgen inc mod 2 : verdict; size {svc.table_size}; }}")
+            dynamic = f"flags dynamic,timeout; timeout {OPENED_TIMEOUT}; size {OPENED_MAX};"
+            for fam in svc.families():
+                key = ("type ipv4_addr . inet_service . ipv4_addr . inet_service : mark" if fam == 4
+                       else "typeof numgen inc mod 2 . numgen inc mod 2 : meta mark")
+                out.append(f"\tmap {opened_map(n, fam)} {{ {key}; {dynamic} }}")
         for fam in svc.families():
             ip = "ip" if fam == 4 else "ip6"
             out.append(f"\tmap {pins_map(n, fam)} {{ typeof meta l4proto . {ip} saddr . th sport . "
@@ -278,6 +414,8 @@ def skeleton(cfg: Config) -> str:
             out.append(f"\tchain {svc_chain(svc.name, fam)} {{")
             out.extend(f"\t\t{r}" for r in _service_rules(svc, fam, seed))
             out.append("\t}")
+        if records(svc):
+            out.extend(_record_chains(svc, seed))
     nat = [s for s in svcs if s.mode == "nat"]
     if nat:
         out.append("\tchain nat_prerouting {")
@@ -429,9 +567,19 @@ def changed_slots(old: Sequence[int], new: Sequence[int]) -> int:
     return sum(map(ne, old, new))
 
 
-def _slot_commands(name: str, deletes: list[int], adds: list[tuple[int, int]]) -> list[str]:
-    return (_elements("delete", slots_map(name), [str(i) for i in deletes])
-            + _elements("add", slots_map(name), [f"{i} : {m:#x}" for i, m in adds]))
+def _slot_commands(name: str, deletes: list[int], adds: list[tuple[int, int]], map_name=slots_map) -> list[str]:
+    return (_elements("delete", map_name(name), [str(i) for i in deletes])
+            + _elements("add", map_name(name), [f"{i} : {m:#x}" for i, m in adds]))
+
+
+def _split_commands(sp: ServicePlan, slots: Sequence[int], pickup: Sequence[int], flush: bool) -> list[str]:
+    """``split`` replaced whole: its few elements (the down targets' share of
+    the slots) change with every health flip."""
+    if not sp.records:
+        return []
+    out = [f"flush map {QUALIFIED} {split_map(sp.name)}"] if flush else []
+    return out + _elements("add", split_map(sp.name),
+                           [f"{i} : goto {record_chain(sp.name)}" for i in split_slots(slots, pickup)])
 
 
 def pins_digest(sp: ServicePlan) -> str:
@@ -453,6 +601,10 @@ def full_script(plan: Plan, slots: Mapping[str, Sequence[int]], replace: bool) -
     for name, sp in plan.services.items():
         out += _target_adds(sp, sp.targets)
         out += _slot_commands(name, [], list(enumerate(slots[name])))
+        if sp.pickup:
+            pickup = sp.pickup_slots()
+            out += _slot_commands(name, [], list(enumerate(pickup)), pickup_map)
+            out += _split_commands(sp, slots[name], pickup, flush=False)
         out += _pins_replace(sp, flush=False)
     return "\n".join(out) + "\n"
 
@@ -464,6 +616,7 @@ class Applied:
     active: dict  # service -> [[name, mark], ...]
     targets: dict  # service -> {mark: (a4, a6)}
     pins: dict  # service -> pins digest
+    configured: dict = field(default_factory=dict)  # service -> [[name, mark], ...]: the pickup map's population
 
 
 def update_script(old: Applied, old_slots: Mapping[str, Sequence[int]], plan: Plan,
@@ -489,8 +642,19 @@ def update_script(old: Applied, old_slots: Mapping[str, Sequence[int]], plan: Pl
                 out += _elements("add", dnat_map(name, fam),
                                  [f"{m:#x} : {now[m][i]}" for m in sorted(moved) if now[m][i]])
         out += _target_adds(sp, came)
-        if [list(a) for a in sp.active] != [list(a) for a in old.active.get(name, [])]:
+        active_changed = [list(a) for a in sp.active] != [list(a) for a in old.active.get(name, [])]
+        if active_changed:
             out += _slot_commands(name, *slot_diff(old_slots.get(name, []), new_slots[name]))
+        if sp.pickup:
+            was_configured = [tuple(a) for a in old.configured.get(name, [])]
+            configured_changed = was_configured != list(sp.configured)
+            if configured_changed or active_changed:
+                pickup = sp.pickup_slots()
+                if configured_changed:  # a target added or removed: rare, and by difference too
+                    out += _slot_commands(name, *slot_diff(_table(was_configured, sp.size, sp.key), pickup),
+                                          pickup_map)
+                slots = new_slots[name] if name in new_slots else sp.slots()
+                out += _split_commands(sp, slots, pickup, flush=True)
         if pins_digest(sp) != old.pins.get(name):
             out += _pins_commands(sp, (old_pins or {}).get(name))
     return "\n".join(out) + "\n" if out else ""
@@ -513,7 +677,8 @@ def applied_of(plan: Plan) -> Applied:
     """The state record of a plan once applied."""
     return Applied(plan.digest, {n: [list(a) for a in sp.active] for n, sp in plan.services.items()},
                    {n: dict(sp.targets) for n, sp in plan.services.items()},
-                   {n: pins_digest(sp) for n, sp in plan.services.items()})
+                   {n: pins_digest(sp) for n, sp in plan.services.items()},
+                   {n: [list(a) for a in sp.configured] for n, sp in plan.services.items()})
 
 
 # ------------------------------------------------------------------ dry run
@@ -535,6 +700,12 @@ def describe(plan: Plan, slots: Mapping[str, Sequence[int]] | None = None) -> st
                    f"seed {sp.seed:#010x} = blake2b({name!r}, key=hash_key, person=synlb-jhash)")
         out.append(f"# {picks_map(name)}: {len(sp.targets)} targets, counters "
                    + ", ".join(pick_counter(name, m) for m in sorted(sp.targets)))
+        if sp.pickup:
+            pickup = sp.pickup_slots()
+            out.append(f"# {pickup_map(name)}: {len(pickup)} elements slot : mark over every configured target "
+                       "(what a picked-up TCP connection follows)"
+                       + (f"; {split_map(name)}: {len(split_slots(table, pickup))} slots whose SYNs are recorded "
+                          "in opened4/6" if sp.records else ""))
         for fam, p in sorted(sp.pins.items()):
             out.append(f"# {pins_map(name, fam)}: {len(p)} pins")
     return "\n".join(out)

@@ -237,26 +237,42 @@ TCP = 6
 SYN, ACK = 0x02, 0x10
 
 
-def opens_connection(packet: bytes) -> bool:
-    """A TCP SYN without ACK: the first packet of a new connection (as
-    opposed to a running one seen for the first time, e.g. after a
-    failover). Anything unreadable counts as not opening."""
+def _tcp_flags(packet: bytes) -> int | None:
+    """The TCP flags byte of an unfragmented TCP packet, else None."""
     try:
         version = packet[0] >> 4
         if version == 4:
             if packet[9] != TCP or (packet[6] & 0x3F) or packet[7]:
-                return False
+                return None
             at = ((packet[0] & 0x0F) << 2) + 13
         elif version == 6:
             proto, l4, fragment = _skip_v6_extensions(packet, packet[6], 40)
             if proto != TCP or l4 < 0 or fragment & 0xFFF9:
-                return False
+                return None
             at = l4 + 13
         else:
-            return False
-        return packet[at] & (SYN | ACK) == SYN
+            return None
+        return packet[at]
     except IndexError:
-        return False
+        return None
+
+
+def opens_connection(packet: bytes) -> bool:
+    """A TCP SYN without ACK: the first packet of a new connection (as
+    opposed to a running one seen for the first time, e.g. after a
+    failover). Anything unreadable counts as not opening."""
+    flags = _tcp_flags(packet)
+    return flags is not None and flags & (SYN | ACK) == SYN
+
+
+def picked_up(packet: bytes) -> bool:
+    """A TCP packet that is not a SYN without ACK: when it is the first packet
+    a router sees of its connection (what reaches a worker, or the
+    nftables engine's hash), the connection was running before, picked up
+    after a failover or an ECMP change. Anything unreadable, and anything
+    but TCP (no opening packet to tell by), counts as not picked up."""
+    flags = _tcp_flags(packet)
+    return flags is not None and flags & (SYN | ACK) != SYN
 
 
 def describe(packet: bytes) -> str:

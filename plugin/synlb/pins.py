@@ -6,11 +6,18 @@ config, or back from a failed health check).  A router that holds such a
 connection keeps it where it is through its conntrack mark; a router that
 picks it up later (after a failover, or when ECMP moves the flow) hashes it
 with the current table and sends it to the wrong target, which answers
-with a RST.  So every active router works out which of its connections are
-*misplaced* (connmark differs from the current table's pick), hands exactly
-those to its peers as pins ``(service, flow key) -> mark``, and a worker
-uses a pin for a packet that is not a connection's opening SYN.  New
-connections always follow the current table.
+with a RST.
+
+So a connection picked up mid-stream (any packet but a TCP SYN without
+ACK) never follows the health-filtered table: it follows its pin if it has
+one, else the *configured* table, Maglev over every configured target of
+the service, which no router's health view changes.  Every active router
+works out which of its connections are *misplaced* (connmark differs from
+the configured table's pick: they started while a target was down, or
+before a target was added), hands exactly those to its peers as pins
+``(service, flow key) -> mark``, and a worker uses a pin for a packet that
+does not open a connection.  New connections follow the health-filtered
+table (``active_targets``).
 
 Everything here is pure: the conntrack entries come from ``conntrack.py``,
 the transport is ``plugins/sync.py``.
@@ -113,18 +120,18 @@ def _service_of(services: list[Service], proto: int, server: str, port: int | No
     return None
 
 
-def misplaced(cfg: Config, entries: Iterable, down: Mapping[str, Iterable[str]] | None = None) -> Pins:
+def misplaced(cfg: Config, entries: Iterable) -> Pins:
     """The pins this router must hand to its peers: every conntrack entry
     of a service whose mark is one of the service's targets but not the one
-    the current table (built without the ``down`` targets) picks for it.
+    the configured table (every configured target, whatever the health
+    checks say) picks for it: what a pickup anywhere would send elsewhere.
 
     ``entries`` have ``proto, src, dst, sport, dport, mark`` (conntrack's
     original direction).  An entry conntrack created from the target's side
     (its original source is the VIP) is read backwards.
     """
-    down = down or {}
     services = list(cfg.services)
-    tables = {s.name: ServiceTable.build(cfg, s, down.get(s.name, ())) for s in services}
+    tables = {s.name: ServiceTable.build(cfg, s) for s in services}
     out: Pins = {}
     for e in entries:
         if not e.mark:

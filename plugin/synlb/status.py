@@ -7,7 +7,8 @@ import time
 
 import psutil
 
-from . import conntrack, dataplane, health_state, netfilter, nft_apply, nft_engine, rules, sysctl, workers
+from . import (conntrack, dataplane, health_state, netfilter, nft_apply, nft_engine, ready, rules, statedir,
+               sysctl, workers)
 from .config import Config
 
 def cpu_seconds(proc: psutil.Process) -> float:
@@ -56,8 +57,10 @@ def _chain_counters(cfg: Config, counters: dict) -> list[dict]:
                         "kept_in_kernel_pkts": get("kept"), "kept_in_kernel_bytes": get("kept", 1),
                         "queued_pkts": 0, "queued_bytes": 0,
                         "hashed_pkts": get("hashed"), "pinned_pkts": get("pinned"),
+                        # pickups without a pin: the configured table, or what this router opened them with
+                        "picked_up_pkts": get("pickup") + get("opened"),
                         "no_target_pkts": get("notarget"),
-                        "saved_marks": get("hashed") + get("pinned")})
+                        "saved_marks": get("hashed") + get("pinned") + get("pickup") + get("opened")})
     out.sort(key=lambda c: (c["service"], c["family"]))
     return out
 
@@ -83,6 +86,18 @@ def _vrrp(cfg: Config) -> dict | None:
     ev = rec["event"]
     return {"state": ev.state, "source": ev.source, "group": f"{ev.kind} {ev.name}",
             "recorded": rec.get("recorded")}
+
+
+def _ready_file(cfg: Config) -> dict | None:
+    """What ``[vrrp] ready_file`` says now (keepalived's view), if there is one."""
+    path = cfg.vrrp.ready_file if cfg.vrrp else None
+    if path is None:
+        return None
+    try:
+        says = statedir.read_bytes(path).decode("utf-8", "replace").strip()
+    except (OSError, ValueError) as e:  # missing, a symlink: keepalived reads 0 from nothing
+        says = f"unreadable ({getattr(e, 'strerror', None) or e})"
+    return {"path": path, "says": says, "ready": says == ready.READY.decode().strip()}
 
 
 def collect(cfg: Config) -> dict:
@@ -121,6 +136,7 @@ def collect(cfg: Config) -> dict:
         services.append({"name": svc.name, "mode": svc.mode, "engine": svc.engine,
                          "vips": [str(v) for v in svc.vips], "queues": queues, "targets": targets})
     return {"time": time.time(), "active": applied is not None, "applied": applied, "vrrp": _vrrp(cfg),
+            "ready_file": _ready_file(cfg),
             "sysctl": sysctl.current(), "chains": _chain_counters(cfg, counters) if applied else [],
             "services": services}
 
@@ -141,11 +157,17 @@ def render_text(st: dict) -> str:
             f = host["failing"]
             out.append(f"  RECONCILE FAILING ({f['attempts']} attempts, retry in {f['retry_in']:g} s): "
                        + "; ".join(f["errors"]))
+        r = host.get("ready")
+        if r:
+            out.append("  ready: " + ("yes" if r["ready"] else "NO: " + "; ".join(r["reasons"])))
         for name, pst in sorted(host.get("plugins", {}).items()):
             if name != "lb" and pst.get("summary"):
                 out.append(f"  {name}: {pst['summary']}")
     else:
         out.append("host: not running (synlb run)")
+    rf = st.get("ready_file")
+    if rf:
+        out.append(f"ready file: {rf['path']} says {rf['says']} ({'ready' if rf['ready'] else 'NOT READY'})")
     out.append("sysctl: " + " ".join(f"{k}={v}" for k, v in st["sysctl"].items()))
     if st["chains"]:
         out.append("")

@@ -6,9 +6,14 @@ Only packets that open a connection (or first-seen ones after a failover)
 get here; conntrack carries the mark for everything after.
 
 A packet that does not open a connection (not a TCP SYN: a connection
-picked up mid-stream after a failover or an ECMP change) whose flow is
-pinned (``pins.py``: a running connection the current table would move)
-gets its pinned mark instead of the table's.
+picked up mid-stream after a failover or an ECMP change) follows its pin
+(``pins.py``: a running connection the configured table would send
+elsewhere) if it has one.  While a target is down (the active table is not
+the configured one), a TCP packet that does not open a connection follows
+what this worker opened it with (``opened``: the connections it sent off
+the configured table's pick, the last ``OPENED_MAX``), else the configured
+table: where a running connection lives does not depend on this router's
+health view, which may lag its peer's (docs/STICKINESS.md).
 
 With ``flow_hash = jhash`` the kernel has already hashed the flow: the
 packet comes with its Maglev slot as its mark (``SLOT_MARKS.start`` +
@@ -30,13 +35,14 @@ import signal
 import stat
 import threading
 import time
+from collections import OrderedDict
 from hashlib import blake2b
 
 from . import pins_state, statedir, worker_table
 from .config import SLOT_MARKS
 from .jhash import kernel_slot
 from .maglev import FLOW_PERSON, MAX_KEY_BYTES, Maglev
-from .packet import flow_key, opens_connection
+from .packet import flow_key, opens_connection, picked_up
 from .pins import usable
 from .worker_table import WorkerTable, WorkerTableError
 
@@ -44,18 +50,27 @@ log = logging.getLogger("synlb.worker")
 
 STATS_INTERVAL = 1.0
 LOG_MAX_BYTES = 1 << 20  # worker-N.log is copied to worker-N.log.1 and emptied past this
+# connections opened off the configured table's pick, remembered for their
+# first packets after the SYN (the first ACK of an untracked SYN, track_syn =
+# no, is a pickup): about 100 bytes each, the oldest forgotten first
+OPENED_MAX = 1 << 16
 
 
 class MarkTable:
     """Maglev table flattened to marks: one list index per packet.
 
     ``marks[slot]`` is the fwmark of the target owning Maglev slot ``slot``
-    (precomputed: a packet costs one hash and one list index), ``keyed`` the
-    flow hash state that has already absorbed the key (what ``Maglev.slot``
-    copies, without its attribute lookups), ``picks`` the per-mark counters.
+    in the active table (precomputed: a packet costs one hash and one list
+    index), ``keyed`` the flow hash state that has already absorbed the key
+    (what ``Maglev.slot`` copies, without its attribute lookups), ``picks``
+    the per-mark counters. ``pickup_marks`` is the same over every
+    configured target, what a picked-up connection follows; ``split`` says
+    the two differ (a target is down), the only case where a packet must
+    be told apart as opening or not.
     """
 
-    __slots__ = ("names", "maglev", "marks", "size", "keyed", "picks", "verdict_accept", "digest")
+    __slots__ = ("names", "maglev", "marks", "size", "keyed", "picks", "verdict_accept", "digest",
+                 "pickup_marks", "pickup_size", "split")
 
     def __init__(self, table: WorkerTable):
         self.names = table.names
@@ -64,8 +79,15 @@ class MarkTable:
         marks = [m for _, m in table.targets]
         self.marks = [marks[i] for i in self.maglev.table]
         self.size = len(self.marks)
+        if table.configured == table.targets:
+            self.pickup_marks = self.marks
+        else:
+            every = [m for _, m in table.configured]
+            self.pickup_marks = [every[i] for i in Maglev(table.configured_names, table.table_size, key).table]
+        self.pickup_size = len(self.pickup_marks)
+        self.split = self.pickup_marks != self.marks
         self.keyed = blake2b(key=key[:MAX_KEY_BYTES], digest_size=8, person=FLOW_PERSON)
-        self.picks = {m: 0 for m in marks}
+        self.picks = {m: 0 for _, m in table.configured} or {m: 0 for m in marks}
         self.verdict_accept = table.no_target_verdict == "accept"
         self.digest = table.digest()
 
@@ -78,6 +100,7 @@ class Worker:
         self.spec = self.read_table()
         self.table = MarkTable(self.spec)
         self.pins: dict[bytes, int] = {}
+        self.opened: OrderedDict[bytes, int] = OrderedDict()  # flow key -> mark, see OPENED_MAX
         self.load_pins()
         self.stop = False
         self.reload = False
@@ -90,6 +113,7 @@ class Worker:
         self.stats_due = False
         self.no_target = 0
         self.pinned = 0  # packets that followed a pin
+        self.picked_up = 0  # packets that followed the configured table or what we opened (a target down)
         self.kept = 0  # packets that came with their connection's mark (flow_hash = jhash)
         self.unslotted = 0  # of those without a slot, hashed here as the kernel would (jhash)
         self.picks: dict[int, int] = {}  # counts of the tables a reload replaced
@@ -97,12 +121,12 @@ class Worker:
 
     @property
     def packets(self) -> int:
-        return (self.no_target + self.pinned + self.kept + sum(self.picks.values())
+        return (self.no_target + self.pinned + self.picked_up + self.kept + sum(self.picks.values())
                 + sum(self.table.picks.values()))
 
     # The hot path: no allocation beyond what netfilterqueue (Packet, payload)
-    # and hashing (hash state, digest, int) force. With no pins (the normal
-    # state) a packet costs one extra truth test.
+    # and hashing (hash state, digest, int) force. With no pins and no
+    # target down (the normal state) a packet costs two extra truth tests.
     def on_packet(self, pkt, _from_bytes=int.from_bytes, _flow_key=flow_key,
                   _opens=opens_connection) -> None:
         if self.attention:  # before the verdict: a new table must apply to this packet
@@ -115,6 +139,10 @@ class Worker:
             pkt.set_mark(pins[key])
             pkt.accept()
             self.pinned += 1
+        elif t.split:
+            h = t.keyed.copy()
+            h.update(key)
+            self.split_verdict(pkt, payload, key, _from_bytes(h.digest(), "big") % t.pickup_size, t)
         elif t.size:
             h = t.keyed.copy()
             h.update(key)
@@ -126,6 +154,33 @@ class Worker:
             self.no_target_verdict(pkt, t)
         if self.stop:
             raise LeaveLoop
+
+    def split_verdict(self, pkt, payload: bytes, key: bytes, slot: int, t: MarkTable,
+                      _picked_up=picked_up, _opens=opens_connection) -> None:
+        """A target is down, so the active table is not the configured one: a
+        TCP pickup follows what we opened it with, else the configured
+        table; a new connection (and anything but TCP, which has no opening
+        packet to tell a pickup by) the active table, remembered when its
+        target is not the configured table's pick."""
+        if _picked_up(payload):
+            mark = self.opened.get(key) or t.pickup_marks[slot]
+            pkt.set_mark(mark)
+            pkt.accept()
+            self.picked_up += 1
+            return
+        if not t.size:
+            self.no_target_verdict(pkt, t)
+            return
+        mark = t.marks[slot]
+        if mark != t.pickup_marks[slot] and _opens(payload):
+            opened = self.opened
+            opened[key] = mark
+            opened.move_to_end(key)
+            if len(opened) > OPENED_MAX:
+                opened.popitem(last=False)
+        pkt.set_mark(mark)
+        pkt.accept()
+        t.picks[mark] += 1
 
     def on_slot_packet(self, pkt, _flow_key=flow_key, _opens=opens_connection, _base=SLOT_MARKS.start,
                        _span=len(SLOT_MARKS)) -> None:
@@ -152,6 +207,11 @@ class Worker:
         if mark and not 0 <= slot < _span:
             pkt.accept()  # the connection's own mark, restored by the kernel: it stays
             self.kept += 1
+        elif t.split:
+            payload = pkt.get_payload()
+            if not mark or slot >= t.pickup_size:
+                slot = self._kernel_slot(payload)
+            self.split_verdict(pkt, payload, _flow_key(payload), slot, t)
         elif t.size:
             if not mark or slot >= t.size:  # no slot, or one of another table size (a change under way)
                 slot = self._kernel_slot(pkt.get_payload())
@@ -175,11 +235,12 @@ class Worker:
     def _kernel_slot(self, payload: bytes) -> int:
         self.unslotted += 1
         key = flow_key(payload)
-        slot = kernel_slot(key, self.spec.seed, self.table.size)
+        size = self.table.pickup_size  # the size of every table of the service, or 0 with no target
+        slot = kernel_slot(key, self.spec.seed, size)
         if slot is None:  # no ports (a fragment conntrack did not reassemble): the kernel never hashes it
             h = self.table.keyed.copy()
             h.update(key)
-            slot = int.from_bytes(h.digest(), "big") % self.table.size
+            slot = int.from_bytes(h.digest(), "big") % size
         return slot
 
     @classmethod
@@ -255,8 +316,9 @@ class Worker:
         for mark, n in self.table.picks.items():
             picks[mark] = picks.get(mark, 0) + n
         data = {"pid": os.getpid(), "queue": self.queue, "service": self.service_name,
-                "packets": self.no_target + self.pinned + self.kept + sum(picks.values()),
+                "packets": self.no_target + self.pinned + self.picked_up + self.kept + sum(picks.values()),
                 "no_target": self.no_target, "pinned": self.pinned, "pins": len(self.pins),
+                "picked_up": self.picked_up, "opened": len(self.opened),
                 "kept": self.kept, "unslotted": self.unslotted, "flow_hash": self.spec.flow_hash,
                 "targets": self.table.names,
                 "picks": {f"{m:#x}": n for m, n in picks.items() if n},

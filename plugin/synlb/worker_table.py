@@ -11,8 +11,11 @@ only that file (and the pins file, see pins_state).
 
 The table's ``targets`` are the active ones (configured, less those the
 health checks took out) with their marks, sorted by name as every router
-must hash over the same ordering; ``target_marks`` are every configured
-target's marks, the only ones a pin may name.
+must hash over the same ordering: what a new connection follows.
+``configured`` are every configured target with its mark, in the same
+order: the table a connection picked up mid-stream follows when it has no
+pin (pins.py), whatever this router's health view; ``target_marks`` are
+their marks, the only ones a pin may name.
 """
 
 from __future__ import annotations
@@ -47,6 +50,11 @@ class WorkerTable:
     # (for a packet that came without one: see worker.py)
     flow_hash: str = "blake2b"
     seed: int = 0
+    configured: tuple = ()  # of (name, mark), every configured target, sorted by name
+
+    @property
+    def configured_names(self) -> list[str]:
+        return [n for n, _ in self.configured]
 
     @property
     def names(self) -> list[str]:
@@ -56,6 +64,7 @@ class WorkerTable:
         d = asdict(self)
         d["targets"] = [list(t) for t in self.targets]
         d["target_marks"] = list(self.target_marks)
+        d["configured"] = [list(t) for t in self.configured]
         return d
 
     def digest(self) -> str:
@@ -65,13 +74,15 @@ class WorkerTable:
 def build(cfg: Config, service: Service, queue: int, down: Iterable[str] = ()) -> WorkerTable:
     from .pins import active_targets
     active = active_targets(cfg, service, down)
+    configured = active_targets(cfg, service)
     g = cfg.globals
     seed = service_seed(g.hash_key, service.name) if service.kernel_slots else 0
     return WorkerTable(service=service.name, queue=queue, targets=tuple((t.name, t.mark) for t in active),
                        target_marks=tuple(t.mark for t in cfg.targets_of(service)),
                        table_size=service.table_size, hash_key=g.hash_key,
                        no_target_verdict=service.no_target_verdict, copy_range=g.copy_range,
-                       queue_maxlen=g.queue_maxlen, flow_hash=service.flow_hash, seed=seed)
+                       queue_maxlen=g.queue_maxlen, flow_hash=service.flow_hash, seed=seed,
+                       configured=tuple((t.name, t.mark) for t in configured))
 
 
 def from_json(d) -> WorkerTable:
@@ -82,13 +93,15 @@ def from_json(d) -> WorkerTable:
                         hash_key=d["hash_key"], no_target_verdict=d["no_target_verdict"],
                         copy_range=d["copy_range"], queue_maxlen=d["queue_maxlen"],
                         # tables written before flow_hash existed hashed with blake2b
-                        flow_hash=d.get("flow_hash", "blake2b"), seed=d.get("seed", 0))
+                        flow_hash=d.get("flow_hash", "blake2b"), seed=d.get("seed", 0),
+                        configured=tuple((n, m) for n, m in d["configured"]))
     except (KeyError, TypeError, ValueError) as e:
         raise WorkerTableError(f"not a worker table ({type(e).__name__}: {e})") from None
     ints = [t.queue, t.table_size, t.copy_range, t.queue_maxlen, t.seed, *t.target_marks,
-            *(m for _, m in t.targets)]
+            *(m for _, m in t.targets), *(m for _, m in t.configured)]
     if (not isinstance(t.service, str) or not isinstance(t.hash_key, str)
-            or not all(isinstance(n, str) for n, _ in t.targets)
+            or not all(isinstance(n, str) for n, _ in t.targets + t.configured)
+            or set(t.targets) - set(t.configured) or {m for _, m in t.configured} != set(t.target_marks)
             or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ints)
             or t.no_target_verdict not in ("drop", "accept") or t.table_size < 2
             or t.flow_hash not in ("blake2b", "jhash")

@@ -305,6 +305,12 @@ def _holds_queue(info: WorkerInfo, bound: dict) -> bool:
     return _published(info.state_dir, info)
 
 
+def serving(state_dir: str) -> frozenset:
+    """The queues that a live worker of this state dir holds (the kernel's listener is that worker)."""
+    bound = bound_queues()
+    return frozenset(w.queue for w in running(state_dir) if _holds_queue(w, bound))
+
+
 def wait_bound(infos: list[WorkerInfo], timeout: float = BIND_TIMEOUT) -> None:
     """Return once every worker serves its queue: it writes a byte to its
     ready pipe after binding the queue, publishing its stats file and

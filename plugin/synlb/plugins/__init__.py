@@ -57,6 +57,19 @@ class Plugin:
     def stop(self) -> None:
         """Stop threads; called once at host exit, after teardown if any."""
 
+    def link_up(self, name: str, at: float) -> None:
+        """Link ``name`` of the router came up at ``at`` (time.monotonic(),
+        when the lb plugin's link watcher saw it); called on the host thread.
+        What was learned over the links before may be stale (the health
+        plugin checks every target again)."""
+
+    def ready_facts(self, cfg, node: "NodeState") -> list:
+        """What this plugin knows of whether the router is ready to take the
+        traffic over: facts of ``synlb.ready`` (DataPlane, Checks) that
+        ``ready.decide`` judges. A plugin with a thread of its own that sees
+        a fact change submits ``"ready"`` to the host."""
+        return []
+
     def status(self) -> dict:
         return {}
 

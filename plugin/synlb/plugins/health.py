@@ -24,6 +24,13 @@ service of the nftables engine, the reconcile changes the slots of the
 kernel's map that differ, in one transaction).  Connections already
 established are untouched: they carry their target's mark in conntrack.
 
+For the router's readiness (ready.py, keepalived's track_file) a target's
+view *settles* once a check that started since the host's start, and since
+the last link up (``link_up``: every target is checked again at once),
+agrees with the target's state; ``check = none`` is always settled. A view
+stays settled until the next link up: a target that flaps later does not
+make the router unready.
+
 Cross-key problems (a tcp/http check without ``check_port``, an exec check
 without ``check_command``) are reported by ``synlb check`` as
 ``FILE:target:NAME:KEY`` through :func:`check_target`, the cross-key check of
@@ -40,7 +47,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .. import health_state, proc, trust
+from .. import health_state, proc, ready, trust
 from ..schema import Option, OptionError, Schema, seconds
 from ..schema import choice as _choice
 from ..schema import integer as _int
@@ -242,9 +249,14 @@ class TargetHealth:
         self.history.append({"time": now, "state": "up", "detail": "initial state"})
         self.next_due = 0.0  # monotonic
         self.running = False
+        # a check that started since the plugin's epoch agreed with the state
+        # (ready.settled): the view is no longer what it was at the start or
+        # before the last link up. No check: always settled.
+        self.settled = check.kind == "none"
 
-    def record(self, ok: bool, detail: str, started: float, duration: float) -> bool:
-        """Count one result; True when the target flipped."""
+    def record(self, ok: bool, detail: str, started: float, duration: float, *, fresh: bool = True) -> bool:
+        """Count one result; True when the target flipped. ``fresh``: the
+        check started since the plugin's epoch (it may settle the view)."""
         self.checks += 1
         self.recent.append(ok)
         self.last = {"time": started, "ok": ok, "detail": detail, "duration": round(duration, 4)}
@@ -258,13 +270,21 @@ class TargetHealth:
             self.up = not self.up
             self.since = time.time()
             self.history.append({"time": self.since, "state": "up" if self.up else "down", "detail": detail})
+        if fresh and ready.settled(self.up, ok):
+            self.settled = True
         return flip
+
+    def unsettle(self) -> None:
+        """What the checks told before (a link up, a new check) no longer counts: check again now."""
+        self.settled = self.check.kind == "none"
+        self.next_due = 0.0
 
     def status(self) -> dict:
         return {"state": "up" if self.up else "down", "check": self.check.describe(),
                 "since": self.since, "successes": self.successes, "failures": self.failures,
                 "rise": self.check.rise, "fall": self.check.fall, "interval": self.check.interval,
                 "checks": self.checks, "recent": "".join("+" if r else "-" for r in self.recent),
+                "settled": self.settled,
                 "last": self.last, "history": list(self.history)}
 
 
@@ -279,6 +299,10 @@ class HealthPlugin(Plugin):
         self.targets: dict[str, TargetHealth] = {}
         self.services: dict[str, tuple] = {}   # service -> target names
         self.active = False
+        # checks that started before this (monotonic) do not settle a view: the
+        # host's start, then the last link up
+        self.epoch = time.monotonic()
+        self.epoch_reason = "host start"
         self._thread: threading.Thread | None = None
         from concurrent.futures import ThreadPoolExecutor
         self._pool = ThreadPoolExecutor(max_workers=POOL, thread_name_prefix="health-check")
@@ -303,6 +327,23 @@ class HealthPlugin(Plugin):
                     self.host.submit("reconcile", reason="health: down set restored")
         self._wake.set()
         return changes
+
+    def link_up(self, name: str, at: float) -> None:
+        # while a link was down the checks over it failed, and the view may
+        # say a target is down that is not (or the reverse): every target
+        # must be checked again before the router is ready again
+        with self._lock:
+            if at < self.epoch:
+                return
+            self.epoch, self.epoch_reason = at, f"link {name} up"
+            for th in self.targets.values():
+                th.unsettle()
+        self._wake.set()
+
+    def ready_facts(self, cfg, node) -> list:
+        with self._lock:
+            pending = tuple(sorted(n for n, t in self.targets.items() if not t.settled))
+            return [ready.Checks(pending, self.epoch_reason)]
 
     def stop(self) -> None:
         self._stop.set()
@@ -343,7 +384,7 @@ class HealthPlugin(Plugin):
                 elif th.check != check:
                     th.check = check
                     th.successes = th.failures = 0
-                    th.next_due = 0.0
+                    th.unsettle()
                     if check.kind == "none" and not th.up:
                         th.up = True
                         th.since = now
@@ -417,7 +458,8 @@ class HealthPlugin(Plugin):
             th.running = False
             if self.targets.get(th.name) is not th or self._stop.is_set():
                 return  # removed by a reload meanwhile
-            if th.record(ok, detail, started, duration):
+            was_settled = th.settled
+            if th.record(ok, detail, started, duration, fresh=t0 >= self.epoch):
                 state = "up" if th.up else "down"
                 n = th.check.rise if th.up else th.check.fall
                 services = sorted(s for s, names in self.services.items() if th.name in names)
@@ -430,9 +472,12 @@ class HealthPlugin(Plugin):
                     except OSError as e:  # the reconcile asked for below writes it again
                         log.error("health: cannot write the down set: %s", e)
                 reason = f"health: {th.name} {state}"
+            settled_now = th.settled and not was_settled
         self._wake.set()
         if reason:
             self.host.submit("reconcile", reason=reason)
+        elif settled_now:  # the router may be ready now (a reconcile judges it too)
+            self.host.submit("ready", reason=f"health: {th.name} checked")
 
 
 def create(host) -> HealthPlugin:

@@ -5,7 +5,12 @@ Besides reconciling on every transition it supervises the workers (a worker
 that dies is restarted within a second, with backoff when it keeps dying) and
 watches links: the kernel drops per-target routes when a link goes down and
 never puts them back (docs/DESIGN-NOTES.md#3, routes are lost with their
-link), so a link coming up triggers a reconcile.
+link), so a link coming up triggers a reconcile; the host tells every
+plugin about it (``link_up``: the health plugin checks every target again
+before the router counts as ready).
+
+Its facts for the router's readiness (ready.py): whether the last reconcile
+succeeded, whether the data plane is installed, which queues a worker serves.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import select
 import threading
 import time
 
+from .. import ready
 from . import Plugin, Wakeup
 
 # dataplane and workers (pyroute2, psutil) are imported where used: the config
@@ -50,6 +56,7 @@ class LbPlugin(Plugin):
         self._supervisor_wakeup: Wakeup | None = None
         self._links_wakeup: Wakeup | None = None
         self.active = False
+        self.error: str | None = "not reconciled yet"  # why the last reconcile failed
         self.repairs = 0  # reconciles asked for because the kernel drifted
         self.last_drift: list[str] = []
 
@@ -64,18 +71,30 @@ class LbPlugin(Plugin):
     def reconcile(self, cfg, node) -> list[str]:
         from .. import dataplane
         g = cfg.globals
-        if node.active:
-            changes = dataplane.up(self.host.config_path, cfg, reason=node.reason)
-        else:
-            changes = dataplane.down(g.state_dir, g.route_protocol, reason=node.reason)
+        try:
+            if node.active:
+                changes = dataplane.up(self.host.config_path, cfg, reason=node.reason)
+            else:
+                changes = dataplane.down(g.state_dir, g.route_protocol, reason=node.reason)
+        except Exception as e:
+            self.error = str(e) or type(e).__name__
+            raise
+        self.error = None
         self.active = node.active
         self._poke_supervisor()
         return changes
+
+    def ready_facts(self, cfg, node) -> list:
+        from .. import workers
+        wanted = frozenset(q for s in cfg.services for q in s.queues) if self.active else frozenset()
+        served = workers.serving(cfg.globals.state_dir) if wanted else frozenset()
+        return [ready.DataPlane(self.error, self.active, wanted, served)]
 
     def teardown(self) -> list[str]:
         from .. import dataplane
         g = self.host.cfg.globals
         self.active = False
+        self.error = "host stop"
         changes = dataplane.down(g.state_dir, g.route_protocol, reason="host stop")
         self._poke_supervisor()
         return changes
@@ -111,6 +130,7 @@ class LbPlugin(Plugin):
             # (told here too, for a worker it was not watching yet)
             if any(d.endswith(DEAD_WORKER) for d in diffs):
                 self._poke_supervisor()
+                self.host.submit("ready", reason="a worker does not serve its queue")
             diffs = [d for d in diffs if not d.endswith(DEAD_WORKER)]
             if not diffs:
                 continue
@@ -156,6 +176,7 @@ class LbPlugin(Plugin):
                 w = fds[fd]
                 _reap(w.pid)
                 log.warning("worker queue %d (pid %d) exited", w.queue, w.pid)
+                self.host.submit("ready", reason=f"worker queue {w.queue} exited")
 
     def _restart(self, queues: list[int]) -> None:
         now = time.monotonic()
@@ -186,8 +207,10 @@ class LbPlugin(Plugin):
                 for msg in ipr.get():
                     name = msg.get_attr("IFLA_IFNAME")
                     up = msg["flags"] & IFF_UP_RUNNING == IFF_UP_RUNNING
-                    if name and up and was_up.get(name) is False and self.active:
-                        self.host.submit("reconcile", reason=f"link {name} up")
+                    if name and up and was_up.get(name) is False:
+                        # stamped here: a check that started before it saw the link down
+                        self.host.submit("link", {"name": name, "at": time.monotonic(),
+                                                  "reconcile": self.active}, reason=f"link {name} up")
                     if name:
                         was_up[name] = up
 

@@ -20,7 +20,9 @@ Metrics:
 - nftables engine: ``synlb_packets_hashed_kernel_total{service,family}``
   (packets without a conntrack mark the kernel hashed to a target),
   ``synlb_packets_pinned_kernel_total{service,family}`` (those that followed
-  a pin), ``synlb_target_kernel_picks_total{service,target}``
+  a pin), ``synlb_packets_picked_up_kernel_total{service,family}`` (TCP
+  pickups without a pin: the configured table's target),
+  ``synlb_target_kernel_picks_total{service,target}``
 - ``synlb_queue_dropped_total{queue}``, ``synlb_user_dropped_total{queue}``
   (kernel NFQUEUE drops: queue full / netlink buffer full),
   ``synlb_queue_listening{queue}``, ``synlb_queue_waiting{queue}``
@@ -182,6 +184,10 @@ class Collector:
         pinned = CounterMetricFamily("synlb_packets_pinned_kernel",
                                      "nftables engine: packets without a conntrack mark that followed a pin",
                                      labels=["service", "family"])
+        picked_up = CounterMetricFamily("synlb_packets_picked_up_kernel",
+                                        "nftables engine: TCP packets of connections picked up mid-stream without "
+                                        "a pin, sent by the table of every configured target",
+                                        labels=["service", "family"])
         for c in st["chains"]:
             fam = str(c["family"])
             queued.add_metric([c["service"], fam], c["queued_pkts"])
@@ -189,10 +195,12 @@ class Collector:
             if "hashed_pkts" in c:
                 hashed.add_metric([c["service"], fam], c["hashed_pkts"])
                 pinned.add_metric([c["service"], fam], c["pinned_pkts"])
+                picked_up.add_metric([c["service"], fam], c.get("picked_up_pkts", 0))
         yield queued
         yield kernel
         yield hashed
         yield pinned
+        yield picked_up
         picks = CounterMetricFamily("synlb_target_kernel_picks",
                                     "nftables engine: packets the kernel hashed to the target",
                                     labels=["service", "target"])

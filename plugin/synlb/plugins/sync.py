@@ -4,8 +4,9 @@ the pins go into the kernel's pins maps too (docs/ENGINES.md).
 
 Every ``refresh`` seconds, and at once (then again a second later) when a
 service's table changes or this router becomes active, the plugin reads
-synlb's conntrack entries, keeps those whose mark the current table would
-not give them (``pins.misplaced``) and exchanges them with every peer: one
+synlb's conntrack entries, keeps those whose mark the configured table
+(every configured target, whatever the health checks say) would not give
+them (``pins.misplaced``) and exchanges them with every peer: one
 TCP connection per peer, our pins one way, theirs the other, each message
 authenticated with HMAC-SHA256 under the key in ``key_file``.  What the
 peers sent is merged into the state dir's pins file and the workers are
@@ -265,11 +266,10 @@ class SyncPlugin(Plugin):
         return opts
 
     def _compute_own(self) -> pins_mod.Pins:
-        from .. import conntrack, health_state
+        from .. import conntrack
         cfg = self.host.cfg
         marks = {t.mark for s in cfg.services for t in cfg.targets_of(s)}
-        down = health_state.down_sets(cfg.globals.state_dir, [s.name for s in cfg.services])
-        return pins_mod.misplaced(cfg, conntrack.dump(marks), down)
+        return pins_mod.misplaced(cfg, conntrack.dump(marks))
 
     def _next_seq(self) -> int:
         self._seq = max(time.time_ns(), self._seq + 1)

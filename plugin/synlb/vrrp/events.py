@@ -207,6 +207,20 @@ def _standby(text: str) -> str:
     return t
 
 
+def _ready_file(text: str) -> str | None:
+    t = text.strip()
+    if not t:
+        return None
+    if not t.startswith("/"):
+        raise OptionError(f"{text!r} is not an absolute path")
+    # keepalived reads it as a quoted string: no quote, no space, no control character
+    if any(c.isspace() or c == '"' or ord(c) < 32 for c in t):
+        raise OptionError(f"{t!r}: keepalived's track_file cannot name a path with spaces or quotes")
+    if t.endswith("/") or t.rsplit("/", 1)[1] in (".", ".."):
+        raise OptionError(f"{t!r} names a directory, not a file")
+    return t
+
+
 DBUS_INSTANCE = re.compile(r"^([^/\s]{1,15})/(\d{1,3})/(IPv4|IPv6)$")
 
 
@@ -239,6 +253,10 @@ VRRP_SCHEMA = Schema("vrrp", [
     Option("dbus_instances", _dbus_instances, (),
            "synlb dbus: keepalived instance objects to follow, as IFNAME/VRID/IPv4|IPv6; "
            "default: every instance keepalived exposes (sync_group) or the one named by instance"),
+    Option("ready_file", _ready_file, None,
+           "synlb run keeps this file saying 0 while the router is ready to take over, 1 while not, "
+           "for keepalived's track_file (conf/keepalived.conf.example); in a directory that exists "
+           "when keepalived starts, not the state dir; default: none"),
 ], checks=[_check])
 
 
@@ -248,6 +266,7 @@ class VrrpConfig:
     name: str
     standby: str  # hot or cold
     dbus_instances: tuple = ()
+    ready_file: str | None = None  # the track_file synlb run keeps (ready.py); None: none
 
     def matches(self, ev: VrrpEvent) -> bool:
         return ev.kind == self.kind and ev.name == self.name
@@ -268,4 +287,5 @@ def vrrp_config(vals: dict) -> VrrpConfig:
         kind, name = GROUP, vals["sync_group"]
     else:
         kind, name = INSTANCE, vals["instance"]
-    return VrrpConfig(kind, name, vals.get("standby", "hot"), tuple(vals.get("dbus_instances", ())))
+    return VrrpConfig(kind, name, vals.get("standby", "hot"), tuple(vals.get("dbus_instances", ())),
+                      vals.get("ready_file"))
