@@ -171,6 +171,31 @@ def test_picked_up_connection_is_hashed_to_the_same_target(lab, clean):
     synlb(lab, "lb1", conf, "down")
 
 
+def test_a_pickup_follows_the_configured_table_with_a_target_down(lab, clean):
+    """t3 down in this router's view (the health plugin's file) while
+    sessions run on all three: conntrack forgets every connection, and each
+    next packet, a pickup, is hashed over every configured target, not the
+    view: every session reaches its target again, and every re-made entry
+    carries the configured table's mark (what pins are judged by)."""
+    conf = nft_config(lab, protocols="tcp")
+    synlb(lab, "lb1", conf, "up")
+    handles = [lab.start_sessions(A.VIP[f], pattern="echo", count=15, duration=4.0) for f in (4, 6)]
+    for h in handles:
+        h.wait_ready(10)
+    health_state.write_down(state_dir(lab), {"web": ["t3"]})
+    synlb(lab, "lb1", conf, "up")  # what the health plugin's reconcile does
+    lab.run("lb1", ["conntrack", "-F"], check=False)
+    time.sleep(0.5)
+    picked = assert_kernel_picks_are_the_python_ones(lab, conf)
+    results = [h.result(20) for h in handles]
+    for res in results:
+        assert res["summary"]["survived"] == 15 and res["summary"]["moved"] == 0, res["summary"]
+    assert picked >= 25 and "t3" in {t for r in results for s in r["sessions"] for t in s["targets"]}
+    counters = lab.run("lb1", ["nft", "list", "counters", "table", "inet", "synlb"]).stdout
+    assert re.search(r"counter pickup4_web \{\s+packets [1-9]", counters), counters
+    synlb(lab, "lb1", conf, "down")
+
+
 def test_pins_reach_the_kernel_map(lab, clean):
     """Pins in the state dir (what the sync plugin writes) go into the pins
     maps; a picked-up connection follows its pin, a new one the table."""

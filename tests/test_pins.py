@@ -486,6 +486,20 @@ def test_a_pickup_follows_the_configured_table_whatever_is_down(tmp_path, flow_h
     assert set(w.opened) == {key_of(6, *f, 80) for f in differ if f in keys[100:]}
     for c, v, s in keys[:20]:  # UDP has no opening packet: the active table
         assert send(c, v, s, 0, proto=17) == active.pick(key_of(17, c, v, s, 80))
+    # t3 back: a connection opened just before still has its first ACK follow its SYN, for a while
+    opened = dict(w.opened)
+    serve(set())
+    assert w.table.split and not w.table.differ
+    key, mark = next(iter(opened.items()))
+    c, v, s = next(f for f in keys[100:] if key_of(6, *f, 80) == key)
+    assert send(c, v, s, ACK) == mark != configured.pick(key)
+    w.attend()
+    assert w.table.split  # not yet forgotten
+    w.forget_opened_at = 0.0
+    w.attend()
+    assert not w.table.split and not w.opened  # the normal state's hot path again
+    assert send(c, v, s, ACK) == configured.pick(key)
+    serve({"t3"})
     # every target down: a new connection gets the no-target verdict, a pickup still its target
     serve({"t1", "t2", "t3"})
     c, v, s = keys[0]
@@ -497,3 +511,33 @@ def test_a_pickup_follows_the_configured_table_whatever_is_down(tmp_path, flow_h
         w.on_packet(p)
     assert p.verdict == "drop"
     assert send(c, v, s, ACK) == configured.pick(key_of(6, c, v, s, 80))
+
+
+def test_forget_deletes_only_synlbs_entries_by_prefix_or_by_mark(fake):
+    """conntrack.forget: one deletion per family by the marks' common prefix
+    when only synlb's entries share it, else one per mark of synlb's found:
+    another program's entry under the prefix is never deleted."""
+    from synlb import conntrack as C
+    calls = []
+    listing = {"text": ""}
+
+    def run(*popenargs, **kw):
+        import subprocess
+        argv = popenargs[0]
+        calls.append(argv)
+        return subprocess.CompletedProcess(argv, 0, listing["text"] if "-L" in argv else "", "")
+    fake(C.subprocess, "run", run)
+    line = "tcp      6 431983 ESTABLISHED src=10.64.1.10 dst=10.64.100.1 sport={} dport=80 src=10.64.100.1 " \
+           "dst=10.64.1.10 sport=80 dport={} [ASSURED] mark={} use=1\n"
+    marks = {0x101, 0x102, 0x103}
+    assert C.forget(marks) == 0 and all("-D" not in c for c in calls)
+    listing["text"] = line.format(1000, 1000, 0x101) + line.format(1001, 1001, 0x103)
+    calls.clear()
+    assert C.forget(marks) == 4  # the same two entries listed for each family
+    assert [c for c in calls if "-D" in c] == [["conntrack", "-D", "-f", f, "--mark", "0x100/0xfffffffc"]
+                                               for f in ("ipv4", "ipv6")]
+    listing["text"] += line.format(1002, 1002, 0x100)  # under the prefix, not synlb's
+    calls.clear()
+    C.forget(marks)
+    assert [c for c in calls if "-D" in c] == [["conntrack", "-D", "-f", f, "--mark", str(m)]
+                                               for f in ("ipv4", "ipv6") for m in (0x101, 0x103)]

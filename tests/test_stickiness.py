@@ -19,7 +19,7 @@ import time
 
 import pytest
 from synlb import config as config_mod
-from synlb import conntrack, pins, statedir
+from synlb import conntrack, health_state, pins, statedir
 from synlb_lab import addresses as A
 from synlb_lab.demo_failover import (
     FAMILIES,
@@ -306,8 +306,44 @@ def lag_checks(lab: Lab, router: str, targets, block: bool) -> None:
                              "--dport", "8080", "-j", "REJECT", "--reject-with", "tcp-reset"])
 
 
-def health_view(pair: Pair, r: str) -> dict:
-    return {t: v["state"] for t, v in pair.host_status(r)["host"]["plugins"]["health"]["targets"].items()}
+def down_view(pair: Pair, r: str) -> set:
+    """The targets the router's health plugin has down (the file it writes on
+    every flip, read without starting a process)."""
+    return health_state.down_targets(pair.state_dir(r), "web")
+
+
+def table_targets(pair: Pair, r: str) -> list:
+    """The targets new connections are hashed over on the router's data plane
+    right now: its worker's table, or the nftables table's active set (from
+    the files they keep, read without starting a process)."""
+    try:
+        if pair.engines[r] == "nftables":
+            st = statedir.read_json(statedir.nft_state(pair.state_dir(r)))
+            return [] if st.get("pending") else [n for n, _ in st["active"]["web"]]
+        with open(statedir.worker_stats(pair.state_dir(r), 0)) as fh:
+            return json.load(fh)["targets"]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def converged(pair: Pair, r: str) -> bool:
+    """The router's view has every target up, and its data plane hashes new
+    connections over all of them: a connection opened before that would be
+    opened off the configured table's pick, and be exposed until the next
+    exchange pins it (docs/STICKINESS.md, Limits), which is not this test."""
+    return not down_view(pair, r) and table_targets(pair, r) == ["t1", "t2", "t3"]
+
+
+def diagnose(pair: Pair) -> None:
+    """What each router holds, printed when a run of a repeated scenario fails."""
+    lab = pair.lab
+    for r in lab.routers:
+        print(f"--- {r}: VRRP {pair.vrrp_state(r)}, down {sorted(down_view(pair, r))}, "
+              f"table {table_targets(pair, r)}, sync {sync_status(pair, r)}")
+        for fam in ("ipv4", "ipv6"):
+            print(lab.run(r, ["conntrack", "-L", "-f", fam, "-p", "tcp", "--dport", "80"], check=False).stdout)
+        if pair.engines[r] == "nftables":
+            print(lab.run(r, ["nft", "list", "counters", "table", "inet", "synlb"], check=False).stdout)
 
 
 def flush_conntrack(lab: Lab, r: str) -> None:
@@ -327,29 +363,35 @@ def test_fail_back_with_a_lagging_health_view_keeps_every_session(lab, engine):
     totals = {"sessions": 0, "kept": 0, "moved": 0}
     views, seen = [], set()
     for run in range(RUNS):
-        handles = start_sessions(lab, 2, PATTERNS, FAMILIES)
+        wait_until(lambda: converged(pair, "lb1"))
+        handles = {}
         try:
+            handles = start_sessions(lab, 2, PATTERNS, FAMILIES)
             time.sleep(0.3)
             fail_over(pair, "links")
             flush_conntrack(lab, "lb1")
             lag_checks(lab, "lb1", lagging, True)
             fail_back(pair, "links")
-            views.append(health_view(pair, "lb1"))
+            views.append(down_view(pair, "lb1"))
             time.sleep(0.5)  # the sessions run through lb1 and its lagging view
+        except Exception:
+            diagnose(pair)
+            raise
         finally:
             results = stop_sessions(handles)
             lag_checks(lab, "lb1", lagging, False)
         res = summarize(results)
-        report(f"run {run + 1}: lb1 took over with {views[-1]}", res)
+        report(f"run {run + 1}: lb1 took over with {sorted(views[-1])} down in its view", res)
+        if res["kept"] != res["sessions"]:
+            print([s for r in results.values() for s in r["sessions"] if not s["survived"]])
+            diagnose(pair)
         assert_all_kept(res)
         seen |= targets_seen(results)
         for k in totals:
             totals[k] += res[k]
-        wait_health(pair, "t2", "up")
-        wait_health(pair, "t3", "up")
     print(f"\n{RUNS} fail backs with a lagging view: {totals}")
     # the view did lag at every takeover: the case this test is about
-    assert all(v["t1"] == "up" and v["t2"] == v["t3"] == "down" for v in views), views
+    assert all(v == set(lagging) for v in views), views
     assert seen == {"t1", "t2", "t3"}
     pair.close()
 
@@ -364,12 +406,13 @@ def test_a_target_failing_on_one_router_only_then_failover_keeps_every_session(l
     pair = sync_pair(lab, health=True, targets=("t1", "t2", "t3"), engine=engine, preempt_delay=0.5)
     patterns = ("echo", "up")
     for run in range(3):
+        wait_until(lambda: converged(pair, "lb1") and converged(pair, "lb2"))
         handles = {}
         try:
             handles["before"] = start_sessions(lab, 4, patterns, FAMILIES)
             lag_checks(lab, "lb2", ("t3",), True)
-            wait_until(lambda: health_view(pair, "lb2")["t3"] == "down")
-            assert health_view(pair, "lb1")["t3"] == "up"
+            wait_until(lambda: down_view(pair, "lb2") == {"t3"})
+            assert not down_view(pair, "lb1")
             handles["during"] = start_sessions(lab, 4, patterns, FAMILIES)
             time.sleep(0.3)
             steps = failover_and_back(pair)
@@ -381,7 +424,6 @@ def test_a_target_failing_on_one_router_only_then_failover_keeps_every_session(l
             report(f"run {run + 1} {when}: t3 down on lb2 only, failover to lb2 and back {steps}", res)
             assert_all_kept(res)
         assert "t3" in targets_seen(results["before"]) | targets_seen(results["during"])
-        wait_health(pair, "t3", "up")
     pair.close()
 
 

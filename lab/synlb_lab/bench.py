@@ -109,6 +109,7 @@ TARGETS = {
     "sessions_kept_ratio": (">=", 1.0),
     # pins cost nothing while there are none: the same per-packet cost as before them, within noise
     "pins_normal_path_ratio": ("<=", 1.05),
+    "pickup_normal_path_ratio": ("<=", 1.05),
     # the nftables engine (Maglev in a kernel map): kernel speed, no user space on the packet path
     "nft_conn_rate_ratio": (">=", 0.97),
     "nft_throughput_ratio": (">=", 0.97),
@@ -1364,6 +1365,8 @@ def headline(results: dict) -> dict:
         "failover_longest_interarrival_s": fo.get("max_gap_s"),
         "sessions_kept_ratio": fo.get("kept_ratio"),
         "pins_normal_path_ratio": results.get("pins", {}).get("hotpath", {}).get("no_pins_vs_before"),
+        # the normal path against the one before pickups followed the configured table (issue 20)
+        "pickup_normal_path_ratio": results.get("pins", {}).get("hotpath", {}).get("normal_vs_before_pickup"),
         # the nftables engine and the C reference: ratios of the medians of the same rounds
         "nft_conn_rate_ratio": cr.get("ratio_of_medians", {}).get("nft"),
         "nft_throughput_ratio": tp.get("ratio_of_medians", {}).get("nft"),

@@ -4,7 +4,10 @@ changes costs (docs/STICKINESS.md quotes these figures).
 - ``hotpath``: the worker's per-packet Python cost with stub packets: the
   callback as it was before pins (reproduced here), the current one with no
   pins (the normal state), with 10 000 pins none of which matches, and a
-  packet that follows its pin.
+  packet that follows its pin; the current callback in the normal state
+  against the one before pickups followed the configured table (also
+  reproduced), and, with a target down (the two tables split), a SYN and a
+  picked-up packet, and the bytes the second table takes.
 - ``misplaced``: ``pins.misplaced`` per conntrack entry (10 000 and 100 000
   synthetic entries, every one on t1, table over t1..t3: two thirds move).
 - ``memory``: bytes a worker's pins dict takes per pin; ``message``: bytes
@@ -30,6 +33,7 @@ import textwrap
 import time
 import tracemalloc
 import uuid
+from dataclasses import replace
 
 from synlb import pins as P
 from synlb.config import load
@@ -93,6 +97,37 @@ def _before_on_packet(w):
     return on_packet
 
 
+def _before_pickup_on_packet(w):
+    """Worker.on_packet as it was before pickups followed the configured
+    table (commit fd54d41), bound to ``w``."""
+    from synlb.packet import flow_key, opens_connection
+    from synlb.worker import LeaveLoop
+
+    def on_packet(pkt, _from_bytes=int.from_bytes, _flow_key=flow_key, _opens=opens_connection) -> None:
+        if w.attention:
+            w.attend()
+        t = w.table
+        payload = pkt.get_payload()
+        key = _flow_key(payload)
+        pins = w.pins
+        if pins and key in pins and not _opens(payload):
+            pkt.set_mark(pins[key])
+            pkt.accept()
+            w.pinned += 1
+        elif t.size:
+            h = t.keyed.copy()
+            h.update(key)
+            mark = t.marks[_from_bytes(h.digest(), "big") % t.size]
+            pkt.set_mark(mark)
+            pkt.accept()
+            t.picks[mark] += 1
+        else:
+            w.no_target_verdict(pkt, t)
+        if w.stop:
+            raise LeaveLoop
+    return on_packet
+
+
 def _rounds_us(fns: dict, pkts: dict, batch: int, rounds: int = 20) -> dict:
     """Per round, the time per packet of each callback (the callbacks
     alternate, neither always first): {name: [us, ...]}."""
@@ -110,7 +145,7 @@ def _rounds_us(fns: dict, pkts: dict, batch: int, rounds: int = 20) -> dict:
 
 
 def bench_hotpath(packets: int) -> dict:
-    from synlb.worker import Worker
+    from synlb.worker import MarkTable, Worker
     with tempfile.TemporaryDirectory(prefix="synlb-bench-pins-") as tmp:
         conf = os.path.join(tmp, "synlb.ini")
         os.makedirs(os.path.join(tmp, "state"))
@@ -138,10 +173,32 @@ def bench_hotpath(packets: int) -> dict:
         w.pins = hits
         out["pinned_hit"] = min(_rounds_us({"x": w.on_packet}, {"x": acks}, batch, 10)["x"])
         w.pins = {}
+        # the normal state (no pin, no target down) against the callback before pickups
+        # followed the configured table, same rounds
+        before_pickup = _before_pickup_on_packet(w)
+        pk = _rounds_us({"before_pickup": before_pickup, "normal": w.on_packet},
+                        {"before_pickup": syns, "normal": syns}, batch)
+        pk_ratios = sorted(b / a for a, b in zip(pk["before_pickup"], pk["normal"]))
+        out["before_pickup"], out["normal"] = min(pk["before_pickup"]), min(pk["normal"])
+        # t3 down: the active table over t1, t2; pickups follow the one over t1..t3
+        table = w.spec
+        down = replace(table, targets=tuple(t for t in table.targets if t[0] != "t3"))
+        w.table = MarkTable(down)
+        if not w.table.split:
+            raise RuntimeError("a target down did not split the tables")
+        out["split_syn"] = min(_rounds_us({"x": w.on_packet}, {"x": syns}, batch, 10)["x"])
+        out["split_pickup"] = min(_rounds_us({"x": w.on_packet}, {"x": acks}, batch, 10)["x"])
+        second = sys.getsizeof(w.table.pickup_marks)
+        opened = len(w.opened)
+        w.table = MarkTable(table)
         return {"us_per_packet": {k: round(v, 3) for k, v in out.items()},
                 # the normal state (no pins) against the callback before pins, same rounds
                 "no_pins_vs_before": round(ratios[len(ratios) // 2], 3),
                 "no_pins_vs_before_spread": [round(ratios[0], 3), round(ratios[-1], 3)],
+                "normal_vs_before_pickup": round(pk_ratios[len(pk_ratios) // 2], 3),
+                "normal_vs_before_pickup_spread": [round(pk_ratios[0], 3), round(pk_ratios[-1], 3)],
+                "split_table_bytes": second, "table_size": len(w.table.marks),
+                "opened_after_split_syns": opened, "split_syns": min(batch, len(syns)),
                 "packets_per_arm": 20 * batch}
 
 

@@ -25,6 +25,7 @@ LABELS = {
     "failover_longest_interarrival_s": "Longest time between two deliveries, incl. the sessions' own pauses (s)",
     "sessions_kept_ratio": "Sessions kept over the failovers",
     "pins_normal_path_ratio": "Worker per-packet cost with no pins / before pins existed",
+    "pickup_normal_path_ratio": "Worker per-packet cost, no target down / before pickups followed the configured table",
     "pins_us_per_conntrack_entry": "Sync: conntrack read + misplaced check per entry (us)",
     "nft_conn_rate_ratio": "New connections/s, nftables engine / kernel HMARK (ratio of medians)",
     "nft_throughput_ratio": "Established throughput, nftables engine / plain routing (ratio of medians)",

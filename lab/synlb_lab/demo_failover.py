@@ -376,12 +376,33 @@ def snapshot(lab: Lab, r: str, state_dir: str) -> dict:
     running), bound NFQUEUEs, and whether synlb recorded itself as applied."""
     import re
 
-    def out(argv):
-        return lab.run(r, argv).stdout
-
     def ruleset(text):
         return "\n".join(re.sub(r"\[\d+:\d+\]$", "[0:0]", ln) for ln in text.splitlines()
                          if not ln.startswith("#"))
+
+    # one process in the namespace for every reading: a snapshot is taken
+    # several times a second while a test waits for the data plane to settle
+    readings = {
+        "queues": "cat /proc/net/netfilter/nfnetlink_queue",
+        "iptables": "iptables-save", "ip6tables": "ip6tables-save",
+        # names only: `nft list ruleset` would print the 65537 slots of the engine's table
+        "nft_tables": "nft list tables",
+        "rules4": "ip -4 rule show", "rules6": "ip -6 rule show",
+        "routes4": "ip -4 route show table all proto 229", "routes6": "ip -6 route show table all proto 229",
+        **{f"sysctl {k}": f"sysctl -n {k}" for k in PICKUP_SYSCTLS},
+    }
+    marker = "@@synlb-snapshot@@"
+    script = "; ".join(f"echo '{marker} {name}'; {cmd} || exit 1" for name, cmd in readings.items())
+    got: dict[str, list[str]] = {}
+    current = None
+    for line in lab.run(r, ["sh", "-c", script]).stdout.splitlines():
+        if line.startswith(marker + " "):
+            current = got.setdefault(line[len(marker) + 1:], [])
+        elif current is not None:
+            current.append(line)
+
+    def out(name):
+        return "".join(ln + "\n" for ln in got.get(name, []))
 
     procs = _ns_cmdlines(lab, r)
     worker_procs = sorted(next((a for a in argv if a.startswith("--queue=")), "?")
@@ -398,20 +419,19 @@ def snapshot(lab: Lab, r: str, state_dir: str) -> dict:
                 alive = w.get("pid") in procs and "worker" in procs[w["pid"]]
                 pidfile_workers.append(f"{w.get('service')}/{w.get('queue')}{'' if alive else ' (dead)'}")
     queues = []
-    for line in out(["cat", "/proc/net/netfilter/nfnetlink_queue"]).splitlines():
+    for line in out("queues").splitlines():
         f = line.split()
         if len(f) >= 2 and f[1] != "0":
             queues.append(int(f[0]))
     return {
-        "iptables": ruleset(out(["iptables-save"])),
-        "ip6tables": ruleset(out(["ip6tables-save"])),
-        # names only: `nft list ruleset` would print the 65537 slots of the engine's table
-        "nft_tables": out(["nft", "list", "tables"]),
-        "rules4": out(["ip", "-4", "rule", "show"]),
-        "rules6": out(["ip", "-6", "rule", "show"]),
-        "routes4": out(["ip", "-4", "route", "show", "table", "all", "proto", "229"]),
-        "routes6": out(["ip", "-6", "route", "show", "table", "all", "proto", "229"]),
-        "sysctl": {k: out(["sysctl", "-n", k]).strip() for k in PICKUP_SYSCTLS},
+        "iptables": ruleset(out("iptables")),
+        "ip6tables": ruleset(out("ip6tables")),
+        "nft_tables": out("nft_tables"),
+        "rules4": out("rules4"),
+        "rules6": out("rules6"),
+        "routes4": out("routes4"),
+        "routes6": out("routes6"),
+        "sysctl": {k: out(f"sysctl {k}").strip() for k in PICKUP_SYSCTLS},
         "workers": pidfile_workers,
         "worker_procs": worker_procs,
         "queues": sorted(queues),

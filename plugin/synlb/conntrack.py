@@ -1,4 +1,4 @@
-"""Read conntrack entries carrying synlb's marks (the ``conntrack`` tool).
+"""Read (and forget) conntrack entries carrying synlb's marks (the ``conntrack`` tool).
 
 Only synlb's entries are read: the dump is filtered in the kernel by the
 longest common bit prefix of the marks asked for, because a router's table
@@ -83,3 +83,25 @@ def count_marks(marks: Iterable[int] = ()) -> dict[int, int]:
     for e in dump(marks):
         counts[e.mark] = counts.get(e.mark, 0) + 1
     return counts
+
+
+def forget(marks: Iterable[int]) -> int:
+    """Delete the entries of both families whose mark is one of ``marks``;
+    how many there were. By the marks' common prefix in one call per family
+    when every entry under that prefix is one of ``marks``, else mark by
+    mark: an entry of another program's mark is never touched."""
+    wanted = set(marks)
+    entries = dump(wanted)
+    mine = [e for e in entries if e.mark in wanted]
+    if not mine:
+        return 0
+    flt = mark_filter(wanted)
+    filters = [flt] if flt and len(mine) == len(entries) else [str(m) for m in sorted({e.mark for e in mine})]
+    for fam in ("ipv4", "ipv6"):
+        for f in filters:
+            try:
+                subprocess.run(["conntrack", "-D", "-f", fam, "--mark", f], capture_output=True, text=True,
+                               timeout=DUMP_TIMEOUT, check=False)  # exit 1: none of that family
+            except (FileNotFoundError, subprocess.TimeoutExpired):
+                continue
+    return len(mine)

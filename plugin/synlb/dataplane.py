@@ -14,8 +14,8 @@ import logging
 import os
 import time
 
-from . import (health_state, live, netfilter, nft_apply, nft_engine, pins_state, routing, rules, statedir,
-               sysctl, workers)
+from . import (conntrack, health_state, live, netfilter, nft_apply, nft_engine, pins_state, routing, rules,
+               statedir, sysctl, workers)
 from .config import FOREIGN_PROTOCOLS, ROUTE_PROTOCOL_RANGE, Config
 
 log = logging.getLogger(__name__)
@@ -163,6 +163,29 @@ def apply_pins(cfg: Config) -> list[str]:
         if applied(state_dir) is None:
             return []
         return nft_apply.replace_pins(nft_plan(cfg), state_dir)
+
+
+# VRRP states in which this router carries the VIPs' traffic: in any other,
+# the connections it has entries for are carried by a peer from now on
+CARRYING = ("MASTER", "STANDALONE")
+
+
+def forget_connections(cfg: Config, vrrp_state: str) -> list[str]:
+    """Out of MASTER, delete the conntrack entries carrying synlb's marks.
+
+    Once a peer carries a connection, this router's entry for it is never
+    refreshed nor closed: an ESTABLISHED entry outlives it for days
+    (nf_conntrack_tcp_timeout_established), and a later connection that
+    reuses its 5-tuple would get its mark back here, on the next failover,
+    instead of being picked up where it lives; a misplaced one would also
+    stay pinned for the peers all that time. A connection that does come
+    back is picked up again (its pin, or the configured table)."""
+    if vrrp_state in CARRYING:
+        return []
+    marks = {t.mark for s in cfg.services for t in cfg.targets_of(s)}
+    n = conntrack.forget(marks)
+    return [f"conntrack: forgot {n} connections of synlb's targets (VRRP {vrrp_state}: a peer carries them)"
+            ] if n else []
 
 
 def down(state_dir: str, route_protocol: int, reason: str = "down") -> list[str]:

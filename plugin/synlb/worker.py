@@ -52,8 +52,11 @@ STATS_INTERVAL = 1.0
 LOG_MAX_BYTES = 1 << 20  # worker-N.log is copied to worker-N.log.1 and emptied past this
 # connections opened off the configured table's pick, remembered for their
 # first packets after the SYN (the first ACK of an untracked SYN, track_syn =
-# no, is a pickup): about 100 bytes each, the oldest forgotten first
+# no, is a pickup): about 100 bytes each, the oldest forgotten first, and all
+# of them OPENED_KEEP seconds after the last target came back (the nftables
+# engine's record has the same timeout per entry)
 OPENED_MAX = 1 << 16
+OPENED_KEEP = 120.0
 
 
 class MarkTable:
@@ -64,13 +67,14 @@ class MarkTable:
     index), ``keyed`` the flow hash state that has already absorbed the key
     (what ``Maglev.slot`` copies, without its attribute lookups), ``picks``
     the per-mark counters. ``pickup_marks`` is the same over every
-    configured target, what a picked-up connection follows; ``split`` says
-    the two differ (a target is down), the only case where a packet must
-    be told apart as opening or not.
+    configured target, what a picked-up connection follows; ``differ``
+    says the two differ (a target is down). ``split`` says a packet must be
+    told apart as opening or not: they differ, or the worker still
+    remembers connections it opened while they did (``Worker.swap_built``).
     """
 
     __slots__ = ("names", "maglev", "marks", "size", "keyed", "picks", "verdict_accept", "digest",
-                 "pickup_marks", "pickup_size", "split")
+                 "pickup_marks", "pickup_size", "differ", "split")
 
     def __init__(self, table: WorkerTable):
         self.names = table.names
@@ -85,7 +89,7 @@ class MarkTable:
             every = [m for _, m in table.configured]
             self.pickup_marks = [every[i] for i in Maglev(table.configured_names, table.table_size, key).table]
         self.pickup_size = len(self.pickup_marks)
-        self.split = self.pickup_marks != self.marks
+        self.differ = self.split = self.pickup_marks != self.marks
         self.keyed = blake2b(key=key[:MAX_KEY_BYTES], digest_size=8, person=FLOW_PERSON)
         self.picks = {m: 0 for _, m in table.configured} or {m: 0 for m in marks}
         self.verdict_accept = table.no_target_verdict == "accept"
@@ -101,6 +105,7 @@ class Worker:
         self.table = MarkTable(self.spec)
         self.pins: dict[bytes, int] = {}
         self.opened: OrderedDict[bytes, int] = OrderedDict()  # flow key -> mark, see OPENED_MAX
+        self.forget_opened_at = 0.0  # monotonic: when ``opened`` is cleared, once no target is down
         self.load_pins()
         self.stop = False
         self.reload = False
@@ -157,11 +162,11 @@ class Worker:
 
     def split_verdict(self, pkt, payload: bytes, key: bytes, slot: int, t: MarkTable,
                       _picked_up=picked_up, _opens=opens_connection) -> None:
-        """A target is down, so the active table is not the configured one: a
-        TCP pickup follows what we opened it with, else the configured
-        table; a new connection (and anything but TCP, which has no opening
-        packet to tell a pickup by) the active table, remembered when its
-        target is not the configured table's pick."""
+        """A target is down (or was, a moment ago: see ``swap_built``): a TCP
+        pickup follows what we opened it with, else the configured table; a
+        new connection (and anything but TCP, which has no opening packet to
+        tell a pickup by) the active table, remembered when its target is
+        not the configured table's pick."""
         if _picked_up(payload):
             mark = self.opened.get(key) or t.pickup_marks[slot]
             pkt.set_mark(mark)
@@ -292,6 +297,11 @@ class Worker:
         for mark, n in self.table.picks.items():
             self.picks[mark] = self.picks.get(mark, 0) + n
         self.spec, self.table = spec, table
+        if self.opened and not table.differ:
+            # a SYN sent just before the last target came back may not have
+            # had its first ACK yet: what we opened is still followed a while
+            table.split = True
+            self.forget_opened_at = time.monotonic() + OPENED_KEEP
         log.info("queue %d: table rebuilt for targets %s", self.queue, ",".join(table.names) or "(none)")
         self.load_pins()  # the configured targets, and so the usable pins, may have changed
 
@@ -340,6 +350,10 @@ class Worker:
         if self.reload_pins:
             self.load_pins()
             self.stats_due = True
+        t = self.table
+        if t.split and not t.differ and time.monotonic() >= self.forget_opened_at:
+            self.opened.clear()
+            t.split = False  # the hot path of the normal state again
         if self.stats_due:
             self.stats_due = False
             try:

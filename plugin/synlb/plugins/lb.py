@@ -76,6 +76,7 @@ class LbPlugin(Plugin):
                 changes = dataplane.up(self.host.config_path, cfg, reason=node.reason)
             else:
                 changes = dataplane.down(g.state_dir, g.route_protocol, reason=node.reason)
+            changes += dataplane.forget_connections(cfg, node.vrrp)
         except Exception as e:
             self.error = str(e) or type(e).__name__
             raise

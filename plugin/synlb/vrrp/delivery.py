@@ -161,6 +161,8 @@ def _reconcile(ld: Loaded, latest: VrrpEvent, entry: dict, res: Result) -> None:
             res.changes = dataplane.up_locked(ld.path, ld.cfg, reason)
         else:
             res.changes = dataplane.down_locked(ld.state_dir, ld.route_protocol)
+        if ld.cfg is not None:
+            res.changes += dataplane.forget_connections(ld.cfg, latest.state)
     except Exception as e:
         entry["error"] = " ".join(str(e).split()) or type(e).__name__
         journal.log(ld.state_dir, entry)
