@@ -36,7 +36,7 @@ lint-imports: $(STAMP) worker-user
 	$(VENV)/bin/lint-imports --no-cache --no-logo
 
 test: lint-imports
-	$(VENV)/bin/pytest -q -p no:cacheprovider
+	$(VENV)/bin/pytest -q -p no:cacheprovider --durations=15
 
 unit: lint-imports
 	$(VENV)/bin/pytest -q -p no:cacheprovider -m 'not lab'
