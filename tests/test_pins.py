@@ -541,3 +541,20 @@ def test_forget_deletes_only_synlbs_entries_by_prefix_or_by_mark(fake):
     C.forget(marks)
     assert [c for c in calls if "-D" in c] == [["conntrack", "-D", "-f", f, "--mark", str(m)]
                                                for f in ("ipv4", "ipv6") for m in (0x101, 0x103)]
+
+
+def test_a_router_forgets_its_connections_only_from_master_straight_to_backup(tmp_path, fake):
+    from synlb import conntrack as C
+    from synlb import dataplane
+    cfg = config_mod.load(write_config(tmp_path, ("t1", "t2", "t3")))
+    forgot = []
+    fake(C, "forget", lambda marks: forgot.append(set(marks)) or 7)
+    assert dataplane.forget_connections(cfg, "BACKUP") == [] and not forgot  # never MASTER
+    assert dataplane.forget_connections(cfg, "MASTER") == []
+    assert dataplane.forget_connections(cfg, "MASTER") == []  # again: still carrying
+    assert dataplane.forget_connections(cfg, "FAULT") == [] and not forgot  # links gone: kept
+    assert dataplane.forget_connections(cfg, "BACKUP") == [] and not forgot  # from FAULT, not MASTER
+    dataplane.forget_connections(cfg, "MASTER")
+    out = dataplane.forget_connections(cfg, "BACKUP")
+    assert forgot == [{t.mark for t in cfg.targets.values()}] and "forgot 7 connections" in out[0]
+    assert dataplane.forget_connections(cfg, "BACKUP") == [] and len(forgot) == 1  # once per takeover

@@ -56,7 +56,7 @@ def write_key(lab: Lab) -> str:
 
 
 def sync_pair(lab: Lab, *, health: bool = False, targets=("t1", "t2"), engine: str = "nfqueue",
-              preempt_delay: float | None = None) -> Pair:
+              preempt_delay: float | None = None, service_options: str = "") -> Pair:
     key = write_key(lab)
 
     def extra(r: str) -> str:
@@ -72,7 +72,8 @@ def sync_pair(lab: Lab, *, health: bool = False, targets=("t1", "t2"), engine: s
                 fh.write("".join(f"[target:{t}]\n{HEALTH}\n" for t in lab.targets))
 
     plugins = "lb, health, sync, metrics" if health else "lb, sync, metrics"
-    pair = Pair(lab, targets=targets, plugins=plugins, extra=extra, engine=engine, preempt_delay=preempt_delay)
+    pair = Pair(lab, targets=targets, plugins=plugins, extra=extra, engine=engine, preempt_delay=preempt_delay,
+                service_options=service_options)
     pair.prepare()
     pair.start_hosts()
     pair.start()
@@ -293,6 +294,9 @@ def test_engine_switch_with_sync_keeps_every_session(lab):
 # ------------------------------------------------------------------ health views that lag or differ
 
 RUNS = 10  # the fail back after an outage lost sessions in about 2 runs of 5 before pickups ignored health
+# a smaller Maglev table for the repeated scenarios: the nftables engine installs the
+# whole table again each time the router comes back, and the hash is the same at any size
+REPEATED_TABLE = "table_size = 4093"
 
 
 def lag_checks(lab: Lab, router: str, targets, block: bool) -> None:
@@ -351,6 +355,17 @@ def flush_conntrack(lab: Lab, r: str) -> None:
         lab.run(r, ["conntrack", "-F", "-f", fam], check=False)
 
 
+def forget_closed(lab: Lab, r: str) -> None:
+    """The lab client ends its sessions with unread data, so with a RST: a
+    connection the router picked up from the target's side
+    (docs/DESIGN-NOTES.md#4) then lingers as a reversed entry in CLOSE, and
+    the kernel takes a SYN that reuses its 5-tuple within
+    nf_conntrack_tcp_timeout_close (10 s) as INVALID. The next run's clients
+    reuse ports that soon; what is tested here is the pickup, not that."""
+    for fam in ("ipv4", "ipv6"):
+        lab.run(r, ["conntrack", "-D", "-f", fam, "-p", "tcp", "--state", "CLOSE"], check=False)
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_fail_back_with_a_lagging_health_view_keeps_every_session(lab, engine):
     """lb1's links go down under sessions of every pattern, lb2 takes over,
@@ -358,7 +373,8 @@ def test_fail_back_with_a_lagging_health_view_keeps_every_session(lab, engine):
     and t3 still failing, and it takes over again with only t1 up in its
     view. Every connection it picks up must still reach the target that
     holds it: RUNS times in a row, every session kept, none moved."""
-    pair = sync_pair(lab, health=True, targets=("t1", "t2", "t3"), engine=engine, preempt_delay=0.5)
+    pair = sync_pair(lab, health=True, targets=("t1", "t2", "t3"), engine=engine, preempt_delay=0.5,
+                     service_options=REPEATED_TABLE)
     lagging = ("t2", "t3")
     totals = {"sessions": 0, "kept": 0, "moved": 0}
     views, seen = [], set()
@@ -380,6 +396,7 @@ def test_fail_back_with_a_lagging_health_view_keeps_every_session(lab, engine):
         finally:
             results = stop_sessions(handles)
             lag_checks(lab, "lb1", lagging, False)
+            forget_closed(lab, "lb1")
         res = summarize(results)
         report(f"run {run + 1}: lb1 took over with {sorted(views[-1])} down in its view", res)
         if res["kept"] != res["sessions"]:
@@ -403,7 +420,8 @@ def test_a_target_failing_on_one_router_only_then_failover_keeps_every_session(l
     in a row. lb2 picks every running session up where it lives, whatever
     its own view; what it opens while master follows its view and is
     pinned for lb1."""
-    pair = sync_pair(lab, health=True, targets=("t1", "t2", "t3"), engine=engine, preempt_delay=0.5)
+    pair = sync_pair(lab, health=True, targets=("t1", "t2", "t3"), engine=engine, preempt_delay=0.5,
+                     service_options=REPEATED_TABLE)
     patterns = ("echo", "up")
     for run in range(3):
         wait_until(lambda: converged(pair, "lb1") and converged(pair, "lb2"))

@@ -206,7 +206,7 @@ engine = {engine}
 
 def render_config(state_dir: str, *, queue: str = "0", shortcut: bool = True, engine: str = "nfqueue",
                   iperf_service: bool = True, ports: str = f"80, 8080, {NGINX_PORT}",
-                  flow_hash: str | None = None) -> str:
+                  flow_hash: str | None = None, plugins: str | None = None) -> str:
     """The bench's synlb configuration for one router.
 
     ``web``: the lab's VIPs on ``ports`` over t1..t3, with explicit marks
@@ -221,6 +221,7 @@ def render_config(state_dir: str, *, queue: str = "0", shortcut: bool = True, en
     marks = {f"t{k}": MARK_BASE + k - 1 for k in (1, 2, 3)}
     return "# written by synlb-lab bench\n" + render_service_config(
         state_dir, targets, queue=queue, ports=ports, marks=marks, engine=engine,
+        extra_synlb=f"plugins = {plugins}" if plugins else "",
         extra_service=f"table_size = {TABLE_SIZE}\nshortcut = {sc}" + (f"\nflow_hash = {flow_hash}" if flow_hash else ""),
         extra=ipf)
 
@@ -251,9 +252,32 @@ class Synlb:
         self.active = True
 
     def down(self, check: bool = True) -> None:
+        self.stop_host()
         if os.path.exists(self.conf):
             self.cmd("down", check=check)
         self.active = False
+
+    host = None  # the `synlb run` process of the host arm
+
+    def start_host(self, timeout: float = 30.0) -> None:
+        """``synlb run`` with the lb plugin (supervisor, link watcher, drift
+        check once a second) instead of ``synlb up``: what a router runs."""
+        self.down(check=False)
+        self.write(plugins="lb")
+        self.host = self.lab.popen(self.router, [synlb_exe(), "-c", self.conf, "run"], name="bench-synlb-run")
+        deadline = time.monotonic() + timeout
+        while not self.workers():
+            if self.host.poll() is not None or time.monotonic() > deadline:
+                raise BenchError(f"{self.router}: synlb run did not start its workers; see "
+                                 f"{self.lab.log_path(self.host)}")
+            time.sleep(0.1)
+        self.active = True
+
+    def stop_host(self) -> None:
+        if self.host is not None:
+            self.lab.stop_process(self.host)  # SIGTERM: the host tears the data plane down
+            self.host = None
+            self.write()
 
     def workers(self) -> dict[int, psutil.Process]:
         """queue -> worker process, from the pid files (checked with psutil)."""
@@ -565,9 +589,17 @@ def bench_throughput(lab: Lab, sl: Synlb, plan: Plan, foreign: Foreign, wait_bud
     iperf = lab.popen("t1", ["iperf3", "-s", "-p", str(IPERF_PORT)], name="iperf3")
 
     def run_arm(arm: str) -> dict:
+        lab.run(sl.router, ["nft", "delete", "table", "inet", CT_ALONE_TABLE], check=False)
         if arm == "plain":
             sl.down()
             addr = A.target(1, 4)
+        elif arm == "ct_alone":  # conntrack on (one rule that needs it), no synlb: its bare cost
+            sl.down()
+            lab.run(sl.router, ["nft", "-f", "-"], input=CT_ALONE)
+            addr = A.target(1, 4)
+        elif arm == "syn_only_host":  # the nfqueue engine under `synlb run` (drift check, supervisor)
+            sl.start_host()
+            addr = A.VIP[4]
         elif arm == "conntrack_only":  # synlb up, traffic not to the VIP: conntrack + table walk
             sl.up(shortcut=True)
             addr = A.target(1, 4)
@@ -600,24 +632,32 @@ def bench_throughput(lab: Lab, sl: Synlb, plan: Plan, foreign: Foreign, wait_bud
         # plain sits next to both arms it is compared with, in either order. The
         # headline pair runs every round; all-packets (stable, ~25x slower) and
         # the conntrack-only diagnosis only in the first rounds.
+        # The pieces of the established path, in the first rounds: conntrack
+        # alone, synlb's rules with no VIP traffic, each engine, the host.
         def arms(r: int) -> list[str]:
             if r >= plan.tput_rounds_all_arms:
                 return ["nft", "plain", "syn_only"]
-            return (["conntrack_only"] if plan.tput_conntrack_arm else []) + ["nft", "plain", "syn_only",
-                                                                              "all_packets"]
+            pieces = ["ct_alone", "conntrack_only", "syn_only_host"] if plan.tput_conntrack_arm else []
+            return pieces + ["nft", "plain", "syn_only", "all_packets"]
         runs = run_rounds("throughput", arms, run_arm, foreign,
                           plan.tput_rounds, plan.tput_rounds_max, plan.tput_rounds, wait_budget)
     finally:
         lab.stop_process(iperf)
     for r in runs:
         _log_disturbed(r)
-    arms = ["syn_only", "nft", "all_packets", "conntrack_only"]
+    arms = ["syn_only", "nft", "all_packets", "conntrack_only", "ct_alone", "syn_only_host"]
     out = summarize_pairs(runs, "gbps", "plain", arms, min_clean=plan.tput_rounds)
     out["per_cpu"] = summarize_pairs(runs, "gbps_per_cpu", "plain", arms, min_clean=plan.tput_rounds)
     del out["per_cpu"]["runs"]
     out["flowtable"] = flowtable_probe(lab, sl.router)
     return out
 
+
+CT_ALONE_TABLE = "synlb_bench_ct"
+CT_ALONE = f"""table inet {CT_ALONE_TABLE} {{
+	chain prerouting {{ type filter hook prerouting priority -300; policy accept; ct state established counter; }}
+}}
+"""
 
 FLOWTABLE_PROBE = f"""table inet synlb_bench_probe {{
 	flowtable ft {{ hook ingress priority 0; devices = {{ {A.ROUTER_FRONT_IF}, {A.ROUTER_BACK_IF} }}; }}
@@ -1343,6 +1383,11 @@ def headline(results: dict) -> dict:
     vs_c = cr.get("vs_c", {})
     return {
         "throughput_ratio": tp.get("ratio", {}).get("syn_only"),
+        # the established path's pieces, same rounds (bench/README.md): conntrack alone, synlb's
+        # rules with no VIP traffic, the nfqueue engine under `synlb run`
+        "ct_alone_throughput_ratio": tp.get("ratio_of_medians", {}).get("ct_alone"),
+        "no_vip_throughput_ratio": tp.get("ratio_of_medians", {}).get("conntrack_only"),
+        "host_throughput_ratio": tp.get("ratio_of_medians", {}).get("syn_only_host"),
         "all_packets_ratio": tp.get("ratio", {}).get("all_packets"),
         "conn_rate_ratio": cr.get("ratio", {}).get("synlb"),
         "conn_rate_ratio_multiqueue": cr.get("ratio", {}).get("synlb_mq"),

@@ -10,6 +10,9 @@ from typing import Any
 
 LABELS = {
     "throughput_ratio": "Established throughput, SYN-only / plain routing",
+    "ct_alone_throughput_ratio": "Established throughput, conntrack alone (no synlb) / plain routing",
+    "no_vip_throughput_ratio": "Established throughput, synlb up but traffic not to the VIP / plain routing",
+    "host_throughput_ratio": "Established throughput, SYN-only under synlb run / plain routing",
     "all_packets_ratio": "Established throughput, all-packets / plain routing",
     "conn_rate_ratio": "New connections/s, synlb / kernel HMARK",
     "conn_rate_ratio_multiqueue": "New connections/s, synlb 2 queues / kernel HMARK",

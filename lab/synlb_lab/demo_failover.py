@@ -139,7 +139,8 @@ class Pair:
                  targets: Iterable[str] | None = None, plugins: str | None = None,
                  extra: Callable[[str], str] | None = None, engine: str | Mapping[str, str] = "nfqueue",
                  flow_hash: str | Mapping[str, str | None] | None = None,
-                 synlb: str | None = None, hook: str | None = None, preempt_delay: float | None = None):
+                 synlb: str | None = None, hook: str | None = None, preempt_delay: float | None = None,
+                 service_options: str = ""):
         if lab.nrouters != 2:
             raise LabError("a Pair needs a 2-router lab")
         if source not in ("notify", "fifo", "dbus"):
@@ -165,6 +166,7 @@ class Pair:
         self.listeners: dict[str, object] = {}
         self.baseline: dict[str, dict] = {}  # router -> snapshot before synlb ever ran
         self.preempt_delay = preempt_delay  # keepalived's, when not the example's
+        self.service_options = service_options  # more [service:web] lines (e.g. a smaller table_size)
 
     # --- files
 
@@ -206,8 +208,9 @@ class Pair:
         elif self.plugins:
             extra += f"\nplugins = {self.plugins}"
         fh = self.flow_hashes[r]
+        options = "\n".join(o for o in (f"flow_hash = {fh}" if fh else "", self.service_options) if o)
         text = service_config(self.lab, r, self.targets, ports="80", extra_synlb=extra, engine=self.engines[r],
-                              extra_service=f"flow_hash = {fh}" if fh else "")
+                              extra_service=options)
         text += f"\n[vrrp]\nsync_group = G1\nstandby = {self.standby}\nready_file = {self.ready_file(r)}\n"
         if self.extra:
             text += self.extra(r)

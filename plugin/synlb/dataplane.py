@@ -165,26 +165,36 @@ def apply_pins(cfg: Config) -> list[str]:
         return nft_apply.replace_pins(nft_plan(cfg), state_dir)
 
 
-# VRRP states in which this router carries the VIPs' traffic: in any other,
-# the connections it has entries for are carried by a peer from now on
+# VRRP states in which this router carries the VIPs' traffic
 CARRYING = ("MASTER", "STANDALONE")
 
 
 def forget_connections(cfg: Config, vrrp_state: str) -> list[str]:
-    """Out of MASTER, delete the conntrack entries carrying synlb's marks.
+    """From MASTER straight to BACKUP, delete the conntrack entries carrying
+    synlb's marks.
 
-    Once a peer carries a connection, this router's entry for it is never
-    refreshed nor closed: an ESTABLISHED entry outlives it for days
-    (nf_conntrack_tcp_timeout_established), and a later connection that
-    reuses its 5-tuple would get its mark back here, on the next failover,
-    instead of being picked up where it lives; a misplaced one would also
-    stay pinned for the peers all that time. A connection that does come
-    back is picked up again (its pin, or the configured table)."""
+    The peer that took over carries those connections to their end, so this
+    router's entries are never refreshed nor closed: an ESTABLISHED one
+    outlives its connection for days (nf_conntrack_tcp_timeout_established),
+    keeps a misplaced one pinned for the peers all that time, and gives a
+    later connection that reuses the 5-tuple the old mark at the next
+    failover instead of a pickup where it lives. A connection that comes
+    back is picked up again (its pin, or the configured table). Out of
+    MASTER by FAULT or STOP (links or keepalived gone) the entries are kept:
+    the router usually comes back to carry the same connections, and
+    picking all of them up again would make many from the targets' side
+    (docs/DESIGN-NOTES.md#4), whose closed entries refuse a client that
+    reuses the port within nf_conntrack_tcp_timeout_close."""
+    marker = statedir.carried(cfg.globals.state_dir)
     if vrrp_state in CARRYING:
+        if not os.path.exists(marker):
+            statedir.write_file(marker, lambda fh: fh.write(b"MASTER\n"))
+        return []
+    if not statedir.remove(marker) or vrrp_state != "BACKUP":
         return []
     marks = {t.mark for s in cfg.services for t in cfg.targets_of(s)}
     n = conntrack.forget(marks)
-    return [f"conntrack: forgot {n} connections of synlb's targets (VRRP {vrrp_state}: a peer carries them)"
+    return [f"conntrack: forgot {n} connections of synlb's targets (MASTER -> BACKUP: a peer carries them)"
             ] if n else []
 
 

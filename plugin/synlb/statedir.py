@@ -66,6 +66,7 @@ from .errors import UserError
 
 LOCK = "lock"
 APPLIED = "applied.json"
+CARRIED = "carried"  # present while this router is MASTER: see dataplane.forget_connections
 NETFILTER = "netfilter.json"
 SYSCTL_SAVED = "sysctl-saved.json"
 TARGETS_DOWN = "targets-down.json"
@@ -120,6 +121,10 @@ def lock(state_dir: str) -> str:
 
 def applied(state_dir: str) -> str:
     return path(state_dir, APPLIED)
+
+
+def carried(state_dir: str) -> str:
+    return path(state_dir, CARRIED)
 
 
 def netfilter(state_dir: str) -> str:
