@@ -266,12 +266,19 @@ class Synlb:
         self.write(plugins="lb")
         self.host = self.lab.popen(self.router, [synlb_exe(), "-c", self.conf, "run"], name="bench-synlb-run")
         deadline = time.monotonic() + timeout
-        while not self.workers():
+        while not self._host_ready():
             if self.host.poll() is not None or time.monotonic() > deadline:
-                raise BenchError(f"{self.router}: synlb run did not start its workers; see "
-                                 f"{self.lab.log_path(self.host)}")
-            time.sleep(0.1)
+                raise BenchError(f"{self.router}: synlb run did not reconcile; see {self.lab.log_path(self.host)}")
+            time.sleep(0.2)
         self.active = True
+
+    def _host_ready(self) -> bool:
+        """The host's first reconcile is done: the data plane installed, a worker on every queue."""
+        try:
+            host = json.loads(self.cmd("status", "--json", check=False)).get("host") or {}
+        except ValueError:
+            return False
+        return bool(host.get("ready", {}).get("ready"))
 
     def stop_host(self) -> None:
         if self.host is not None:
