@@ -152,7 +152,7 @@ def test_router_leave_and_join_keep_every_session(lab):
 
 # ---------------------------------------------------------------- a target added, then a router leaves
 
-def sync_configs(lab, targets=("t1", "t2"), plugins="lb, sync"):
+def sync_configs(lab, targets=("t1", "t2"), plugins="lb, sync", engine="nfqueue"):
     """Every router: `synlb run` with the sync plugin (peers: the other
     routers' back addresses) and track_syn = no, since lb2 and lb3 see only
     the client's direction."""
@@ -163,7 +163,7 @@ def sync_configs(lab, targets=("t1", "t2"), plugins="lb, sync"):
     confs = {}
     for i, r in enumerate(lab.routers, 1):
         peers = ", ".join(A.router_back(j) for j in range(1, len(lab.routers) + 1) if j != i)
-        confs[r] = write_config(lab, r, targets, extra_synlb=f"plugins = {plugins}",
+        confs[r] = write_config(lab, r, targets, extra_synlb=f"plugins = {plugins}", engine=engine,
                                 extra_service="track_syn = no",
                                 extra=f"\n[sync]\nlisten = {A.router_back(i)}\npeers = {peers}\n"
                                       f"key_file = {key}\nrefresh = 2\n")
@@ -263,7 +263,8 @@ def block_checks(lab, router, target, block):
                          "--dport", "8080", "-j", "REJECT", "--reject-with", "tcp-reset"])
 
 
-def test_a_router_whose_checks_fail_for_a_target_then_a_router_leaves_keeps_every_session(checked_lab):
+@pytest.mark.parametrize("engine", ("nfqueue", "nftables"))
+def test_a_router_whose_checks_fail_for_a_target_then_a_router_leaves_keeps_every_session(checked_lab, engine):
     """Sessions through all three routers; lb3's checks of t3 fail (t3
     serves, lb1 and lb2 see it up); more sessions start, some through lb3,
     which opens them without t3; then lb2 leaves, and ECMP gives its flows
@@ -271,7 +272,7 @@ def test_a_router_whose_checks_fail_for_a_target_then_a_router_leaves_keeps_ever
     (the configured table, not its view without t3), and lb1 follows
     lb3's pins for what lb3 opened: every session kept, none moved."""
     lab = checked_lab
-    confs = sync_configs(lab, targets=("t1", "t2", "t3"), plugins="lb, health, sync")
+    confs = sync_configs(lab, targets=("t1", "t2", "t3"), plugins="lb, health, sync", engine=engine)
     for r in lab.routers:
         d = os.path.join(os.path.dirname(confs[r].path), "synlb.d")
         os.makedirs(d, exist_ok=True)

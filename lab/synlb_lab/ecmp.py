@@ -746,12 +746,21 @@ def run_target_added_then_router_leaves(
 
 
 def worker_pins(lab: Lab, router: str, queue: int = 0) -> int:
-    """How many pins the router's worker follows (from its stats file), -1 before it wrote one."""
+    """How many pins the router's data plane follows: its worker's (from its
+    stats file), or, with no worker (the nftables engine), the elements of
+    the kernel's pins maps; -1 before either is there."""
     try:
         with open(statedir.worker_stats(state_dir(lab, router), queue)) as fh:
             return json.load(fh).get("pins", -1)
     except (FileNotFoundError, ValueError):
-        return -1
+        pass
+    n = 0
+    for fam in (4, 6):
+        cp = lab.run(router, ["nft", "list", "map", "inet", "synlb", f"pins{fam}_web"], check=False)
+        if cp.returncode != 0:
+            return -1
+        n += cp.stdout.count(" : 0x")
+    return n
 
 
 def wait_pins_everywhere(lab: Lab, confs: Mapping[str, RouterConfig], since: float,
