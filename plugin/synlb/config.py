@@ -180,6 +180,10 @@ class Config:
     def targets_of(self, service: Service) -> list[Target]:
         return [self.targets[n] for n in service.target_names]
 
+    def service_marks(self) -> set[int]:
+        """The marks of every target some service balances to: synlb's connections carry one."""
+        return {t.mark for s in self.services for t in self.targets_of(s)}
+
     def digest(self) -> str:
         """A stable fingerprint of everything the data plane depends on."""
         h = hashlib.sha256(repr((self.globals, self.services, sorted(self.targets.items()))).encode())

@@ -192,8 +192,7 @@ def forget_connections(cfg: Config, vrrp_state: str) -> list[str]:
         return []
     if not statedir.remove(marker) or vrrp_state != "BACKUP":
         return []
-    marks = {t.mark for s in cfg.services for t in cfg.targets_of(s)}
-    n = conntrack.forget(marks)
+    n = conntrack.forget(cfg.service_marks())
     return [f"conntrack: forgot {n} connections of synlb's targets (MASTER -> BACKUP: a peer carries them)"
             ] if n else []
 

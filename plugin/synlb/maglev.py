@@ -71,6 +71,13 @@ def build_table(names: Sequence[str], size: int, key: bytes) -> list[int]:
     return _populate(positions, skips, size)
 
 
+def marks_per_slot(population: Sequence[tuple[str, int]], size: int, key: bytes) -> list[int]:
+    """``build_table`` over the names of ``population`` ((name, mark), in the
+    order every router uses), flattened to the mark of each slot; [] for none."""
+    marks = [m for _, m in population]
+    return [marks[i] for i in build_table([n for n, _ in population], size, key)]
+
+
 def _populate(positions: list[int], skips: list[int], size: int) -> list[int]:
     # The paper's loop with next[i] replaced by the slot itself: stepping by
     # ``skip`` with a conditional subtraction is the cheapest way to walk

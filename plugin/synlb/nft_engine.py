@@ -41,7 +41,7 @@ no`` the SYN leaves no conntrack entry and its first ACK is a pickup too,
 so a SYN sent off the configured table's pick (its slot is in ``split``)
 is recorded in ``opened``, which that ACK follows. nft 1.0.6 (Debian 12)
 aborts on a dynamic update whose key is longer than 16 bytes, so the IPv6
-record is keyed by two 32-bit jhashes of the 4-tuple (``_v6_record_key``:
+record is keyed by two 32-bit jhashes of the 4-tuple (``_record_key``:
 a pickup whose key collides with a recorded one's, about one in 2^64 per
 pair, would take its mark).
 
@@ -65,7 +65,7 @@ from operator import ne
 
 from .config import SLOT_MARKS, Config, Service
 from .jhash import service_seed
-from .maglev import build_table
+from .maglev import marks_per_slot
 from .packet import PORT_PROTOCOLS
 from .pins import Pins, active_targets, usable
 
@@ -195,17 +195,11 @@ class ServicePlan:
 
     def slots(self) -> list[int]:
         """Mark of each slot (Maglev over the active targets), [] without one."""
-        return _table(self.active, self.size, self.key)
+        return marks_per_slot(self.active, self.size, self.key)
 
     def pickup_slots(self) -> list[int]:
         """Mark of each slot over every configured target."""
-        return _table(self.configured, self.size, self.key)
-
-
-def _table(population: Sequence, size: int, key: bytes) -> list[int]:
-    names = [n for n, _ in population]
-    marks = [m for _, m in population]
-    return [marks[i] for i in build_table(names, size, key)] if names else []
+        return marks_per_slot(self.configured, self.size, self.key)
 
 
 def split_slots(slots: Sequence[int], pickup: Sequence[int]) -> list[int]:
@@ -457,8 +451,7 @@ def _slot_chain(cfg: Config, slotted: list[Service]) -> list[str]:
             m = _match(svc, fam)
             out.append(f"\t\t{m} ct mark != 0 meta mark set ct mark accept")
             # no "ct mark 0" here: an untracked SYN (track_syn = no) has no ct to test
-            out.append(f"\t\t{m} meta mark set jhash {_tuple(fam)} mod {svc.table_size} "
-                       f"seed {seed:#010x} offset {SLOT_MARKS.start:#x}")
+            out.append(f"\t\t{m} meta mark set {_hash(svc, fam, seed)} offset {SLOT_MARKS.start:#x}")
     out.append("\t}")
     return out
 
@@ -651,7 +644,7 @@ def update_script(old: Applied, old_slots: Mapping[str, Sequence[int]], plan: Pl
             if configured_changed or active_changed:
                 pickup = sp.pickup_slots()
                 if configured_changed:  # a target added or removed: rare, and by difference too
-                    out += _slot_commands(name, *slot_diff(_table(was_configured, sp.size, sp.key), pickup),
+                    out += _slot_commands(name, *slot_diff(marks_per_slot(was_configured, sp.size, sp.key), pickup),
                                           pickup_map)
                 slots = new_slots[name] if name in new_slots else sp.slots()
                 out += _split_commands(sp, slots, pickup, flush=True)

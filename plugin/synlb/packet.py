@@ -235,10 +235,15 @@ def is_flow_key(key: bytes) -> bool:
 
 TCP = 6
 SYN, ACK = 0x02, 0x10
+OPENING = SYN | ACK  # the flags that tell an opening SYN (SYN without ACK) from the rest
 
 
-def _tcp_flags(packet: bytes) -> int | None:
-    """The TCP flags byte of an unfragmented TCP packet, else None."""
+def tcp_flags(packet: bytes) -> int | None:
+    """The TCP flags byte of an unfragmented TCP packet, else None (anything
+    unreadable, and anything but TCP). With it, ``flags & OPENING == SYN`` is
+    a connection's opening packet; any other TCP packet a router sees first
+    of its connection (what reaches a worker, or the nftables engine's hash)
+    was running before, picked up after a failover or an ECMP change."""
     try:
         version = packet[0] >> 4
         if version == 4:
@@ -261,18 +266,8 @@ def opens_connection(packet: bytes) -> bool:
     """A TCP SYN without ACK: the first packet of a new connection (as
     opposed to a running one seen for the first time, e.g. after a
     failover). Anything unreadable counts as not opening."""
-    flags = _tcp_flags(packet)
-    return flags is not None and flags & (SYN | ACK) == SYN
-
-
-def picked_up(packet: bytes) -> bool:
-    """A TCP packet that is not a SYN without ACK: when it is the first packet
-    a router sees of its connection (what reaches a worker, or the
-    nftables engine's hash), the connection was running before, picked up
-    after a failover or an ECMP change. Anything unreadable, and anything
-    but TCP (no opening packet to tell by), counts as not picked up."""
-    flags = _tcp_flags(packet)
-    return flags is not None and flags & (SYN | ACK) != SYN
+    flags = tcp_flags(packet)
+    return flags is not None and flags & OPENING == SYN
 
 
 def describe(packet: bytes) -> str:

@@ -41,8 +41,8 @@ from hashlib import blake2b
 from . import pins_state, statedir, worker_table
 from .config import SLOT_MARKS
 from .jhash import kernel_slot
-from .maglev import FLOW_PERSON, MAX_KEY_BYTES, Maglev
-from .packet import flow_key, opens_connection, picked_up
+from .maglev import FLOW_PERSON, MAX_KEY_BYTES, Maglev, marks_per_slot
+from .packet import OPENING, SYN, flow_key, opens_connection, tcp_flags
 from .pins import usable
 from .worker_table import WorkerTable, WorkerTableError
 
@@ -86,8 +86,7 @@ class MarkTable:
         if table.configured == table.targets:
             self.pickup_marks = self.marks
         else:
-            every = [m for _, m in table.configured]
-            self.pickup_marks = [every[i] for i in Maglev(table.configured_names, table.table_size, key).table]
+            self.pickup_marks = marks_per_slot(table.configured, table.table_size, key)
         self.pickup_size = len(self.pickup_marks)
         self.differ = self.split = self.pickup_marks != self.marks
         self.keyed = blake2b(key=key[:MAX_KEY_BYTES], digest_size=8, person=FLOW_PERSON)
@@ -161,13 +160,14 @@ class Worker:
             raise LeaveLoop
 
     def split_verdict(self, pkt, payload: bytes, key: bytes, slot: int, t: MarkTable,
-                      _picked_up=picked_up, _opens=opens_connection) -> None:
+                      _flags=tcp_flags) -> None:
         """A target is down (or was, a moment ago: see ``swap_built``): a TCP
         pickup follows what we opened it with, else the configured table; a
         new connection (and anything but TCP, which has no opening packet to
         tell a pickup by) the active table, remembered when its target is
         not the configured table's pick."""
-        if _picked_up(payload):
+        flags = _flags(payload)
+        if flags is not None and flags & OPENING != SYN:  # TCP, not opening: a pickup
             mark = self.opened.get(key) or t.pickup_marks[slot]
             pkt.set_mark(mark)
             pkt.accept()
@@ -177,7 +177,7 @@ class Worker:
             self.no_target_verdict(pkt, t)
             return
         mark = t.marks[slot]
-        if mark != t.pickup_marks[slot] and _opens(payload):
+        if mark != t.pickup_marks[slot] and flags is not None:  # a SYN (what is left of TCP)
             opened = self.opened
             opened[key] = mark
             opened.move_to_end(key)

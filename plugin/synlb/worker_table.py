@@ -53,10 +53,6 @@ class WorkerTable:
     configured: tuple = ()  # of (name, mark), every configured target, sorted by name
 
     @property
-    def configured_names(self) -> list[str]:
-        return [n for n, _ in self.configured]
-
-    @property
     def names(self) -> list[str]:
         return [n for n, _ in self.targets]
 

@@ -268,8 +268,7 @@ class SyncPlugin(Plugin):
     def _compute_own(self) -> pins_mod.Pins:
         from .. import conntrack
         cfg = self.host.cfg
-        marks = {t.mark for s in cfg.services for t in cfg.targets_of(s)}
-        return pins_mod.misplaced(cfg, conntrack.dump(marks))
+        return pins_mod.misplaced(cfg, conntrack.dump(cfg.service_marks()))
 
     def _next_seq(self) -> int:
         self._seq = max(time.time_ns(), self._seq + 1)
